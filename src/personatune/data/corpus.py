@@ -1,0 +1,420 @@
+"""Turn a plain-text book corpus into persona training data (pure Python, no ML).
+
+Pipeline::
+
+    books = split_books(raw_text)                  # clean each book, find its chapters
+    chapters = [c for b in books for c in b.chapters]
+    pairs = extract_dialogue(chapters)             # (prompt, Holmes reply) pairs
+    train, held_out = split_by_chapter(pairs)      # whole chapters held out
+    chunks = chunk_text(chapters[0].text)          # continued pre-training text
+
+All lengths, sizes and offsets are in characters (Python ``str`` indices) of the
+*cleaned* book text (:attr:`Book.text`), so ``book.text[pair.offset:]`` starts with the
+reply. Speaker attribution lives in the helper module :mod:`._corpus_dialogue`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from personatune.data._corpus_dialogue import (
+    DEFAULT_ALIASES,
+    DEFAULT_COMPANIONS,
+    Utterance,
+    extract_utterances,
+)
+
+__all__ = [
+    "Book", "Chapter", "DialoguePair", "Utterance", "clean_text", "split_books",
+    "split_chapters", "extract_utterances", "extract_dialogue", "to_records", "chunk_text",
+    "split_by_chapter", "corpus_report",
+]
+
+# --------------------------------------------------------------------------- data types
+
+
+@dataclass
+class Chapter:
+    """One chapter (or story section) of a book.
+
+    Attributes:
+        book: title of the book it belongs to.
+        index: 1-based position among the book's chapters.
+        title: heading as printed (unique within the book), e.g. ``"CHAPTER I. MR. SHERLOCK
+            HOLMES."``; used as the chapter key in dialogue pairs and splits.
+        text: chapter body without its heading lines, paragraphs separated by one blank line.
+        offset: character offset of ``text`` in the cleaned book text, so that
+            ``book.text[offset:offset + len(text)] == text``.
+    """
+
+    book: str
+    index: int
+    title: str
+    text: str = field(repr=False)
+    offset: int
+
+
+@dataclass
+class Book:
+    """A book: its title, chapters, and the cleaned full text that chapter offsets index."""
+
+    title: str
+    chapters: list[Chapter]
+    text: str = field(default="", repr=False)
+
+
+@dataclass
+class DialoguePair:
+    """A reply by the persona character paired with what it answers.
+
+    Attributes:
+        prompt: the preceding utterance of another speaker (``prompt_kind="utterance"``) or,
+            where there is none, up to ~300 characters of preceding narrative
+            (``prompt_kind="narrative"``).
+        response: the character's spoken words, quote marks and narration removed.
+        book, chapter: book title and chapter title (unique within the book).
+        offset: character offset of the reply's first spoken character in the cleaned book.
+        prompt_kind: ``"utterance"`` or ``"narrative"``.
+    """
+
+    prompt: str
+    response: str
+    book: str
+    chapter: str
+    offset: int
+    prompt_kind: str
+
+
+# --------------------------------------------------------------------------- cleaning
+
+_GUTENBERG_START = re.compile(
+    r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG[^*]{0,300}\*{3}[^\n]*$", re.M | re.I)
+_GUTENBERG_END = re.compile(
+    r"^(?:\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg)",
+    re.M | re.I)
+_ILLUSTRATION = re.compile(r"\[Illustration[^\]]*\]", re.I)
+_ITALIC = re.compile(r"(?<!\w)_(?=\S)|(?<=\S)_(?!\w)")
+_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',
+                         "\u2033": '"', "\u2018": "'", "\u2019": "'", "\u201a": "'",
+                         "\u201b": "'", "\u2032": "'", "\u00a0": " ", "\ufeff": ""})
+
+
+def clean_text(text: str) -> str:
+    """Clean the raw text of ONE book into paragraphs separated by a single blank line.
+
+    Removes a Project Gutenberg header (everything up to a ``*** START OF ... ***`` line) and
+    footer (from ``*** END OF ...``) when present, ``[Illustration: ...]`` markers and
+    ``_italic_`` underscores; maps curly quotes to straight ones (“ ” -> ``"``, ‘ ’ -> ``'``,
+    so apostrophes such as ``don’t`` become ``don't``; no apostrophe is removed or
+    treated as a quote); joins the hard-wrapped lines of each paragraph with single spaces
+    and collapses runs of whitespace. Every mapping is one character to one character or a
+    deletion, never an insertion. Call it per book: on a multi-book corpus a Gutenberg
+    header would cut off the books before it (:func:`split_books` does this for you).
+
+    Returns ``""`` for empty or whitespace-only input; raises ``TypeError`` if ``text`` is
+    not a ``str``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"clean_text expects str, got {type(text).__name__}")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[:end.start()]
+    text = _ILLUSTRATION.sub("", text).translate(_QUOTES)
+    text = _ITALIC.sub("", text)
+    paragraphs = (" ".join(p.split()) for p in re.split(r"\n[ \t]*\n", text))
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+# --------------------------------------------------------------------------- books, chapters
+
+_BOOK_SEPARATOR = re.compile(r"^-{3}\s*From\s+(.+?)\s*-{3}[ \t]*$", re.M)
+_NUM = r"(?:[IVXLC]+|\d+)"
+_CHAPTER = re.compile(rf"^(?:CHAPTER|Chapter|ADVENTURE|Adventure)\s+{_NUM}\b\.?(?:\s+(.+))?$")
+_PART = re.compile(rf"^(?:PART|Part|BOOK|Book)\s+{_NUM}\b\.?(?:\s+(.+))?$")
+_NUMBERED_STORY = re.compile(r"^[IVXLC]+\.\s+[A-Z\"'].*$")   # "I. A SCANDAL IN BOHEMIA"
+_STORY = re.compile(r"^THE ADVENTURE OF\b[^a-z]*$")          # "THE ADVENTURE OF THE ..."
+_SECTION = re.compile(r"^[IVXLC]+\.?$")                      # bare "II." inside a story
+_THE_END = re.compile(r"^THE END\.?$", re.I)
+_MAX_HEADING = 100          # characters; longer paragraphs are never headings
+MIN_CHAPTER_CHARS = 300     # shorter bodies (tables of contents, epigraphs) are dropped
+
+
+def split_books(text: str, title: str | None = None) -> list[Book]:
+    """Split a corpus on ``--- From <title> ---`` lines into cleaned books with chapters.
+
+    Each book's raw text is cleaned with :func:`clean_text` (so Gutenberg headers of one book
+    do not eat the others) and split with :func:`split_chapters`. Without separators the
+    whole text is one book named ``title`` (default ``"Untitled"``); text before the first
+    separator is ignored. Returns ``[]`` for blank input; raises ``TypeError`` for non-str.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"split_books expects str, got {type(text).__name__}")
+    seps = list(_BOOK_SEPARATOR.finditer(text))
+    if seps:
+        ends = [m.start() for m in seps[1:]] + [len(text)]
+        parts = [(m.group(1), text[m.end():e]) for m, e in zip(seps, ends)]
+    else:
+        parts = [(title or "Untitled", text)]
+    books = []
+    for name, raw in parts:
+        cleaned = clean_text(raw)
+        if cleaned:
+            book = Book(title=name, chapters=[], text=cleaned)
+            book.chapters = split_chapters(book)
+            books.append(book)
+    return books
+
+
+def _paragraphs(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the blank-line separated paragraphs of cleaned text."""
+    return [(m.start(), m.end()) for m in re.finditer(r"[^\n]+(?:\n[^\n]+)*", text)]
+
+
+def _is_title_line(p: str) -> bool:
+    """A short heading-like line such as 'MR. SHERLOCK HOLMES.' or 'The Science of Deduction'."""
+    if len(p) > 80 or '"' in p or not p[0].isupper() or p[-1] in ",;:":
+        return False
+    long_words = [w for w in re.findall(r"[A-Za-z']+", p) if len(w) >= 5]
+    return p.isupper() or all(w[0].isupper() for w in long_words)
+
+
+def _heading(p: str) -> str | None:
+    """Classify a paragraph: 'chapter', 'part', 'story', 'section', 'end' or None."""
+    if len(p) > _MAX_HEADING:
+        return None
+    if _THE_END.match(p):
+        return "end"
+    if _CHAPTER.match(p):
+        return "chapter"
+    if _PART.match(p):
+        return "part"
+    if _SECTION.match(p):
+        return "section"
+    if (_NUMBERED_STORY.match(p) or _STORY.match(p)) and _is_title_line(
+            p.split(". ", 1)[-1].replace('"', "")):
+        return "story"
+    return None
+
+
+def split_chapters(book: Book | str) -> list[Chapter]:
+    """Find the chapters of a cleaned book (a :class:`Book` or its cleaned text).
+
+    Headings recognised (each a paragraph of at most 100 characters): ``CHAPTER I.`` /
+    ``Chapter 3.`` / ``ADVENTURE II.`` (optionally with the title inline or in the next short
+    paragraph), ``PART II.`` (prefixed to the following chapter titles), numbered story
+    titles ``IV. THE BOSCOMBE VALLEY MYSTERY`` / ``I. Silver Blaze``, ``THE ADVENTURE OF ...``,
+    and bare section numbers ``II.`` inside a story (which start a new chapter titled
+    ``"<story> II."``). Heading lines are not part of any chapter's text; front matter and
+    tables of contents (everything before the first heading, and heading runs whose body is
+    shorter than ``MIN_CHAPTER_CHARS`` = 300 characters) are dropped, as is everything after
+    a ``THE END`` line. A book without headings is one chapter titled after the book.
+    Chapter titles are made unique within the book by appending `` (2)``, `` (3)``, ...
+    """
+    title, text = (book.title, book.text) if isinstance(book, Book) else ("Untitled", book)
+    spans = _paragraphs(text)
+    found: list[tuple[str, int, int]] = []   # (chapter title, body start, body end)
+    part = story = current = ""
+    body: list[tuple[int, int]] = []
+    started = ended = False
+
+    def flush() -> None:
+        if started and body and body[-1][1] - body[0][0] >= MIN_CHAPTER_CHARS:
+            found.append((current, body[0][0], body[-1][1]))
+        body.clear()
+
+    i = 0
+    while i < len(spans):
+        p = text[spans[i][0]:spans[i][1]]
+        kind = _heading(p)
+        if kind is None:
+            if not ended:
+                body.append(spans[i])
+            i += 1
+            continue
+        flush()
+        ended = kind == "end"
+        if kind == "end":
+            i += 1
+            continue
+        started = True
+        label = p
+        nxt = text[spans[i + 1][0]:spans[i + 1][1]] if i + 1 < len(spans) else ""
+        if (kind in ("chapter", "part") and not (_CHAPTER.match(p) or _PART.match(p)).group(1)
+                and nxt and _heading(nxt) is None and _is_title_line(nxt)):
+            label, i = f"{p} {nxt}", i + 1     # title printed on its own line
+        if kind == "part":
+            part, current = label, label
+        elif kind == "chapter":
+            current = f"{part} {label}" if part else label
+        elif kind == "story":
+            part, story, current = "", label, label
+        else:
+            current = f"{story} {label}" if story else label
+        i += 1
+    flush()
+    if not found and text:
+        found = [(title, 0, len(text))]
+    chapters, seen = [], Counter()
+    for idx, (name, start, end) in enumerate(found, 1):
+        seen[name] += 1
+        unique = name if seen[name] == 1 else f"{name} ({seen[name]})"
+        chapters.append(Chapter(book=title, index=idx, title=unique,
+                                text=text[start:end], offset=start))
+    return chapters
+
+
+# --------------------------------------------------------------------------- dialogue
+
+
+def _narrative_before(ch: Chapter, pos: int, limit: int = 300) -> str:
+    """Up to ``limit`` characters of chapter text before ``pos``, cut at a sentence start."""
+    before = ch.text[:pos].rstrip(' "')
+    if len(before) > limit:
+        before = before[-limit:]
+        cut = re.search(r"(?<=[.!?])\s+(?=\S)", before[: limit // 2])
+        before = before[cut.end():] if cut else before.split(" ", 1)[-1]
+    return re.sub(r"\s*\n\s*", "\n", before).strip()
+
+
+def extract_dialogue(
+    chapters: Iterable[Chapter],
+    character: str = "Holmes",
+    aliases: Sequence[str] = DEFAULT_ALIASES,
+    companions: Sequence[str] = DEFAULT_COMPANIONS,
+    context_chars: int = 300,
+    max_gap_chars: int = 400,
+) -> list[DialoguePair]:
+    """Pair every attributed reply of ``character`` with what precedes it.
+
+    Speech is found and attributed by :func:`extract_utterances` (speech verbs next to the
+    quote, pronouns resolved from the exchange, ``companions`` such as "my friend" meaning
+    the character in first-person narration, and strict two-person alternation); unclear
+    lines are left out, because precision matters more than recall. The prompt is the
+    previous utterance in the chapter when it is by someone else and at most
+    ``max_gap_chars`` characters of narration (400) lie between them (none at all if its
+    speaker is unknown); otherwise up to ``context_chars`` characters (300) of preceding
+    narrative. Replies at the very start of a chapter, with no context at all, are skipped.
+    Raises ``ValueError`` if ``aliases`` is empty.
+    """
+    pairs: list[DialoguePair] = []
+    by_chapter: dict[tuple[str, int], list[Utterance]] = {}
+    for u in extract_utterances(chapters, character, aliases, companions):
+        by_chapter.setdefault((u.chapter.book, u.chapter.index), []).append(u)
+    for utts in by_chapter.values():
+        for k, u in enumerate(utts):
+            if u.speaker != character:
+                continue
+            ch = u.chapter
+            prev = utts[k - 1] if k else None
+            gap = u.start - prev.end if prev else 0
+            if (prev and prev.speaker != character
+                    and gap <= (max_gap_chars if prev.speaker else 3)
+                    and prev.last_para + 1 >= u.para - (1 if prev.speaker else 0)):
+                prompt, kind = prev.text, "utterance"
+            else:
+                prompt, kind = _narrative_before(ch, u.start, context_chars), "narrative"
+            if prompt and u.text:
+                pairs.append(DialoguePair(prompt, u.text, ch.book, ch.title,
+                                          ch.offset + u.start, kind))
+    return pairs
+
+
+def to_records(pairs: Iterable[DialoguePair]) -> list[dict[str, Any]]:
+    """JSONL-ready dicts with keys prompt, response, book, chapter, offset, prompt_kind."""
+    return [asdict(p) for p in pairs]
+
+
+# --------------------------------------------------------------------------- chunks, splits
+
+
+def chunk_text(text: str, size: int = 500, overlap: int = 50) -> list[str]:
+    """Cut ``text`` into chunks of at most ``size`` characters for continued pre-training.
+
+    Consecutive chunks share at most ``overlap`` characters (default 50; exactly ``overlap``
+    when a chunk had to be cut inside a word). A chunk ends at the last whitespace that keeps
+    it longer than ``overlap`` and the next one starts at a word start, so words are only
+    split when a single run of non-space characters is longer than the room available.
+    Chunks are stripped of surrounding whitespace; empty chunks are not returned.
+
+    Raises ``ValueError`` unless ``size > overlap >= 0`` (both ints).
+    """
+    if isinstance(size, bool) or isinstance(overlap, bool) or not (
+            isinstance(size, int) and isinstance(overlap, int)):
+        raise ValueError(f"size and overlap must be ints, got {size!r} and {overlap!r}")
+    if overlap < 0 or size <= overlap:
+        raise ValueError(f"need size > overlap >= 0 (characters), got size={size}, "
+                         f"overlap={overlap}")
+    chunks, start, n = [], 0, len(text)
+    while start < n:
+        end = min(start + size, n)
+        if end < n and not text[end].isspace():
+            cut = max(text.rfind(c, start + overlap + 1, end) for c in " \n\t")
+            end = cut if cut > start + overlap else end
+        chunk = text[start:end].strip()
+        if chunk:
+            chunks.append(chunk)
+        if end >= n:
+            break
+        nxt = end - overlap
+        if nxt > 0 and not text[nxt - 1].isspace():          # move to the next word start
+            ws = re.search(r"\s", text[nxt:end])
+            nxt = nxt + ws.end() if ws else nxt
+        start = nxt
+    return chunks
+
+
+def _key(pair: Any) -> tuple[str, str]:
+    if isinstance(pair, dict):
+        return str(pair["book"]), str(pair["chapter"])
+    return str(pair.book), str(pair.chapter)
+
+
+def split_by_chapter(pairs: Sequence[Any], eval_fraction: float = 0.1,
+                     seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """Hold out whole chapters: returns ``(train, eval)``, each in input order.
+
+    Chapters (distinct ``(book, chapter)`` keys of :class:`DialoguePair` objects or record
+    dicts) are ranked by ``sha256(seed, book, chapter)`` and the first
+    ``round(eval_fraction * n_chapters)`` go to eval (at least one when
+    ``eval_fraction > 0`` and there are two or more chapters). The result depends only on the
+    set of chapters and the seed, never on pair order, and no chapter is in both lists.
+
+    Raises ``ValueError`` unless ``0 <= eval_fraction <= 1``.
+    """
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction!r}")
+    keys = sorted({_key(p) for p in pairs})
+    ranked = sorted(keys, key=lambda k: hashlib.sha256(
+        f"{seed}\x00{k[0]}\x00{k[1]}".encode()).hexdigest())
+    n_eval = round(eval_fraction * len(keys))
+    if eval_fraction > 0 and n_eval == 0 and len(keys) > 1:
+        n_eval = 1
+    held = set(ranked[:n_eval])
+    train = [p for p in pairs if _key(p) not in held]
+    return train, [p for p in pairs if _key(p) in held]
+
+
+def corpus_report(pairs: Sequence[DialoguePair], n_samples: int = 3, seed: int = 0) -> dict:
+    """Summary of extracted pairs: counts per book and prompt kind, response lengths
+    (characters), and ``n_samples`` (default 3) records drawn with ``random.Random(seed)``."""
+    lengths = sorted(len(p.response) for p in pairs)
+    rng = random.Random(seed)
+    return {
+        "pairs": len(pairs),
+        "chapters": len({_key(p) for p in pairs}),
+        "per_book": dict(Counter(p.book for p in pairs)),
+        "prompt_kinds": dict(Counter(p.prompt_kind for p in pairs)),
+        "response_chars": {"median": lengths[len(lengths) // 2] if lengths else 0,
+                           "max": lengths[-1] if lengths else 0},
+        "samples": to_records(rng.sample(list(pairs), min(n_samples, len(pairs)))),
+    }

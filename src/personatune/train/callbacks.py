@@ -1,0 +1,80 @@
+"""Trainer callbacks: the per-step JSONL log and a rich progress bar with an ETA."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+LOG_KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss")
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append one JSON line per logged step to ``path``: step, epoch, loss, learning rate,
+    grad norm (L2, before clipping), eval loss when evaluated, and wall time in seconds
+    since the run started. Only the main process writes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {k: float(logs[k]) for k in LOG_KEYS if k in logs}
+        if not row:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **row,
+               "time_s": round(time.time() - self.start, 2)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Drop log lines after ``last_step``, so a resumed run does not log steps twice."""
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= last_step))
+
+
+def read_log(path: Path) -> list[dict]:
+    """Rows of a ``train_log.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class RichProgressCallback(TrainerCallback):
+    """A progress bar over optimizer steps with the latest loss and an ETA."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.progress = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+        self.task = self.progress.add_task("train", total=state.max_steps, loss="-")
+        self.progress.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress and logs and "loss" in logs:
+            self.progress.update(self.task, loss=f"{logs['loss']:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,237 @@
+"""``personatune train``: build a peft LoRA model and a transformers Trainer, run it, and
+write the persona directory."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from rich.console import Console
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import PrinterCallback
+
+from personatune.config import PersonaSpec, dump_spec
+from personatune.data.chat import ensure_chat_template
+from personatune.data.dataset import PreparedData, prepare_data
+from personatune.errors import PersonatuneError
+from personatune.models import ModelRef, load_model, load_tokenizer, pick_device, resolve_ref, use_bf16
+from personatune.train.callbacks import JsonlLogCallback, RichProgressCallback, trim_log
+from personatune.train.output import (
+    files_hash,
+    latest_checkpoint,
+    prepare_output,
+    publish,
+    write_json,
+)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def lora_model(spec: PersonaSpec, model):
+    """Wrap ``model`` with a fresh LoRA adapter from ``spec.lora`` (peft).
+
+    Raises:
+        PersonatuneError: a target module name matches no layer of the model.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if spec.model.quantization == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.train.gradient_checkpointing
+        )
+    config = LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise PersonatuneError(f"lora.target_modules: {e}") from None
+
+
+def collator(spec: PersonaSpec, tokenizer):
+    """Padding-free packing (one row per micro-batch, position ids restarting at every
+    example, so the attention mask is block-diagonal) when ``train.packing``, else
+    padding to the longest example of the batch. Labels are -100 off the trained tokens."""
+    if spec.train.packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
+def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval: bool):
+    """transformers ``TrainingArguments`` for ``spec``: logging every step, checkpoints
+    every ``train.checkpoint_interval`` steps, bf16 autocast where :func:`use_bf16`."""
+    t = spec.train
+    return TrainingArguments(
+        output_dir=str(work / "checkpoints"),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        weight_decay=t.weight_decay,
+        optim=t.optimizer,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=use_bf16(device),
+        use_cpu=device.type == "cpu",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=t.checkpoint_interval,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.checkpoint_interval,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(spec, model, tokenizer, data: PreparedData, work: Path, callbacks=()):
+    """A transformers ``Trainer`` for a peft model and prepared data."""
+    device = next(model.parameters()).device
+    trainer = Trainer(
+        model=model,
+        args=training_args(spec, work, device, bool(data.eval)),
+        train_dataset=_Rows(data.train),
+        eval_dataset=_Rows(data.eval) if data.eval else None,
+        data_collator=collator(spec, tokenizer),
+        callbacks=[JsonlLogCallback(work / "train_log.jsonl"), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)  # our progress bar and JSONL log replace it
+    return trainer
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    from personatune import __version__
+
+    return {"personatune": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+
+
+def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) -> dict:
+    """The ``persona.json`` manifest: who the persona is and how it was made."""
+    files = [spec.resolve(s.path) for s in spec.data if not s.path.startswith("hf:")]
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "system_prompt": spec.system_prompt,
+        "base_model": {"reference": ref.name, "fingerprint": ref.fingerprint(),
+                       "quantization": spec.model.quantization},
+        "data": {"hash": files_hash(files), "sources": [vars(s) for s in data.stats],
+                 "train_examples": len(data.train), "eval_examples": len(data.eval)},
+        "versions": _versions(),
+        "training": stats,
+    }
+
+
+def train(
+    spec: PersonaSpec,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    callbacks=(),
+    console: Console | None = None,
+) -> Path:
+    """Fine-tune a LoRA adapter for ``spec`` and write the persona directory.
+
+    The directory holds the adapter in peft format (``adapter_model.safetensors``,
+    ``adapter_config.json``), ``config.yaml`` (the resolved spec), ``train_log.jsonl``,
+    ``persona.json`` and ``checkpoints/``. It appears only when training finished.
+
+    Args:
+        overwrite: replace an existing output directory or unfinished run.
+        resume: continue the unfinished run from its latest checkpoint, with the same
+            optimizer, scheduler, RNG and data order, so it matches an uninterrupted run.
+        callbacks: extra transformers ``TrainerCallback`` objects.
+
+    Returns:
+        The persona directory.
+
+    Raises:
+        PersonatuneError: see :func:`personatune.train.output.prepare_output`, plus bad
+            data, an unreachable model or impossible settings.
+    """
+    console = console or Console(stderr=True)
+    state = PartialState()
+    output = spec.output_path
+    work = prepare_output(output, overwrite, resume) if state.is_main_process else None
+    state.wait_for_everyone()
+    work = work or output.parent / f".{output.name}.partial"
+
+    ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
+    tokenizer = load_tokenizer(ref)
+    ensure_chat_template(tokenizer, spec.model.chat_template)
+    data = prepare_data(spec, tokenizer)
+    if not data.train:
+        raise PersonatuneError("no training examples left after splitting and filtering")
+
+    set_seed(spec.train.seed)  # LoRA initialisation is random
+    device = pick_device() if state.num_processes == 1 else state.device
+    model = lora_model(spec, load_model(ref, spec.model.quantization, device))
+    progress = [RichProgressCallback(console)] if state.is_main_process else []
+    trainer = build_trainer(spec, model, tokenizer, data, work, [*progress, *callbacks])
+
+    checkpoint = latest_checkpoint(work) if resume else None
+    if checkpoint and state.is_main_process:
+        trim_log(work / "train_log.jsonl", int(checkpoint.name.split("-")[-1]))
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.time() - start
+
+    if state.is_main_process:
+        epochs_run = result.metrics.get("epoch", 0) - (_resumed_epoch(trainer, checkpoint))
+        tokens = data.train_tokens * epochs_run * state.num_processes
+        effective = spec.train.batch_size * spec.train.gradient_accumulation * state.num_processes
+        stats = {"steps": trainer.state.global_step, "train_seconds": round(seconds, 1),
+                 "tokens_per_s": round(tokens / seconds, 1), "train_loss": result.training_loss,
+                 "effective_batch": effective, "processes": state.num_processes,
+                 "device": str(device), "bf16_autocast": trainer.args.bf16,
+                 "resumed_from": checkpoint.name if checkpoint else None}
+        model.peft_config["default"].base_model_name_or_path = spec.model.name
+        model.save_pretrained(work)
+        (work / "config.yaml").write_text(dump_spec(spec))
+        write_json(work / "persona.json", manifest(spec, ref, data, stats))
+        publish(work, output)
+        console.print(f"[green]persona written to {output}[/] "
+                      f"({stats['steps']} steps, {stats['tokens_per_s']:.0f} tokens/s, "
+                      f"effective batch {effective})")
+    state.wait_for_everyone()
+    return output
+
+
+def _resumed_epoch(trainer, checkpoint: Path | None) -> float:
+    if not checkpoint:
+        return 0.0
+    return json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch", 0.0)
