@@ -48,12 +48,15 @@ def read_log(path: Path) -> list[dict]:
 
 
 class RichProgressCallback(TrainerCallback):
-    """A progress bar over optimizer steps with the latest loss and an ETA."""
+    """A progress bar over optimizer steps with the latest loss and an ETA. When the
+    console is not a terminal (CI, a pipe), a plain line is printed every 10% instead."""
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
         self.progress = None
         self.task = None
+        self.loss = float("nan")
+        self.start = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -66,12 +69,22 @@ class RichProgressCallback(TrainerCallback):
         self.task = self.progress.add_task("train", total=state.max_steps, loss="-")
         self.progress.start()
 
+        self.start, self.first_step = time.time(), state.global_step
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.progress:
-            self.progress.update(self.task, completed=state.global_step)
+        if not self.progress:
+            return
+        self.progress.update(self.task, completed=state.global_step)
+        tenth = max(1, state.max_steps // 10)
+        if not self.console.is_terminal and state.global_step % tenth == 0:
+            done = state.global_step - self.first_step
+            eta = (time.time() - self.start) / max(done, 1) * (state.max_steps - state.global_step)
+            self.console.print(f"step {state.global_step}/{state.max_steps} "
+                               f"loss {self.loss:.3f} ETA {eta:.0f}s", soft_wrap=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.progress and logs and "loss" in logs:
+            self.loss = logs["loss"]
             self.progress.update(self.task, loss=f"{logs['loss']:.3f}")
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -23,28 +23,35 @@ def partial_dir(output: Path) -> Path:
     return output.parent / f".{output.name}.partial"
 
 
-def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
-    """Check the output directory before any work, and return the work folder.
+def check_output(output: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse a run that would overwrite results, before any work. Writes nothing.
 
     Raises:
         PersonatuneError: ``output`` exists and neither ``overwrite`` nor ``resume`` is
-            set; ``resume`` without an unfinished run; an unfinished run found without
-            ``resume`` or ``overwrite``.
+            set; ``resume`` without an unfinished run with checkpoints; an unfinished run
+            with checkpoints found without ``resume`` or ``overwrite``.
     """
     work = partial_dir(output)
     if resume:
         if not latest_checkpoint(work):
             raise PersonatuneError(f"{output}: no unfinished run with checkpoints to resume "
                                    f"(looked in {work}); start without --resume")
-        return work
+        return
     if output.exists() and not overwrite:
         raise PersonatuneError(f"{output} already exists; pass --overwrite to replace it")
-    if work.exists():
-        if not overwrite:
-            raise PersonatuneError(f"{work} holds an unfinished run; pass --resume to continue "
-                                   "it or --overwrite to start over")
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    if latest_checkpoint(work) and not overwrite:
+        raise PersonatuneError(f"{work} holds an unfinished run; pass --resume to continue "
+                               "it or --overwrite to start over")
+
+
+def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
+    """Check as :func:`check_output` does, then return the work folder, emptied unless
+    resuming. A work folder without checkpoints (a run that died early) is discarded."""
+    check_output(output, overwrite, resume)
+    work = partial_dir(output)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     return work
 
 

@@ -29,6 +29,8 @@ from personatune.train.callbacks import JsonlLogCallback, RichProgressCallback, 
 from personatune.train.output import (
     files_hash,
     latest_checkpoint,
+    check_output,
+    partial_dir,
     prepare_output,
     publish,
     write_json,
@@ -186,9 +188,7 @@ def train(
     console = console or Console(stderr=True)
     state = PartialState()
     output = spec.output_path
-    work = prepare_output(output, overwrite, resume) if state.is_main_process else None
-    state.wait_for_everyone()
-    work = work or output.parent / f".{output.name}.partial"
+    check_output(output, overwrite, resume)  # refuse before any slow work
 
     ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
     tokenizer = load_tokenizer(ref)
@@ -196,6 +196,11 @@ def train(
     data = prepare_data(spec, tokenizer)
     if not data.train:
         raise PersonatuneError("no training examples left after splitting and filtering")
+
+    # The work folder appears only once the data is known to be good.
+    work = prepare_output(output, overwrite, resume) if state.is_main_process else None
+    state.wait_for_everyone()
+    work = work or partial_dir(output)
 
     set_seed(spec.train.seed)  # LoRA initialisation is random
     device = pick_device() if state.num_processes == 1 else state.device
