@@ -154,3 +154,25 @@ def test_nf4_without_cuda_is_a_clear_error(persona_yaml):
 def test_unknown_target_module(persona_yaml):
     with pytest.raises(PersonatuneError, match="lora.target_modules"):
         train(load_spec(persona_yaml(), ["lora.target_modules=[nope_proj]"]))
+
+
+def test_packed_examples_do_not_attend_to_each_other(persona_yaml, tiny_model):
+    """Guards against packing leaking attention across examples (a KV cache left on in
+    training makes transformers skip the block-diagonal mask)."""
+    from personatune.data.dataset import prepare_data
+    from personatune.models import load_tokenizer, resolve_ref
+    from personatune.train.trainer import collator, lora_model
+
+    spec = load_spec(persona_yaml())
+    tok = load_tokenizer(resolve_ref(str(tiny_model)))
+    rows = prepare_data(spec, tok).train[:3]
+    model = lora_model(spec, AutoModelForCausalLM.from_pretrained(tiny_model)).eval()
+    packed = collator(spec, tok)(rows)
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        start = 0
+        for row in rows:
+            n = len(row["input_ids"])
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            torch.testing.assert_close(logits[start:start + n], alone, atol=1e-4, rtol=1e-4)
+            start += n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -184,6 +185,28 @@ def load_tokenizer(ref: ModelRef):
     return tok
 
 
+@contextlib.contextmanager
+def _falcon_linear_as_nn_linear(active: bool):
+    """Build Falcon with plain ``nn.Linear`` layers while loading in 4 bit.
+
+    transformers' bitsandbytes integration replaces only modules whose type *is*
+    ``nn.Linear``; Falcon's ``FalconLinear`` subclass (same maths: ``x @ W.T + b``) is
+    skipped, so a Falcon "QLoRA" would silently train unquantised weights (33.9 GB
+    instead of 10.9 GB measured for the 7B shape on an H200; benchmarks/results/recipes.md).
+    """
+    if not active:
+        yield
+        return
+    from transformers.models.falcon import modeling_falcon
+
+    original = modeling_falcon.FalconLinear
+    modeling_falcon.FalconLinear = torch.nn.Linear
+    try:
+        yield
+    finally:
+        modeling_falcon.FalconLinear = original
+
+
 def load_model(
     ref: ModelRef,
     quantization: str = "none",
@@ -222,7 +245,8 @@ def load_model(
         kwargs["dtype"] = torch.bfloat16
     path = _gguf_as_safetensors(ref) if ref.kind == "gguf" else ref.path
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with _falcon_linear_as_nn_linear(quantization == "nf4"):
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         if ref.kind == "hub":
             raise _offline_hint(ref, e) from None
@@ -230,3 +254,86 @@ def load_model(
     if quantization != "nf4":
         model.to(device)
     return model
+
+
+#: Attention implementation used for padding-free (packed) training; see :func:`varlen_attention`.
+VARLEN_ATTENTION = "personatune_varlen"
+_BOUNDS: list = [None, None]  # (cu_seq_lens tensor, its values as a list): one host sync per forward
+
+
+def _segments(cu_seq_lens: torch.Tensor) -> list[int]:
+    if _BOUNDS[0] is not cu_seq_lens:
+        _BOUNDS[:] = [cu_seq_lens, cu_seq_lens.tolist()]
+    return _BOUNDS[1]
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     is_causal=None, **kwargs):
+    """Causal attention over a packed row, one example at a time.
+
+    A packed micro-batch is one row of ``T`` tokens holding several examples. transformers
+    passes its example boundaries as ``cu_seq_lens_q`` (cumulative lengths, ``(n + 1,)``,
+    from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``). Each example runs
+    through ``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal=True``
+    and no mask: the cost is ``sum(len_i ** 2)`` instead of ``T ** 2`` for the
+    block-diagonal mask that plain ``sdpa`` builds, and examples cannot attend to each
+    other. This is FlashAttention's variable-length attention (``flash_attn_varlen_func``)
+    done with sdpa, which runs on every device; flash-attn itself is CUDA-only.
+
+    Args:
+        query: ``(1, heads, T, head_dim)``; key, value: ``(1, kv_heads, T, head_dim)``.
+
+    Returns:
+        ``(attn_output (1, T, heads, head_dim), None)`` as transformers attention functions do.
+        Anything that is not a plain causal packed row (padding masks, caches, sliding
+        windows, soft-capping, attention sinks or biases) goes to transformers' sdpa.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    plain = (
+        cu is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
+        and is_causal is not False
+        and getattr(module, "is_causal", True)
+        and not getattr(module, "sliding_window", None)
+        and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux", "sinks"))
+    )
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    bounds = _segments(cu)
+    dtype = query.dtype
+    if query.device.type == "cpu":
+        # PyTorch's CPU flash-attention backward is about 2x faster in fp32 than in bf16 for
+        # example-sized blocks (measured in benchmarks/train_speed.py), and more exact.
+        query, key, value = query.float(), key.float(), value.float()
+    gqa = query.shape[1] != key.shape[1]
+    p = dropout if module.training else 0.0
+    out = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p, is_causal=True,
+            scale=scaling, enable_gqa=gqa)
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(out, dim=2).to(dtype).transpose(1, 2).contiguous(), None
+
+
+def use_varlen_attention(model) -> bool:
+    """Switch ``model`` (a transformers ``PreTrainedModel``) from ``sdpa`` to
+    :func:`varlen_attention` for packed training. Models on another implementation
+    (eager, flash-attention, flex) are left alone. Returns whether it switched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    # Padded batches (evaluation, generation) still get sdpa's masks.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)
+    try:
+        model.set_attn_implementation(VARLEN_ATTENTION)
+    except (ValueError, ImportError):
+        return False
+    return model.config._attn_implementation == VARLEN_ATTENTION

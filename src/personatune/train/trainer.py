@@ -56,6 +56,9 @@ def lora_model(spec: PersonaSpec, model):
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    # No KV cache in training: with a cache, transformers skips the block-diagonal mask
+    # that keeps packed examples from attending to each other.
+    model.config.use_cache = False
     if spec.model.quantization == "nf4":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.train.gradient_checkpointing
