@@ -16,6 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_configure(config):
+    # Tiny models are dominated by per-op overhead: one thread is faster than two and
+    # leaves a core free. Integration tests on the real model keep torch's default.
+    if "not integration" in (config.option.markexpr or "not integration"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def embedded_tokenizer():
     """The embedded model's tokenizer (ChatML template), converted once and cached."""
@@ -26,13 +33,14 @@ def embedded_tokenizer():
 
 def build_tiny(arch: str, out: Path, tokenizer, **over) -> Path:
     """Save a randomly initialised 2-layer model of architecture ``arch`` (hidden 32)
-    with ``tokenizer`` to ``out``. The vocabulary is the tokenizer's."""
+    with ``tokenizer`` to ``out``. The vocabulary is the tokenizer's; with ``tokenizer``
+    None it is 256 tokens (``vocab_size=`` to change) and no tokenizer is saved."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-              pad_token_id=tokenizer.pad_token_id)
+    ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    kw = dict(vocab_size=len(tokenizer) if tokenizer is not None else 256, hidden_size=32,
+              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=512, **ids)
     if arch in ("llama", "qwen2"):
         kw["num_key_value_heads"] = 2
     if arch == "falcon":
@@ -45,7 +53,8 @@ def build_tiny(arch: str, out: Path, tokenizer, **over) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out
 
 
