@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from personatune.errors import PersonatuneError
 
@@ -41,9 +48,28 @@ class DataSource(_Section):
     split: str = "train"
     """Split of a Hub dataset (``hf:`` paths only)."""
     subset_size: int | None = Field(None, ge=1)
-    """Keep this many examples (seeded shuffle), e.g. Alpaca's 5,000. None keeps all."""
+    """Keep this many examples (seeded shuffle, after removing duplicates), training and
+    evaluation together. None keeps all."""
+    eval_size: int | None = Field(None, ge=0)
+    """Hold out exactly this many of the source's kept examples for evaluation, instead of
+    the share ``train.eval_split``. Alpaca's 5,000 train / 500 eval is ``subset_size:
+    5500`` with ``eval_size: 500``. None uses ``train.eval_split``."""
     system_prompt: bool = True
     """Prepend the persona's system prompt to this source's conversations."""
+    eval_path: str | None = None
+    """A file of held-out examples in the same format and columns as ``path`` (relative to
+    the persona YAML), used as this source's evaluation set instead of a split of ``path``:
+    every kept example of ``path`` is then trained on. For held-out sets chosen by
+    structure rather than at random, such as the whole held-out chapters that
+    ``personatune data from-corpus`` writes to ``dialogue_eval.jsonl``. Examples that also
+    occur in the training data are dropped from it. Not with ``eval_size``; to hold nothing
+    out of a source (text chunks), set ``eval_size: 0`` instead."""
+
+    @model_validator(mode="after")
+    def _one_eval_choice(self) -> DataSource:
+        if self.eval_path is not None and self.eval_size is not None:
+            raise ValueError("set eval_path or eval_size, not both")
+        return self
 
 
 class ModelSettings(_Section):
@@ -116,6 +142,86 @@ class TrainSettings(_Section):
     packing: bool = True
     """Pack examples into one row without padding, with per-example position ids so that
     examples do not attend to each other. Falls back to padding where unsupported."""
+    fused_loss: bool = True
+    """Compute the output layer and the cross-entropy only at trained positions (the
+    assistant's tokens), so full-vocabulary logits are never built for prompt tokens; on
+    CUDA with Liger's fused linear cross-entropy when ``liger`` applies. The loss is the
+    same; False computes logits at every position, as transformers does."""
+    liger: bool = True
+    """On CUDA, use Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear
+    cross-entropy) when liger-kernel is installed (``pip install personatune[cuda]``) and
+    supports the architecture. Ignored on CPU."""
+    threads: int = Field(0, ge=0)
+    """CPU threads for PyTorch's kernels; 0 keeps PyTorch's default (one per physical
+    core). On a busy shared machine fewer threads than cores can be faster."""
+    torch_compile: bool = False
+    """Compile the model with ``torch.compile`` (inductor) before training. Off by
+    default: on CPU the compile time outweighs the gain for persona-sized runs
+    (benchmarks/train_speed.py)."""
+
+
+class GuardSettings(_Section):
+    """The forgetting guard (``personatune train``): self-distilled preservation data,
+    evaluation during training, and the retention gate that picks the checkpoint."""
+
+    enabled: bool = False
+    """Run the guard. False trains on the persona data alone, logs no retention metrics
+    and publishes the last step. The shipped examples turn it on (``guard: {enabled:
+    true}``); it is off by default so that quick runs and tests on tiny random models,
+    which have no capability to guard, train plain."""
+    preservation_ratio: float = Field(0.25, ge=0)
+    """Self-distilled preservation examples mixed in per persona training example: the
+    base model's own greedy answers to general prompts, without the persona's system
+    prompt. 0 mixes none. Default set by measurement (benchmarks/guard_ablation.py)."""
+    preservation_max_new_tokens: int = Field(128, ge=8)
+    """Longest self-distilled answer in tokens. An answer cut at this limit is trained
+    without its end-of-turn token, so the model does not learn to stop mid-sentence."""
+    gate: bool = True
+    """Publish the checkpoint with the highest persona score among those within
+    tolerance, and fail the run (non-zero exit, reason in gate.json) if none is.
+    ``personatune train --no-gate`` sets it false: the last step is published and the
+    verdict only recorded."""
+    probe_tolerance: float = Field(2.0, ge=0)
+    """Largest allowed drop of factual-probe accuracy below the base model's, in
+    percentage points."""
+    max_drift_ratio: float = Field(1.5, ge=1)
+    """Largest allowed ratio of the tuned to the base model's perplexity on the base
+    model's own greedy answers to held-out general prompts (self-distillation drift)."""
+    eval_probe_questions: int = Field(24, ge=0)
+    """Factual-probe questions scored at each checkpoint during training (a fixed subset,
+    equal per category). The gate confirms its choice on the whole probe."""
+    eval_general_prompts: int = Field(16, ge=0)
+    """General prompts for the persona adoption rate and drift at each checkpoint during
+    training (a fixed subset of ``eval.general_prompts``)."""
+
+
+class Benchmark(_Section):
+    """A multiple-choice benchmark scored by log-likelihood with lm-evaluation-harness."""
+
+    task: str
+    """An lm-eval multiple-choice task name (``arc_easy``, ``piqa``) whose data is read
+    from ``path``, or any other name for a file of ``{question, choices, label}`` rows."""
+    path: str
+    """Local data file (JSONL, JSON or CSV), relative to the persona YAML."""
+
+
+class EvalSettings(_Section):
+    """``personatune eval``: sizes and limits of the report card."""
+
+    general_prompts: int = Field(64, ge=1)
+    """Held-out general prompts (never used for preservation data) on which the persona
+    adoption rate and the self-distillation drift are measured."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest generated answer in tokens for persona, general and stress prompts."""
+    probe_max_new_tokens: int = Field(48, ge=1)
+    """Longest answer in tokens to a factual-probe question."""
+    batch_size: int = Field(64, ge=1)
+    """Prompts per generation batch (left-padded, greedy, grouped by prompt length)."""
+    classifier_pairs: int = Field(128, ge=8)
+    """Persona training prompts whose reference answer (in persona) and base answer (out of
+    persona) train the adoption classifier."""
+    benchmarks: list[Benchmark] = []
+    """Multiple-choice benchmarks to score base and tuned on."""
 
 
 class PersonaSpec(_Section):
@@ -141,6 +247,10 @@ class PersonaSpec(_Section):
     """Prompts for ``personatune chat --quick-test`` and the demo's comparison table."""
     persona_terms: list[str] = []
     """Words that mark the persona's voice (a pirate lexicon), for term-frequency metrics."""
+    guard: GuardSettings = GuardSettings()
+    """The forgetting guard used by ``personatune train``."""
+    eval: EvalSettings = EvalSettings()
+    """Settings of ``personatune eval``."""
 
     base_dir: Path = Field(Path("."), exclude=True)
     """Folder of the YAML file; relative paths resolve against it. Not read from YAML."""
@@ -242,7 +352,10 @@ def dump_spec(spec: PersonaSpec) -> str:
     """The resolved spec as YAML, with relative paths made absolute so it loads anywhere."""
     data = spec.model_dump(mode="json")
     for source in data["data"]:
-        if not source["path"].startswith("hf:"):
-            source["path"] = str(spec.resolve(source["path"]).resolve())
+        for key in ("path", "eval_path"):
+            if source.get(key) and not source[key].startswith("hf:"):
+                source[key] = str(spec.resolve(source[key]).resolve())
+    for bench in data["eval"]["benchmarks"]:
+        bench["path"] = str(spec.resolve(bench["path"]).resolve())
     data["output_dir"] = str(spec.output_path.resolve())
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

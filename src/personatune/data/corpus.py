@@ -26,6 +26,8 @@ from typing import Any
 from personatune.data._corpus_dialogue import (
     DEFAULT_ALIASES,
     DEFAULT_COMPANIONS,
+    DEFAULT_EXCLUDED,
+    DEFAULT_NARRATOR_NAMES,
     Utterance,
     extract_utterances,
 )
@@ -206,7 +208,7 @@ def _heading(p: str) -> str | None:
     return None
 
 
-def split_chapters(book: Book | str) -> list[Chapter]:
+def split_chapters(book: Book | str, min_chars: int = MIN_CHAPTER_CHARS) -> list[Chapter]:
     """Find the chapters of a cleaned book (a :class:`Book` or its cleaned text).
 
     Headings recognised (each a paragraph of at most 100 characters): ``CHAPTER I.`` /
@@ -215,9 +217,9 @@ def split_chapters(book: Book | str) -> list[Chapter]:
     titles ``IV. THE BOSCOMBE VALLEY MYSTERY`` / ``I. Silver Blaze``, ``THE ADVENTURE OF ...``,
     and bare section numbers ``II.`` inside a story (which start a new chapter titled
     ``"<story> II."``). Heading lines are not part of any chapter's text; front matter and
-    tables of contents (everything before the first heading, and heading runs whose body is
-    shorter than ``MIN_CHAPTER_CHARS`` = 300 characters) are dropped, as is everything after
-    a ``THE END`` line. A book without headings is one chapter titled after the book.
+    tables of contents (everything before the first heading, and headings whose body is
+    shorter than ``min_chars``, default 300 characters) are dropped, as is everything after
+    a ``THE END`` line. A book without any heading is one chapter titled after the book.
     Chapter titles are made unique within the book by appending `` (2)``, `` (3)``, ...
     """
     title, text = (book.title, book.text) if isinstance(book, Book) else ("Untitled", book)
@@ -228,7 +230,7 @@ def split_chapters(book: Book | str) -> list[Chapter]:
     started = ended = False
 
     def flush() -> None:
-        if started and body and body[-1][1] - body[0][0] >= MIN_CHAPTER_CHARS:
+        if started and body and body[-1][1] - body[0][0] >= min_chars:
             found.append((current, body[0][0], body[-1][1]))
         body.clear()
 
@@ -262,7 +264,7 @@ def split_chapters(book: Book | str) -> list[Chapter]:
             current = f"{story} {label}" if story else label
         i += 1
     flush()
-    if not found and text:
+    if not started and text:
         found = [(title, 0, len(text))]
     chapters, seen = [], Counter()
     for idx, (name, start, end) in enumerate(found, 1):
@@ -281,7 +283,7 @@ def _narrative_before(ch: Chapter, pos: int, limit: int = 300) -> str:
     before = ch.text[:pos].rstrip(' "')
     if len(before) > limit:
         before = before[-limit:]
-        cut = re.search(r"(?<=[.!?])\s+(?=\S)", before[: limit // 2])
+        cut = re.search(r"[.!?][\"']?\s+(?=\S)", before[: limit // 2])
         before = before[cut.end():] if cut else before.split(" ", 1)[-1]
     return re.sub(r"\s*\n\s*", "\n", before).strip()
 
@@ -293,22 +295,31 @@ def extract_dialogue(
     companions: Sequence[str] = DEFAULT_COMPANIONS,
     context_chars: int = 300,
     max_gap_chars: int = 400,
+    narrator_names: Sequence[str] = DEFAULT_NARRATOR_NAMES,
+    excluded: Sequence[str] = DEFAULT_EXCLUDED,
 ) -> list[DialoguePair]:
     """Pair every attributed reply of ``character`` with what precedes it.
 
     Speech is found and attributed by :func:`extract_utterances` (speech verbs next to the
-    quote, pronouns resolved from the exchange, ``companions`` such as "my friend" meaning
-    the character in first-person narration, and strict two-person alternation); unclear
-    lines are left out, because precision matters more than recall. The prompt is the
-    previous utterance in the chapter when it is by someone else and at most
-    ``max_gap_chars`` characters of narration (400) lie between them (none at all if its
-    speaker is unknown); otherwise up to ``context_chars`` characters (300) of preceding
-    narrative. Replies at the very start of a chapter, with no context at all, are skipped.
-    Raises ``ValueError`` if ``aliases`` is empty.
+    quote, "said he" where unambiguous, ``companions`` such as "my friend" meaning the
+    character in first-person narration, alternation in unbroken exchanges); unclear lines
+    are left out, because precision matters more than recall. The prompt
+    (``prompt_kind="utterance"``) is the previous turn in the chapter when it is someone
+    else's with at most ``max_gap_chars`` characters (default 400) and one paragraph of
+    narration in between, or a turn of unknown speaker in the paragraph just before with at
+    most 150 characters of narration in between. Otherwise it is up to ``context_chars``
+    characters (default 300) of the chapter text before the reply, cut at a sentence start
+    (``prompt_kind="narrative"``). Replies with no text at all before them are skipped.
+    ``aliases``: names of the character in narration; ``companions``: the narrator's
+    phrases for the character; ``narrator_names``: the first-person narrator's names;
+    ``excluded``: other people whose names contain an alias (see
+    :func:`extract_utterances`; the defaults fit the Holmes stories). Raises
+    ``ValueError`` if ``aliases`` is empty.
     """
     pairs: list[DialoguePair] = []
     by_chapter: dict[tuple[str, int], list[Utterance]] = {}
-    for u in extract_utterances(chapters, character, aliases, companions):
+    for u in extract_utterances(chapters, character, aliases, companions, narrator_names,
+                                excluded):
         by_chapter.setdefault((u.chapter.book, u.chapter.index), []).append(u)
     for utts in by_chapter.values():
         for k, u in enumerate(utts):
@@ -316,10 +327,11 @@ def extract_dialogue(
                 continue
             ch = u.chapter
             prev = utts[k - 1] if k else None
-            gap = u.start - prev.end if prev else 0
+            between = ch.text[prev.end:u.start].strip(' "\n') if prev else ""
             if (prev and prev.speaker != character
-                    and gap <= (max_gap_chars if prev.speaker else 3)
-                    and prev.last_para + 1 >= u.para - (1 if prev.speaker else 0)):
+                    and (len(between) <= max_gap_chars and between.count("\n\n") <= 1
+                         if prev.speaker else
+                         len(between) <= 150 and prev.last_para + 1 == u.para)):
                 prompt, kind = prev.text, "utterance"
             else:
                 prompt, kind = _narrative_before(ch, u.start, context_chars), "narrative"
@@ -404,17 +416,20 @@ def split_by_chapter(pairs: Sequence[Any], eval_fraction: float = 0.1,
     return train, [p for p in pairs if _key(p) in held]
 
 
-def corpus_report(pairs: Sequence[DialoguePair], n_samples: int = 3, seed: int = 0) -> dict:
-    """Summary of extracted pairs: counts per book and prompt kind, response lengths
-    (characters), and ``n_samples`` (default 3) records drawn with ``random.Random(seed)``."""
-    lengths = sorted(len(p.response) for p in pairs)
+def corpus_report(pairs: Sequence[Any], n_samples: int = 3, seed: int = 0) -> dict:
+    """Summary of extracted pairs (:class:`DialoguePair` objects or their record dicts):
+    ``pairs``, ``chapters`` (distinct), ``per_book`` and ``prompt_kinds`` counts, response
+    length median and max (characters), and ``samples``: ``n_samples`` (default 3) records
+    drawn with ``random.Random(seed)`` (default seed 0)."""
+    records = [p if isinstance(p, dict) else asdict(p) for p in pairs]
+    lengths = sorted(len(r["response"]) for r in records)
     rng = random.Random(seed)
     return {
-        "pairs": len(pairs),
-        "chapters": len({_key(p) for p in pairs}),
-        "per_book": dict(Counter(p.book for p in pairs)),
-        "prompt_kinds": dict(Counter(p.prompt_kind for p in pairs)),
+        "pairs": len(records),
+        "chapters": len({_key(r) for r in records}),
+        "per_book": dict(Counter(r["book"] for r in records)),
+        "prompt_kinds": dict(Counter(r["prompt_kind"] for r in records)),
         "response_chars": {"median": lengths[len(lengths) // 2] if lengths else 0,
                            "max": lengths[-1] if lengths else 0},
-        "samples": to_records(rng.sample(list(pairs), min(n_samples, len(pairs)))),
+        "samples": rng.sample(records, min(n_samples, len(records))),
     }

@@ -6,9 +6,10 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from personatune.config import PersonaSpec
+from personatune.config import DataSource, PersonaSpec
 from personatune.data.chat import Rendered, render_chat, render_text, with_system_prompt
 from personatune.data.loaders import Example, load_source
+from personatune.errors import PersonatuneError
 
 
 @dataclass
@@ -66,11 +67,14 @@ def render_example(spec: PersonaSpec, tokenizer, ex: Example, use_system: bool =
     return render_chat(tokenizer, messages, limit)
 
 
-def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list, list]:
+def split_eval(
+    examples: list[Example], fraction: float, seed: int, size: int | None = None
+) -> tuple[list, list]:
     """Deterministic train/eval split: examples are ordered by a seeded hash of their
-    content and the first ``round(n * fraction)`` go to eval. The split does not depend on
-    row order, and an example stays on its side when other rows are added."""
-    n_eval = round(len(examples) * fraction)
+    content and the first ``round(n * fraction)`` go to eval, or exactly ``size`` when it
+    is given (a source's ``eval_size``). The split does not depend on row order, and an
+    example stays on its side when other rows are added."""
+    n_eval = min(size, len(examples)) if size is not None else round(len(examples) * fraction)
     order = sorted(
         range(len(examples)),
         key=lambda i: hashlib.sha256(f"{seed}:{examples[i].key()}".encode()).hexdigest(),
@@ -106,17 +110,60 @@ def load_examples(spec: PersonaSpec) -> list[tuple[list[Example], SourceStats]]:
     return out
 
 
+def split_source(
+    spec: PersonaSpec, source: DataSource, examples: list[Example],
+    stats: SourceStats | None = None, train_keys: frozenset[str] | set[str] = frozenset(),
+) -> tuple[list[Example], list[Example]]:
+    """Train and eval examples of one source, given its kept ``examples``.
+
+    With ``source.eval_path``, every example trains and the eval side is that file's
+    examples, without repeats and without those whose :meth:`Example.key` is in
+    ``train_keys`` (the training data of all sources; each one dropped is counted in
+    ``stats.duplicates``). Otherwise :func:`split_eval` holds out ``source.eval_size``
+    examples or the share ``train.eval_split``.
+
+    Raises:
+        PersonatuneError: an ``eval_size`` that leaves no training example, or a bad
+            ``eval_path`` file (see :func:`load_source`).
+    """
+    if source.eval_path is not None:
+        held = load_source(source.model_copy(update={"path": source.eval_path}),
+                           spec.base_dir)
+        seen, kept = set(train_keys), []
+        for ex in held:
+            if ex.key() in seen:
+                if stats is not None:
+                    stats.duplicates += 1
+                continue
+            seen.add(ex.key())
+            kept.append(ex)
+        return list(examples), kept
+    if source.eval_size is not None and source.eval_size >= len(examples):
+        raise PersonatuneError(
+            f"{source.path}: eval_size {source.eval_size} leaves no training examples "
+            f"({len(examples)} kept); lower eval_size or raise subset_size")
+    return split_eval(examples, spec.train.eval_split, spec.train.seed, source.eval_size)
+
+
 def prepare_data(spec: PersonaSpec, tokenizer) -> PreparedData:
     """Load, deduplicate, split, tokenise and mix the spec's data.
 
     Over-long examples are cut to ``train.max_seq_length`` tokens or dropped, as
     ``train.overlong`` says; a cut example that keeps no trained token is dropped too.
-    Mixing weights apply to the training side only.
+    Mixing weights apply to the training side only. A source's eval set is its
+    ``eval_path`` file, or ``eval_size`` examples held out, otherwise the share
+    ``train.eval_split`` (see :func:`split_source`).
+
+    Raises:
+        PersonatuneError: bad data (see :func:`load_source`), or an ``eval_size`` that
+            leaves a source no training example.
     """
     rng = random.Random(spec.train.seed)
     train_rows, eval_rows, eval_examples, all_stats = [], [], [], []
-    for (examples, stats), source in zip(load_examples(spec), spec.data):
-        train_ex, eval_ex = split_eval(examples, spec.train.eval_split, spec.train.seed)
+    loaded = load_examples(spec)
+    train_keys = {ex.key() for examples, _ in loaded for ex in examples}
+    for (examples, stats), source in zip(loaded, spec.data):
+        train_ex, eval_ex = split_source(spec, source, examples, stats, train_keys)
         rows = {"train": [], "eval": []}
         for side, exs in (("train", train_ex), ("eval", eval_ex)):
             for ex in exs:

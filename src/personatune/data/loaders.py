@@ -227,9 +227,10 @@ def _alternate(lines: list[str], where: str) -> list[dict]:
 def _parse_personachat(rec: dict, src: DataSource, where: str) -> Example:
     """Persona-Chat in the ParlAI/Hugging Face schema (``personality`` facts and
     ``utterances`` with ``history`` and ``candidates``, the gold reply last) or the
-    Cynaptics flavour (``persona_b`` facts, ``dialogue`` lines "Persona A: ..." /
-    "Persona B: ...", and an optional ``reference`` reply). The persona is the replying
-    speaker (B); its facts go into the system prompt, and every one of its turns is trained.
+    Cynaptics flavour (``persona_b`` facts as a list or one string a fact a line,
+    ``dialogue`` lines "Persona A: ..." / "Persona B: ...", and an optional ``reference``
+    reply). The persona is the replying speaker (B); its facts go into the system prompt,
+    and every one of its turns is trained.
     """
     if "utterances" in rec:
         facts, utts = rec["personality"], rec["utterances"]
@@ -259,6 +260,8 @@ def _parse_personachat(rec: dict, src: DataSource, where: str) -> Example:
         if messages and messages[0]["role"] == "assistant":
             messages = messages[1:]
         messages = _check_turns(messages, where)
+    if isinstance(facts, str):  # CSV-born exports keep the facts as one string, a fact a line
+        facts = [f for f in facts.splitlines() if f.strip()]
     if not isinstance(facts, list) or not all(isinstance(f, str) for f in facts):
         raise _row_error(where, "persona facts must be a list of strings")
     for m in messages:
