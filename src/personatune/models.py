@@ -267,25 +267,46 @@ def _segments(cu_seq_lens: torch.Tensor) -> list[int]:
     return _BOUNDS[1]
 
 
+def _torch_varlen():
+    """PyTorch's FlashAttention variable-length kernel (``torch.nn.attention.varlen``,
+    CUDA only, torch >= 2.9) and the keyword arguments its version takes, or None."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:
+        causal = {"is_causal": True}
+    elif "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    else:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                      is_causal=None, **kwargs):
-    """Causal attention over a packed row, one example at a time.
+    """Causal attention over a packed row, each example attending only to itself.
 
     A packed micro-batch is one row of ``T`` tokens holding several examples. transformers
-    passes its example boundaries as ``cu_seq_lens_q`` (cumulative lengths, ``(n + 1,)``,
-    from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``). Each example runs
-    through ``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal=True``
-    and no mask: the cost is ``sum(len_i ** 2)`` instead of ``T ** 2`` for the
+    passes its example boundaries as ``cu_seq_lens_q`` (cumulative lengths, ``(n + 1,)``
+    int32, from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) and the
+    longest as ``max_length_q``. On CUDA with bf16/fp16 inputs this calls PyTorch's
+    FlashAttention variable-length kernel (``torch.nn.attention.varlen.varlen_attn``, the
+    counterpart of flash-attn's ``flash_attn_varlen_func``). Elsewhere each example runs
+    through ``scaled_dot_product_attention`` with ``is_causal=True`` and no mask, in fp32
+    on CPU. Either way the cost is ``sum(len_i ** 2)`` instead of the ``T ** 2`` of the
     block-diagonal mask that plain ``sdpa`` builds, and examples cannot attend to each
-    other. This is FlashAttention's variable-length attention (``flash_attn_varlen_func``)
-    done with sdpa, which runs on every device; flash-attn itself is CUDA-only.
+    other.
 
     Args:
         query: ``(1, heads, T, head_dim)``; key, value: ``(1, kv_heads, T, head_dim)``.
 
     Returns:
-        ``(attn_output (1, T, heads, head_dim), None)`` as transformers attention functions do.
-        Anything that is not a plain causal packed row (padding masks, caches, sliding
+        ``(attn_output (1, T, heads, head_dim), None)`` as transformers attention functions
+        do. Anything that is not a plain causal packed row (padding masks, caches, sliding
         windows, soft-capping, attention sinks or biases) goes to transformers' sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -303,14 +324,29 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    p = dropout if module.training else 0.0
+    flash = _torch_varlen() if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) else None
+    if flash and p == 0.0 and query.shape[-1] <= 256:
+        varlen_attn, causal, gqa_arg = flash
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
+        extra = {}
+        if q.shape[1] != k.shape[1]:
+            if gqa_arg:
+                extra["enable_gqa"] = True
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        cu = cu.to(torch.int32)
+        n = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+        out = varlen_attn(q, k, v, cu, cu, int(n), int(n), scale=scaling, **causal, **extra)
+        return out.unsqueeze(0), None
     bounds = _segments(cu)
     dtype = query.dtype
     if query.device.type == "cpu":
         # PyTorch's CPU flash-attention backward is about 2x faster in fp32 than in bf16 for
-        # example-sized blocks (measured in benchmarks/train_speed.py), and more exact.
+        # example-sized blocks (measured for benchmarks/train_speed.py), and more exact.
         query, key, value = query.float(), key.float(), value.float()
     gqa = query.shape[1] != key.shape[1]
-    p = dropout if module.training else 0.0
     out = [
         torch.nn.functional.scaled_dot_product_attention(
             query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p, is_causal=True,

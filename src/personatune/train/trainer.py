@@ -54,15 +54,17 @@ def lora_model(spec: PersonaSpec, model):
     Raises:
         PersonatuneError: a target module name matches no layer of the model.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     # No KV cache in training: with a cache, transformers skips the block-diagonal mask
     # that keeps packed examples from attending to each other.
     model.config.use_cache = False
-    if spec.model.quantization == "nf4":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.train.gradient_checkpointing
-        )
+    if spec.model.quantization == "nf4" and spec.train.gradient_checkpointing:
+        # Not peft's prepare_model_for_kbit_training: it also upcasts every unquantised
+        # weight (embeddings, output layer, norms) to fp32, +2.2 GiB on a 7B model and
+        # slower steps (benchmarks/gpu_train_speed.py), while bf16 autocast computes in
+        # bf16 anyway. get_peft_model freezes the base weights.
+        model.enable_input_require_grads()
     config = LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
@@ -71,24 +73,100 @@ def lora_model(spec: PersonaSpec, model):
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise PersonatuneError(f"lora.target_modules: {e}") from None
+    if AUTOCAST_LORA_INPUTS:
+        _autocast_lora_inputs(peft_model)
+    return peft_model
 
 
-def collator(spec: PersonaSpec, tokenizer):
-    """Padding-free packing (one row per micro-batch, position ids restarting at every
-    example, so the attention mask is block-diagonal) when ``train.packing``, else
-    padding to the longest example of the batch. Labels are -100 off the trained tokens."""
+#: Whether :func:`lora_model` applies :func:`_autocast_lora_inputs` (a switch for benchmarks).
+AUTOCAST_LORA_INPUTS = True
+
+
+def _autocast_lora_inputs(model) -> None:
+    """Under autocast, LoRA layers take their input as it comes (bf16 on CUDA) instead of
+    first copying it to the adapter's fp32 dtype: autocast runs the adapter's matmuls in
+    bf16 either way, and peft's own 4-bit LoRA layers already skip the copy under autocast.
+    Saves an fp32 copy of every adapted layer's input (benchmarks/gpu_train_speed.py).
+    Outside autocast (e.g. generation) peft's cast is kept."""
+    import types
+
+    from peft.tuners.lora.layer import Linear
+
+    def cast(self, x, dtype):
+        if x is not None and torch.is_autocast_enabled(x.device.type):
+            return x
+        return Linear._cast_input_dtype(self, x, dtype)
+
+    for module in model.modules():
+        if type(module) is Linear:
+            module._cast_input_dtype = types.MethodType(cast, module)
+
+
+class PackedCollator:
+    """Padding-free packing: a micro-batch becomes one row ``(1, T)`` with position ids
+    restarting at every example and the example boundaries as ``cu_seq_lens_q/k``
+    (transformers' ``DataCollatorWithFlattening``), so attention stays within each example.
+
+    With ``loss_positions``, the batch also carries ``logits_to_keep``, the positions
+    ``(n,)`` whose next token is trained, and ``shift_labels`` ``(1, n)``, those next
+    tokens. transformers (and Liger) then apply the output layer and the cross-entropy at
+    those ``n`` positions only: the same loss without logits for prompt tokens.
+    """
+
+    def __init__(self, loss_positions: bool = False):
+        self.flatten = DataCollatorWithFlattening(
+            return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True
+        )
+        self.loss_positions = loss_positions
+
+    def __call__(self, features):
+        batch = self.flatten(features)
+        if self.loss_positions:
+            labels = batch["labels"]
+            shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            keep = (shifted[0] != -100).nonzero().view(-1)
+            batch["logits_to_keep"] = keep
+            batch["shift_labels"] = shifted[:, keep]
+        return batch
+
+
+def collator(spec: PersonaSpec, tokenizer, model=None):
+    """Padding-free packing (:class:`PackedCollator`) when ``train.packing``, else padding
+    to the longest example of the batch. Labels are -100 off the trained tokens.
+
+    Loss positions only (``train.fused_loss``) need ``model``, to check that its forward
+    takes ``logits_to_keep``; without it every position gets logits.
+    """
     if spec.train.packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        return PackedCollator(spec.train.fused_loss and _keeps_logits(model))
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
+def _keeps_logits(model) -> bool:
+    import inspect
+
+    if model is None:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _liger(spec: PersonaSpec, device: torch.device) -> bool:
+    import importlib.util
+
+    return (spec.train.liger and device.type == "cuda"
+            and importlib.util.find_spec("liger_kernel") is not None)
 
 
 def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval: bool):
     """transformers ``TrainingArguments`` for ``spec``: logging every step, checkpoints
-    every ``train.checkpoint_interval`` steps, bf16 autocast where :func:`use_bf16`."""
+    every ``train.checkpoint_interval`` steps, bf16 autocast where :func:`use_bf16`, Liger
+    kernels on CUDA where installed (``train.liger``), ``torch.compile`` if asked."""
     t = spec.train
+    liger = _liger(spec, device)
     return TrainingArguments(
         output_dir=str(work / "checkpoints"),
         learning_rate=t.learning_rate,
@@ -103,6 +181,11 @@ def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval:
         optim=t.optimizer,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
+        use_liger_kernel=liger,
+        # Liger's own cross-entropy stays off: with fused_loss off, transformers' loss runs.
+        liger_kernel_config={"fused_linear_cross_entropy": t.fused_loss, "cross_entropy": False}
+        if liger else None,
+        torch_compile=t.torch_compile,
         seed=t.seed,
         data_seed=t.seed,
         bf16=use_bf16(device),
@@ -120,14 +203,36 @@ def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval:
 
 
 def build_trainer(spec, model, tokenizer, data: PreparedData, work: Path, callbacks=()):
-    """A transformers ``Trainer`` for a peft model and prepared data."""
+    """A transformers ``Trainer`` for a peft model and prepared data.
+
+    Sets up the fast path that :func:`personatune.models.use_varlen_attention` and
+    :class:`PackedCollator` describe when packing, and ``train.threads`` on CPU.
+
+    Raises:
+        PersonatuneError: several GPUs visible to a single process. transformers would
+            use ``torch.nn.DataParallel``, which splits a packed row across GPUs and ran
+            2.8x slower than one GPU on an H200 pair (benchmarks/results/gpu_train_speed.md);
+            ``accelerate launch`` gives one process per GPU (DDP).
+    """
+    from personatune.models import use_varlen_attention
+
     device = next(model.parameters()).device
+    if device.type == "cpu" and spec.train.threads:
+        torch.set_num_threads(spec.train.threads)
+    if spec.train.packing:
+        use_varlen_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    args = training_args(spec, work, device, bool(data.eval))
+    if args.n_gpu > 1:  # transformers would wrap the model in torch.nn.DataParallel
+        raise PersonatuneError(
+            f"{args.n_gpu} GPUs are visible to one process: for data parallelism run "
+            f"'accelerate launch --num_processes {args.n_gpu} $(which personatune) train ...', "
+            "or set CUDA_VISIBLE_DEVICES=0 to train on one GPU")
     trainer = Trainer(
         model=model,
-        args=training_args(spec, work, device, bool(data.eval)),
+        args=args,
         train_dataset=_Rows(data.train),
         eval_dataset=_Rows(data.eval) if data.eval else None,
-        data_collator=collator(spec, tokenizer),
+        data_collator=collator(spec, tokenizer, model),
         callbacks=[JsonlLogCallback(work / "train_log.jsonl"), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and JSONL log replace it
@@ -205,18 +310,29 @@ def train(
     state.wait_for_everyone()
     work = work or partial_dir(output)
 
-    set_seed(spec.train.seed)  # LoRA initialisation is random
     device = pick_device() if state.num_processes == 1 else state.device
-    model = lora_model(spec, load_model(ref, spec.model.quantization, device))
+    base = load_model(ref, spec.model.quantization, device)
+    guard = guard_cb = None
+    if spec.guard.enabled:  # preservation data, classifier and base metrics (cached)
+        from personatune.train.guard import Guard
+
+        with state.main_process_first():
+            guard = Guard.prepare(spec, ref, tokenizer, base, len(data.train), console)
+        data.train += guard.rows
+        if state.is_main_process:
+            guard_cb = guard.callback(work / "train_log.jsonl")
+    set_seed(spec.train.seed)  # LoRA initialisation is random
+    model = lora_model(spec, base)
     progress = [RichProgressCallback(console)] if state.is_main_process else []
-    trainer = build_trainer(spec, model, tokenizer, data, work, [*progress, *callbacks])
+    extra = [guard_cb] if guard_cb else []
+    trainer = build_trainer(spec, model, tokenizer, data, work, [*progress, *extra, *callbacks])
 
     checkpoint = latest_checkpoint(work) if resume else None
     if checkpoint and state.is_main_process:
         trim_log(work / "train_log.jsonl", int(checkpoint.name.split("-")[-1]))
     start = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.time() - start
+    seconds = time.time() - start - (guard_cb.seconds if guard_cb else 0)
 
     if state.is_main_process:
         epochs_run = result.metrics.get("epoch", 0) - (_resumed_epoch(trainer, checkpoint))
@@ -229,8 +345,19 @@ def train(
                  "resumed_from": checkpoint.name if checkpoint else None}
         model.peft_config["default"].base_model_name_or_path = spec.model.name
         model.save_pretrained(work)
+        gate = guard.gate(model, work, console) if guard else None
         (work / "config.yaml").write_text(dump_spec(spec))
-        write_json(work / "persona.json", manifest(spec, ref, data, stats))
+        info = manifest(spec, ref, data, stats)
+        if guard:
+            info["guard"] = {**guard.stats, "base_subset": guard.base_metrics,
+                             "eval_seconds": round(guard_cb.seconds, 1), "gate": gate}
+        write_json(work / "persona.json", info)
+        if gate and gate["published"] is None:
+            from personatune.train.guard import GateFailed
+
+            raise GateFailed(f"retention gate: {gate['verdict']}. Nothing was published; the "
+                             f"run and its gate.json are in {work}. To publish the last "
+                             "checkpoint anyway: personatune train SPEC --resume --no-gate")
         publish(work, output)
         console.print(f"[green]persona written to {output}[/] "
                       f"({stats['steps']} steps, {stats['tokens_per_s']:.0f} tokens/s, "

@@ -1,0 +1,381 @@
+"""GPU training speed: personatune's training path against the plain transformers + peft
+baseline, on the Qwen2.5-0.5B and Qwen2.5-7B shapes with random weights (speed and memory
+do not depend on the values), LoRA bf16 and QLoRA NF4 at sequence length 1024.
+
+The baseline is ``benchmarks/hf_peft_baseline.py`` (a copy of the shared
+``../shared/bench/hf_peft_baseline.py``): a plain loop over peft LoRA r=16 / alpha=32 on
+all linear layers, gradient checkpointing, bf16 autocast, sdpa, fused AdamW, random
+tokens, no padding. It runs first, in the same call, and saves the random 7B weights that
+the NF4 set-ups load too.
+
+Each personatune set-up then runs in its own process (Liger patches modules process-wide)
+through personatune's own code: :func:`personatune.models.load_model`,
+:func:`personatune.train.trainer.lora_model` and
+:func:`personatune.train.trainer.build_trainer` (a transformers ``Trainer`` with the
+spec's settings), on the same random full-length rows, so every token is trained and
+there is no padding, as in the baseline. LoRA r=16, alpha=32, dropout 0.05, all linear
+layers, fused AdamW, lr 2e-4, like the baseline.
+
+Measured like the baseline: 3 warm-up steps, then the mean wall time of 8 steps (CUDA
+synchronised at each step's start and end); tokens/s = batch x 1024 / step time;
+peak memory = ``torch.cuda.max_memory_allocated`` from before the model is loaded to the
+end (weights included); MFU with the formula of ../shared/docs/GPU.md (4 x matmul
+parameters + 12 x layers x 1024 x hidden per token, recomputation not counted) over the
+bf16 matmul peak measured in the same call.
+
+Data-parallel scaling: the same set-up under ``accelerate launch --multi_gpu
+--num_processes N benchmarks/gpu_train_speed.py --one NAME`` (one process per GPU, NCCL)
+reports the tokens/s of all GPUs together, ``processes`` and the per-GPU MFU.
+
+Usage (on a CUDA machine with bitsandbytes and liger-kernel importable)::
+
+    python benchmarks/gpu_train_speed.py --out results_dir          # everything
+    python benchmarks/gpu_train_speed.py --out d --only 0.5b-default,7b-lean --no-baseline
+    python benchmarks/gpu_train_speed.py --report d/gpu_train_speed.json  # table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(BENCH))
+SEQ, WARM, STEPS = 1024, 3, 8
+BASELINE_PLAN = ["qwen2.5-0.5b:0:0:8:1024", "qwen2.5-7b:1:0:2:1024"]
+
+#: name -> (model shape, quantization, batch, TrainSettings fields, extras, what it shows)
+LEAN = dict(packing=True, liger=True, gradient_checkpointing=True)
+DEFAULT = dict(packing=True, liger=True, gradient_checkpointing=False)
+SETUPS = {
+    "0.5b-plain": ("qwen2.5-0.5b", "none", 8,
+                   dict(packing=False, fused_loss=False, liger=False,
+                        gradient_checkpointing=True), {"lora_cast": True},
+                   "personatune path, levers off, checkpointing (the baseline's settings)"),
+    "0.5b-liger": ("qwen2.5-0.5b", "none", 8,
+                   dict(packing=False, liger=True, gradient_checkpointing=True),
+                   {"lora_cast": True}, "+ Liger kernels and fused linear cross-entropy"),
+    "0.5b-nocast": ("qwen2.5-0.5b", "none", 8,
+                    dict(packing=False, liger=True, gradient_checkpointing=True), {},
+                    "+ LoRA inputs left to autocast (no fp32 copy)"),
+    "0.5b-packed": ("qwen2.5-0.5b", "none", 8, LEAN, {},
+                    "+ packing, FlashAttention varlen"),
+    "0.5b-default": ("qwen2.5-0.5b", "none", 8, DEFAULT, {},
+                     "+ no checkpointing (personatune defaults)"),
+    "0.5b-nopack": ("qwen2.5-0.5b", "none", 8, dict(DEFAULT, packing=False), {},
+                    "personatune defaults, padding collator instead of packing"),
+    "0.5b-default-b16": ("qwen2.5-0.5b", "none", 16, DEFAULT, {},
+                         "personatune defaults, batch 16"),
+    "0.5b-default-b32": ("qwen2.5-0.5b", "none", 32, DEFAULT, {},
+                         "personatune defaults, batch 32"),
+    "7b-peftprep": ("qwen2.5-7b", "nf4", 2,
+                    dict(packing=False, fused_loss=False, liger=False,
+                         gradient_checkpointing=True), {"peft_prep": True},
+                    "personatune path with peft's kbit prep (fp32 upcast), levers off"),
+    "7b-lean": ("qwen2.5-7b", "nf4", 2, LEAN, {},
+                "no fp32 upcast, Liger, packing + varlen, checkpointing"),
+    "7b-lean-b4": ("qwen2.5-7b", "nf4", 4, LEAN, {}, "as 7b-lean, batch 4"),
+    "7b-lean-b8": ("qwen2.5-7b", "nf4", 8, LEAN, {}, "as 7b-lean, batch 8"),
+    "7b-lean-b12": ("qwen2.5-7b", "nf4", 12, LEAN, {}, "as 7b-lean, batch 12"),
+    "7b-lean-b16": ("qwen2.5-7b", "nf4", 16, LEAN, {}, "as 7b-lean, batch 16"),
+    "7b-nopack-b8": ("qwen2.5-7b", "nf4", 8, dict(LEAN, packing=False), {},
+                     "as 7b-lean-b8 with the padding collator"),
+    "7b-every2": ("qwen2.5-7b", "nf4", 2, LEAN, {"every_n_layers": 2},
+                  "as 7b-lean, checkpointing every 2nd layer"),
+    "7b-nogc": ("qwen2.5-7b", "nf4", 2, DEFAULT, {}, "personatune defaults, no checkpointing"),
+    "7b-nopack-b16": ("qwen2.5-7b", "nf4", 16, dict(LEAN, packing=False), {},
+                      "as 7b-lean-b16 with the padding collator"),
+    "0.5b-compile": ("qwen2.5-0.5b", "none", 8, dict(DEFAULT, packing=False, torch_compile=True),
+                     {}, "0.5b-nopack + torch.compile"),
+    "0.5b-compile-b16": ("qwen2.5-0.5b", "none", 16,
+                         dict(DEFAULT, packing=False, torch_compile=True), {},
+                         "0.5b-nopack + torch.compile, batch 16"),
+    "0.5b-nopack-b16": ("qwen2.5-0.5b", "none", 16, dict(DEFAULT, packing=False), {},
+                        "personatune defaults, padding collator, batch 16"),
+    "7b-compile-b8": ("qwen2.5-7b", "nf4", 8, dict(LEAN, packing=False, torch_compile=True), {},
+                      "7b-nopack-b8 + torch.compile"),
+}
+
+
+# A 2-layer stand-in for checking this script on a CPU (--smoke); not a benchmark shape.
+SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+
+
+def device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def pad_tokenizer():
+    """A one-token tokenizer: the padding collator needs ``pad()``, and full-length
+    random rows need no vocabulary."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+        pad_token="<pad>")
+
+
+def model_dir(shape: str) -> Path:
+    """The random-weight model folder for ``shape``, saved like hf_peft_baseline.py does
+    (same config, ``torch.manual_seed(0)``, same path), built if missing."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from hf_peft_baseline import ARCH
+
+    path = Path(f"/tmp/rand-{shape}")
+    if not (path / "config.json").exists():
+        arch = SMOKE if os.environ.get("GPU_SPEED_SMOKE") else ARCH[shape]
+        cfg = Qwen2Config(**arch, max_position_embeddings=32768, rope_theta=1e6,
+                          rms_norm_eps=1e-6, torch_dtype="bfloat16")
+        torch.manual_seed(0)
+        with torch.device(device()):
+            m = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+        m.save_pretrained(path)
+        del m
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return path
+
+
+def flops_per_token(config) -> float:
+    """GPU.md: 4 x matmul parameters (incl. the output layer) + 12 x L x seq x d."""
+    L, d, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    kv = d // config.num_attention_heads * config.num_key_value_heads
+    n_mm = L * (d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size) + V * d
+    return 4 * n_mm + 12 * L * SEQ * d
+
+
+def run_one(name: str, peak_flops: float | None) -> dict:
+    """Train set-up ``name`` for WARM + STEPS steps in this process; return its row."""
+    import torch
+    from transformers import TrainerCallback, set_seed
+
+    from personatune.config import DataSource, LoraSettings, ModelSettings, PersonaSpec
+    from personatune.config import TrainSettings
+    from personatune.data.dataset import PreparedData
+    from personatune.models import load_model, resolve_ref
+    import personatune.train.trainer as trainer_module
+    from personatune.train.trainer import build_trainer, lora_model
+
+    shape, quant, batch, fields, extra, _ = SETUPS[name]
+    trainer_module.AUTOCAST_LORA_INPUTS = not extra.get("lora_cast")
+    path = model_dir(shape)
+    spec = PersonaSpec(
+        name="bench", data=[DataSource(path="random")],
+        model=ModelSettings(name=str(path), quantization=quant),
+        lora=LoraSettings(r=16, alpha=32, dropout=0.05),
+        train=TrainSettings(learning_rate=2e-4, batch_size=batch, gradient_accumulation=1,
+                            max_steps=WARM + STEPS, max_seq_length=SEQ, warmup_steps=1,
+                            optimizer="adamw_torch_fused", checkpoint_interval=10**6,
+                            **fields),
+    )
+    from accelerate import PartialState
+
+    state = PartialState()  # one process, or one per GPU under accelerate launch / torchrun
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = load_model(resolve_ref(str(path)), quant, state.device)
+    if extra.get("peft_prep"):
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    set_seed(0)
+    model = lora_model(spec, base)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(batch * (WARM + STEPS)):
+        ids = torch.randint(0, base.config.vocab_size, (SEQ,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": ids})
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            self.times.append(time.perf_counter() - self.t0)
+
+    timer = Timer()
+    work = Path(tempfile.mkdtemp(prefix=f"gpu-speed-{name}-"))
+    trainer = build_trainer(spec, model, pad_tokenizer(), PreparedData(rows, [], []), work,
+                            [timer])
+    if "every_n_layers" in extra:
+        trainer.args.activation_checkpointing_kwargs = {
+            "use_reentrant": False, "every_n_layers": extra["every_n_layers"]}
+    result = trainer.train()
+    step_s = sum(timer.times[WARM:]) / len(timer.times[WARM:])
+    tok_s = state.num_processes * batch * SEQ / step_s
+    return {
+        "setup": name, "model": shape, "quant": quant, "batch": batch, "seq": SEQ,
+        "processes": state.num_processes, "backend": state.backend,
+        **{k: v for k, v in fields.items()}, **extra,
+        "liger_applied": bool(trainer.args.use_liger_kernel),
+        "attention": base.config._attn_implementation,
+        "s_per_step": round(step_s, 4), "tokens_per_s": int(tok_s),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "mfu": round(tok_s * flops_per_token(base.config) / peak_flops / state.num_processes, 3)
+        if peak_flops else None,
+        "loss": round(result.training_loss, 3),
+    }
+
+
+def check_varlen() -> dict:
+    """Packed logits with the varlen attention against each example run alone (sdpa), on
+    the 0.5B shape in bf16: max |difference| relative to max |logit|."""
+    import torch
+
+    from personatune.models import _torch_varlen, load_model, resolve_ref, use_varlen_attention
+    from personatune.train.trainer import PackedCollator
+
+    model = load_model(resolve_ref(str(model_dir("qwen2.5-0.5b"))), "none", device()).eval()
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()}
+            for n in (100, 300, 37)]
+    batch = {k: (v.to(device()) if hasattr(v, "to") else v)
+             for k, v in PackedCollator()(rows).items() if k != "labels"}
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=device())).logits
+                           for r in rows], dim=1).float()
+        use_varlen_attention(model)
+        packed = model(**batch).logits.float()
+    diff = (packed - alone).abs().max().item()
+    return {"torch_varlen_kernel": _torch_varlen() is not None, "max_abs_diff": diff,
+            "rel_to_max_logit": diff / alone.abs().max().item()}
+
+
+def run_all(out: Path, names: list[str], baseline: bool) -> dict:
+    import torch
+
+    from hf_peft_baseline import matmul_peak
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    peak = matmul_peak()
+    info = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "bf16_matmul_tflops": round(peak / 1e12, 1)}
+    for mod in ("transformers", "peft", "bitsandbytes", "liger_kernel", "accelerate"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            info[mod] = f"missing ({type(e).__name__})"
+    rows = {"machine": info, "baseline": [], "setups": []}
+    try:
+        rows["varlen_check"] = check_varlen()
+    except Exception as e:  # noqa: BLE001 - recorded; the timings still run
+        rows["varlen_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    print(json.dumps({"varlen_check": rows["varlen_check"]}), flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    if baseline:
+        proc = subprocess.run([sys.executable, str(BENCH / "hf_peft_baseline.py"), *BASELINE_PLAN],
+                              capture_output=True, text=True, env=env)
+        print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith("{") and '"model"' in line:
+                rows["baseline"].append(json.loads(line))
+    for name in names:
+        t = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--peak", str(peak)],
+                              capture_output=True, text=True, env=env)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith('{"setup"')]
+        row = json.loads(lines[-1]) if lines else {
+            "setup": name, "error": (proc.stderr or proc.stdout)[-1500:]}
+        row["wall_s"] = round(time.time() - t, 1)
+        print(json.dumps(row), flush=True)
+        rows["setups"].append(row)
+        (out / "gpu_train_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def report(rows: dict) -> str:
+    """A markdown table: baseline rows, then each set-up with its ratio to the baseline of
+    the same model and quantization measured in the same call."""
+    base = {(b["model"], b["quant"]): b for b in rows["baseline"] if "tokens_per_s" in b}
+    out = [f"varlen check: {rows.get('varlen_check')}", "",
+           f"GPU: {rows['machine'].get('gpu')}, bf16 matmul peak "
+           f"{rows['machine'].get('bf16_matmul_tflops')} TFLOP/s; "
+           + ", ".join(f"{k} {v}" for k, v in rows["machine"].items()
+                       if k not in ("gpu", "bf16_matmul_tflops")), "",
+           "| set-up | model | weights | batch x seq | tokens/s | x baseline | peak GiB "
+           "| MFU | what changes |", "|---|---|---|---|---|---|---|---|---|"]
+    for b in rows["baseline"]:
+        if "tokens_per_s" in b:
+            out.append(f"| baseline | {b['model']} | {b['quant']} | {b['batch']}x{b['seq']} | "
+                       f"{b['tokens_per_s']} | 1.00 | {b['peak_mem_gib']} | {b['mfu']} | "
+                       "hf_peft_baseline.py |")
+    for r in rows["setups"]:
+        if "error" in r:
+            out.append(f"| {r['setup']} | | | | error | | | | "
+                       f"{r['error'].strip().splitlines()[-1][:120]} |")
+            continue
+        quant = "bf16" if r["quant"] == "none" else r["quant"]
+        b = base.get((r["model"], quant))
+        ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
+        out.append(f"| {r['setup']} | {r['model']} | {quant} | {r['batch']}x{r['seq']} | "
+                   f"{r['tokens_per_s']} | {ratio} | {r['peak_mem_gib']} | {r['mfu']} | "
+                   f"{SETUPS[r['setup']][5]} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="folder for gpu_train_speed.json/.md")
+    ap.add_argument("--only", help=f"comma-separated set-ups, from: {', '.join(SETUPS)}")
+    ap.add_argument("--no-baseline", action="store_true", help="skip hf_peft_baseline.py")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--peak", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--report", type=Path, help="print the table of a results JSON")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return 0
+    if args.one:
+        from accelerate import PartialState
+
+        row = run_one(args.one, args.peak)
+        if PartialState().is_main_process:
+            print(json.dumps(row), flush=True)
+        return 0
+    if not args.out:
+        ap.error("--out is required")
+    names = args.only.split(",") if args.only else list(SETUPS)
+    bad = [n for n in names if n not in SETUPS]
+    if bad:
+        ap.error(f"unknown set-up(s) {bad}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = run_all(args.out, names, not args.no_baseline)
+    md = report(rows)
+    (args.out / "gpu_train_speed.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Does the forgetting guard pay? Train the same persona data with and without it, evaluate
+each adapter with ``personatune eval``, and tabulate what the persona gained and cost.
+
+Arms (``--arms``, comma-separated):
+
+- ``off``: the persona data alone (``guard.enabled=false``): no self-distilled
+  preservation data, no gate; the last step is published.
+- ``R`` (a number, e.g. ``0.25``): the guard with ``guard.preservation_ratio=R``: the
+  base model's own answers to general prompts mixed in at R rows per persona row,
+  evaluation at every checkpoint and the retention gate. A run whose gate fails is
+  recorded as failed and its last checkpoint is published with ``--no-gate`` (resumed,
+  no retraining) so that its cost can still be measured.
+
+Every arm uses the spec's seed, data split and hyperparameters; only the guard changes.
+Each arm is trained into ``runs/ablation/<arm>`` and evaluated there; an arm whose
+report already exists is reused with ``--reuse``. Results: a Markdown table and JSON in
+``benchmarks/results/guard_ablation.{md,json}`` and a plot in ``docs/guard_ablation.png``.
+
+    python benchmarks/guard_ablation.py --arms off,0,0.25,0.5
+    python benchmarks/guard_ablation.py --plot-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = [  # (report metric, header, unit)
+    ("adoption_rate", "adoption %", ""),
+    ("probe_accuracy", "probe %", ""),
+    ("drift_perplexity", "drift PPL", ""),
+    ("stress_pass_rate", "stress %", ""),
+    ("rouge_l", "ROUGE-L", ""),
+    ("conditional_perplexity", "held-out PPL", ""),
+    ("term_frequency", "term freq %", ""),
+    ("repetition_rate", "rep-4 %", ""),
+]
+
+
+def arm_overrides(arm: str, out: Path) -> list[str]:
+    """Spec overrides of one arm."""
+    common = [f"output_dir={out}"]
+    if arm == "off":
+        return [*common, "guard.enabled=false"]
+    ratio = float(arm)
+    return [*common, "guard.enabled=true", f"guard.preservation_ratio={ratio}"]
+
+
+def run_arm(spec_path: Path, arm: str, root: Path, reuse: bool) -> dict:
+    """Train and evaluate one arm; returns its row of results."""
+    from personatune.config import load_spec
+    from personatune.evaluate.run import evaluate
+    from personatune.train.guard import GateFailed
+    from personatune.train.trainer import train
+
+    out = root / arm
+    if reuse and (out / "report.json").exists():
+        return row(arm, json.loads((out / "report.json").read_text()), None)
+    spec = load_spec(spec_path, arm_overrides(arm, out))
+    t = time.time()
+    gate_failed = None
+    try:
+        train(spec, overwrite=True)
+    except GateFailed as e:
+        gate_failed = str(e)
+        nogate = load_spec(spec_path, [*arm_overrides(arm, out), "guard.gate=false"])
+        train(nogate, resume=True)
+    train_s = time.time() - t
+    report = evaluate(out, overwrite=True)
+    return row(arm, report, {"train_s": round(train_s, 1), "gate_failed": gate_failed})
+
+
+def row(arm: str, report: dict, extra: dict | None) -> dict:
+    """The table row of an arm from its report."""
+    m = report["metrics"]
+    guard = report.get("guard") or {}
+    gate = guard.get("gate") or {}
+    training = report.get("training") or {}
+    r = {
+        "arm": arm,
+        "preservation_ratio": None if arm == "off" else float(arm),
+        "gate": arm != "off",
+        "gate_passed": None if arm == "off" else gate.get("chosen") is not None,
+        "published_step": gate.get("published", training.get("steps")),
+        "steps": training.get("steps"),
+        "preservation_rows": guard.get("preservation_rows", 0),
+        "base": {k: m[k]["base"] for k in m},
+        "tuned": {k: m[k]["tuned"] for k in m},
+        "drift_ratio": report["drift_ratio"],
+        "probe_drop_points": report["probe_drop_points"],
+        "classifier_cv_error": report["classifier"]["cv_error"],
+        "train_seconds": training.get("train_seconds"),
+        "guard_prepare_s": guard.get("prepare_s"), "guard_eval_s": guard.get("eval_seconds"),
+        "gate_s": gate.get("gate_s"),
+        "eval_seconds": report["timings_s"]["total"],
+    }
+    if extra:
+        r.update(extra)
+    return r
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The results table."""
+    head = ["arm", "preservation rows", "published step", *[c[1] for c in COLUMNS],
+            "probe drop (pts)", "drift ratio", "gate"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows[0]["base"]
+    lines.append("| base model | – | – | " + " | ".join(
+        _f(base[k]) for k, _, _ in COLUMNS) + " | 0 | 1.00 | – |")
+    for r in rows:
+        name = "no guard" if r["arm"] == "off" else f"guard, ratio {r['arm']}"
+        gate = "–" if r["arm"] == "off" else ("pass" if r["gate_passed"] else "FAIL")
+        lines.append(f"| {name} | {r['preservation_rows']} | {r['published_step']} | "
+                     + " | ".join(_f(r["tuned"][k]) for k, _, _ in COLUMNS)
+                     + f" | {r['probe_drop_points']:+.1f} | {r['drift_ratio']:.2f} | {gate} |")
+    timing = ["", "| arm | train s | guard prepare s | guard eval s | gate s | eval s |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        timing.append(f"| {r['arm']} | {_f(r.get('train_seconds'))} | "
+                      f"{_f(r.get('guard_prepare_s'))} | {_f(r.get('guard_eval_s'))} | "
+                      f"{_f(r.get('gate_s'))} | {_f(r.get('eval_seconds'))} |")
+    return ("# Forgetting guard ablation\n\n"
+            f"Persona `{meta['spec']}`; base model `{meta['base_model']}`; greedy decoding; "
+            f"{meta['machine']}. Generated by `python benchmarks/guard_ablation.py "
+            f"--arms {meta['arms']}`.\n\n"
+            "All arms share the data, seed and hyperparameters; only the guard changes. "
+            "Adoption: share of held-out general prompts answered in persona (classifier). "
+            "Probe: factual probe accuracy, persona system prompt. Drift PPL: perplexity on "
+            "the base model's own greedy answers to held-out general prompts (no system "
+            "prompt). Stress: automatic checks of seed system 1's stress prompts.\n\n"
+            + "\n".join(lines) + "\n" + "\n".join(timing) + "\n")
+
+
+def _f(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.3g}" if isinstance(v, float) and abs(v) < 10 else (
+        f"{v:.1f}" if isinstance(v, float) else str(v))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Grouped bars: adoption, probe accuracy and stress pass rate per arm (percent,
+    base model as a dashed line), and the drift ratio with the gate's limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["no guard" if r["arm"] == "off" else f"guard {r['arm']}" for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
+    for ax, (key, title) in zip(axes, [("adoption_rate", "persona adoption % ↑"),
+                                       ("probe_accuracy", "factual probe % ↑"),
+                                       ("stress_pass_rate", "stress checks % ↑"),
+                                       ("drift_perplexity", "drift perplexity ↓")]):
+        vals = [r["tuned"][key] for r in rows]
+        colours = ["tab:red" if r["arm"] == "off" else "tab:green" for r in rows]
+        ax.bar(names, vals, color=colours)
+        ax.axhline(rows[0]["base"][key], ls="--", color="gray", label="base model")
+        if key == "drift_perplexity":
+            ax.axhline(1.5 * rows[0]["base"][key], ls=":", color="black", label="gate limit")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8, rotation=15)
+        ax.legend(fontsize=7)
+    fig.suptitle("forgetting guard ablation: same data, with and without the guard", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--spec", type=Path, default=REPO / "examples/pirate/persona.yaml")
+    ap.add_argument("--arms", default="off,0.25")
+    ap.add_argument("--runs", type=Path, default=REPO / "runs/ablation")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/guard_ablation")
+    ap.add_argument("--plot", type=Path, default=REPO / "docs/guard_ablation.png")
+    ap.add_argument("--reuse", action="store_true", help="reuse arms that have a report")
+    ap.add_argument("--plot-only", action="store_true", help="redraw from the JSON results")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        data = json.loads(args.out.with_suffix(".json").read_text())
+        plot(data["rows"], args.plot)
+        return 0
+    from personatune.models import resolve_ref
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for a in arms:
+        if a != "off":
+            float(a)  # fail before any work on a bad arm
+    rows = []
+    for arm in arms:
+        print(f"== arm {arm}", file=sys.stderr, flush=True)
+        rows.append(run_arm(args.spec, arm, args.runs, args.reuse))
+    from personatune.config import load_spec
+
+    spec = load_spec(args.spec)
+    meta = {"spec": str(args.spec.relative_to(REPO) if args.spec.is_relative_to(REPO)
+                        else args.spec),
+            "base_model": resolve_ref(spec.model.name, spec.model.revision,
+                                      spec.base_dir).name,
+            "arms": args.arms, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "lr": spec.train.learning_rate, "epochs": spec.train.epochs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(rows, meta))
+    plot(rows, args.plot)
+    print(markdown(rows, meta))
+    shutil.rmtree(args.runs / ".tmp", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

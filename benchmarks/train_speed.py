@@ -1,0 +1,442 @@
+"""CPU training speed: personatune's training path against the plain transformers + peft
+baseline, on the pirate example (examples/pirate/persona.yaml) with the embedded model
+(SmolLM2-135M-Instruct), all in one run.
+
+Every set-up trains the same rows (``personatune.data.dataset.prepare_data``), in the same
+order (seeded sampler), with the spec's LoRA and optimiser settings, for ``--steps``
+optimizer steps. Each set-up runs in its own process (so peak RSS is its own), and the
+processes take turns one optimizer step at a time, passing a baton round a ring: the CPU
+is shared with other work, and interleaving gives every set-up the same load.
+
+Set-ups, a ladder in which each adds one lever to the one before:
+
+- ``baseline``: transformers ``Trainer`` + peft LoRA with default ``TrainingArguments``
+  (fp32 on CPU, AdamW), ``DataCollatorForSeq2Seq`` padding to the longest in the batch.
+  Only the spec's hyperparameters, ``logging_steps=1`` (for the loss curve) and
+  ``save_strategy="no"`` are set.
+- ``bf16``: personatune's path (``load_model``, ``lora_model``, ``build_trainer``) with
+  packing and the fused loss off: bf16 autocast is the only change.
+- ``packing``: + padding-free packing, attention through sdpa with transformers'
+  block-diagonal mask.
+- ``varlen``: + variable-length attention (:func:`personatune.models.varlen_attention`).
+- ``personatune``: + output layer and cross-entropy at trained positions only
+  (``train.fused_loss``): personatune's defaults.
+- ``threads-1``: personatune's defaults with ``train.threads=1``.
+- ``compile``: personatune's defaults with ``train.torch_compile=true`` (``--compile``).
+
+Reported per set-up: trained tokens/s, counting non-padding tokens only, over the steps
+after the first (warm-up); its ratio to the baseline; median step time; peak RSS while
+training (sampled each step) and the process's maximum RSS; MFU = tokens/s x FLOP per
+token / the bf16 matmul peak measured at the start of the run, with FLOP per token =
+4 x matmul parameters + 12 x layers x context x hidden (../shared/docs/GPU.md; context is
+the token-weighted mean example length, since packed and padded examples attend only
+within themselves); the loss curve and its largest difference from the baseline's.
+
+Usage::
+
+    python benchmarks/train_speed.py --steps 20            # results in benchmarks/results/
+    python benchmarks/train_speed.py --steps 8 --setups baseline,compile --compile \
+        --name train_speed_cpu_compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "examples" / "pirate" / "persona.yaml"
+RESULTS = REPO / "benchmarks" / "results"
+
+#: set-up name -> (description, spec overrides, environment, patches)
+SETUPS = {
+    "baseline": ("transformers Trainer + peft LoRA, defaults (fp32), padding", [], {}, []),
+    "bf16": ("personatune path, bf16 autocast only (no packing, full logits)",
+             ["train.packing=false", "train.fused_loss=false"], {}, []),
+    "packing": ("+ padding-free packing, sdpa block-diagonal mask",
+                ["train.fused_loss=false"], {}, ["no_varlen"]),
+    "varlen": ("+ variable-length attention", ["train.fused_loss=false"], {}, []),
+    "personatune": ("+ loss at trained positions only (personatune defaults)", [], {}, []),
+    "threads-1": ("personatune defaults, train.threads=1", ["train.threads=1"], {}, []),
+    "compile": ("personatune defaults, train.torch_compile=true",
+                ["train.torch_compile=true"], {}, []),
+}
+DEFAULT_SETUPS = ["baseline", "bf16", "packing", "varlen", "personatune", "threads-1"]
+# Loss parity: largest per-step |loss - baseline loss| / baseline loss allowed for
+# personatune's defaults (bf16 rounding and different dropout masks for packed rows).
+PARITY_REL_TOL = 0.03
+
+
+# ---------------------------------------------------------------------------------------
+# The baton: processes in a ring, one optimizer step at a time.
+
+
+def _baton_callback(ring, idx, counts):
+    from transformers import TrainerCallback
+
+    import psutil
+
+    proc = psutil.Process()
+
+    class Baton(TrainerCallback):
+        def __init__(self):
+            self.steps, self.tokens, self.loss, self.rss = [], [], [], []
+
+        def on_train_begin(self, args, state, control, **kw):
+            ring["start"].wait(timeout=3600)
+
+        def on_step_begin(self, args, state, control, **kw):
+            with ring["cond"]:
+                ring["cond"].wait_for(lambda: ring["turn"].value == idx)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append(time.perf_counter() - self.t0)
+            # Step k trains batches (k-1)*GA .. k*GA-1 (accelerate collates one batch ahead,
+            # so the count of collated batches runs one ahead of the step).
+            k, ga = len(self.steps), args.gradient_accumulation_steps
+            self.tokens.append(sum(counts[(k - 1) * ga:k * ga]))
+            self.rss.append(proc.memory_info().rss)
+            with ring["done"].get_lock():
+                ring["done"].value += 1
+            pass_baton(ring, idx)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.loss.append(float(logs["loss"]))
+
+    return Baton()
+
+
+def pass_baton(ring, idx, leave=False):
+    with ring["cond"]:
+        if leave:
+            ring["active"][idx] = 0
+        n = len(ring["active"])
+        if ring["turn"].value == idx:
+            for k in range(1, n + 1):
+                j = (idx + k) % n
+                if ring["active"][j]:
+                    ring["turn"].value = j
+                    break
+        ring["cond"].notify_all()
+
+
+class CountingCollator:
+    """Wraps a collator and records the non-padding tokens of every batch it makes."""
+
+    def __init__(self, inner, counts):
+        self.inner, self.counts = inner, counts
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.counts.append(sum(len(f["input_ids"]) for f in features))
+        return batch
+
+
+# ---------------------------------------------------------------------------------------
+# One set-up, in its own process.
+
+
+def _baseline_trainer(spec, tokenizer, data, work, callbacks):
+    """The plain stack: transformers Trainer + peft LoRA, default settings."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from personatune.models import _gguf_as_safetensors, resolve_ref
+
+    t = spec.train
+    model = AutoModelForCausalLM.from_pretrained(_gguf_as_safetensors(resolve_ref("embedded")))
+    set_seed(t.seed)  # LoRA initialisation, as personatune's train() does
+    model = get_peft_model(model, LoraConfig(
+        r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules, task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=str(work), learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation, seed=t.seed,
+        use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no",
+        report_to=[], disable_tqdm=True, remove_unused_columns=False)
+    return Trainer(model=model, args=args, train_dataset=data.train,
+                   data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                        label_pad_token_id=-100),
+                   callbacks=callbacks)
+
+
+def run_setup(name, idx, ring, out_q, steps):
+    """Build one set-up's trainer, train ``steps`` steps in turn with the others, and put
+    its measurements on ``out_q``."""
+    import resource
+
+    _, overrides, env, patches = SETUPS[name]
+    os.environ.update(env)
+    try:
+        import torch
+        from transformers import set_seed
+
+        import personatune.models as models
+        from personatune.config import load_spec
+        from personatune.data.chat import ensure_chat_template
+        from personatune.data.dataset import PreparedData, prepare_data
+        from personatune.train.trainer import build_trainer, lora_model
+
+        if "no_varlen" in patches:
+            models.use_varlen_attention = lambda model: False
+        spec = load_spec(SPEC, [f"train.max_steps={steps}", "train.checkpoint_interval=1000000",
+                                "guard.enabled=false", *overrides])
+        ref = models.resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
+        tokenizer = models.load_tokenizer(ref)
+        ensure_chat_template(tokenizer, spec.model.chat_template)
+        prepared = prepare_data(spec, tokenizer)
+        data = PreparedData(prepared.train, [], [], prepared.stats)  # no evaluation
+        counts = []
+        baton = _baton_callback(ring, idx, counts)
+        work = Path(tempfile.mkdtemp(prefix=f"train-speed-{name}-"))
+        if name == "baseline":
+            trainer = _baseline_trainer(spec, tokenizer, data, work, [baton])
+        else:
+            base = models.load_model(ref, "none", torch.device("cpu"))
+            set_seed(spec.train.seed)  # LoRA initialisation, as train() does
+            model = lora_model(spec, base)
+            trainer = build_trainer(spec, model, tokenizer, data, work, [baton])
+        trainer.data_collator = CountingCollator(trainer.data_collator, counts)
+        trainer.train()
+        out_q.put({
+            "setup": name, "step_s": baton.steps, "tokens": baton.tokens, "loss": baton.loss,
+            "rss_train_peak_gib": max(baton.rss) / 2**30,
+            "rss_process_max_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "threads": torch.get_num_threads(), "bf16_autocast": bool(trainer.args.bf16),
+            "attention": trainer.model.config._attn_implementation,
+        })
+    except BaseException as e:  # report, and never leave the others waiting
+        ring["start"].abort()
+        out_q.put({"setup": name, "error": f"{type(e).__name__}: {e}"[:500]})
+    finally:
+        pass_baton(ring, idx, leave=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The run.
+
+
+def matmul_peak_gflops(dtype_name: str, n: int = 2048, reps: int = 8) -> float:
+    """Best of three timings of an ``n x n x n`` matmul, in GFLOP/s."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, reps * 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def model_flops_per_token(context: float) -> tuple[float, int]:
+    """FLOP per trained token for the embedded model (GPU.md): 4 x matmul parameters
+    (forward 2N + input-gradient backward 2N; frozen weights get no weight gradient)
+    + 12 x layers x context x hidden for attention. Returns (flop, matmul parameters)."""
+    from transformers import AutoConfig
+
+    from personatune.models import _gguf_as_safetensors, resolve_ref
+
+    c = AutoConfig.from_pretrained(_gguf_as_safetensors(resolve_ref("embedded")))
+    d, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    kv = d // c.num_attention_heads * c.num_key_value_heads
+    n_mm = L * (2 * d * d + 2 * d * kv + 3 * d * c.intermediate_size) + V * d
+    return 4 * n_mm + 12 * L * context * d, n_mm
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cores": os.cpu_count()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                           if line.startswith("model name"))
+        info["bf16_matmul_isa"] = [f for f in ("avx512_bf16", "amx_bf16") if f in cpuinfo]
+        mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
+        info["ram_gib"] = round(int(mem) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    import peft
+    import transformers
+
+    info.update(transformers=transformers.__version__, peft=peft.__version__)
+    return info
+
+
+def summarise(results: dict, flop_per_token: float, peak_gflops: float) -> dict:
+    base = results.get("baseline", {})
+    base_tps = base.get("tokens_per_s")
+    for name, r in results.items():
+        if "error" in r:
+            continue
+        timed_s, timed_tok = r["step_s"][1:], r["tokens"][1:]
+        r["tokens_per_s"] = sum(timed_tok) / sum(timed_s)
+        r["median_step_s"] = statistics.median(timed_s)
+        r["mfu"] = r["tokens_per_s"] * flop_per_token / (peak_gflops * 1e9)
+    base_tps = base.get("tokens_per_s")
+    for name, r in results.items():
+        if "error" in r or not base_tps:
+            continue
+        r["ratio_vs_baseline"] = r["tokens_per_s"] / base_tps
+        pairs = list(zip(r["loss"], base["loss"]))
+        r["loss_max_abs_diff"] = max(abs(a - b) for a, b in pairs)
+        r["loss_max_rel_diff"] = max(abs(a - b) / b for a, b in pairs)
+    return results
+
+
+def table(results: dict) -> str:
+    rows = ["| set-up | what changes | tokens/s | x baseline | median step s | peak RSS GiB "
+            "| MFU | max loss diff vs baseline |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            rows.append(f"| {name} | {SETUPS[name][0]} | error: {r['error'][:80]} |||||")
+            continue
+        rows.append(
+            f"| {name} | {SETUPS[name][0]} | {r['tokens_per_s']:.0f} | "
+            f"{r.get('ratio_vs_baseline', float('nan')):.2f} | {r['median_step_s']:.2f} | "
+            f"{r['rss_train_peak_gib']:.2f} | {r['mfu']:.3f} | "
+            f"{r.get('loss_max_abs_diff', 0):.3f} ({100 * r.get('loss_max_rel_diff', 0):.1f}%) |")
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        if "loss" in r:
+            ax.plot(range(1, len(r["loss"]) + 1), r["loss"], label=name,
+                    lw=2.5 if name in ("baseline", "personatune") else 1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("pirate example, SmolLM2-135M, same data and seed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per set-up")
+    ap.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
+                    help=f"comma-separated, from: {', '.join(SETUPS)}")
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile set-up")
+    ap.add_argument("--name", default="train_speed_cpu", help="results file stem")
+    args = ap.parse_args(argv)
+    names = [s for s in args.setups.split(",") if s]
+    if args.compile and "compile" not in names:
+        names.append("compile")
+    unknown = [n for n in names if n not in SETUPS]
+    if unknown or args.steps < 2:
+        ap.error(f"unknown set-up {unknown}" if unknown else "--steps must be at least 2")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.path.insert(0, str(REPO / "src"))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from personatune.config import load_spec
+    from personatune.data.chat import ensure_chat_template
+    from personatune.data.dataset import prepare_data
+    from personatune.models import load_tokenizer, resolve_ref
+
+    info = machine()
+    info["load_average_before"] = os.getloadavg()
+    peak = matmul_peak_gflops("bfloat16")
+    info["bf16_matmul_gflops"] = round(peak, 1)
+    info["fp32_matmul_gflops"] = round(matmul_peak_gflops("float32"), 1)
+
+    spec = load_spec(SPEC, ["guard.enabled=false"])
+    tok = load_tokenizer(resolve_ref("embedded"))
+    ensure_chat_template(tok, None)
+    lengths = [len(r["input_ids"]) for r in prepare_data(spec, tok).train]
+    context = sum(n * n for n in lengths) / sum(lengths)
+    flop, n_mm = model_flops_per_token(context)
+
+    ctx = mp.get_context("spawn")
+    ring = {"cond": ctx.Condition(), "turn": ctx.Value("i", 0), "done": ctx.Value("i", 0),
+            "active": ctx.Array("b", [1] * len(names)), "start": ctx.Barrier(len(names))}
+    out_q = ctx.Queue()
+    procs = [ctx.Process(target=run_setup, args=(n, i, ring, out_q, args.steps))
+             for i, n in enumerate(names)]
+    for p in procs:
+        p.start()
+    results = {}
+    total = args.steps * len(names)
+    with Progress("[bold]interleaved steps", BarColumn(), MofNCompleteColumn(), "ETA",
+                  TimeRemainingColumn()) as bar:
+        task = bar.add_task("steps", total=total)
+        while len(results) < len(names):
+            try:
+                r = out_q.get(timeout=2)
+                results[r["setup"]] = r
+            except Exception:
+                pass
+            bar.update(task, completed=ring["done"].value)
+            for i, p in enumerate(procs):
+                if not p.is_alive() and ring["active"][i]:  # killed (out of memory?)
+                    pass_baton(ring, i, leave=True)
+                    ring["start"].abort()
+            if not any(p.is_alive() for p in procs) and out_q.empty():
+                break
+    for p in procs:
+        p.join()
+    info["load_average_after"] = os.getloadavg()
+    ordered = summarise({n: results[n] for n in names if n in results}, flop, peak)
+
+    pt = ordered.get("personatune", {})
+    parity = None
+    if "loss_max_rel_diff" in pt:
+        parity = {"tolerance_rel": PARITY_REL_TOL, "max_rel_diff": pt["loss_max_rel_diff"],
+                  "max_abs_diff": pt["loss_max_abs_diff"],
+                  "passed": pt["loss_max_rel_diff"] <= PARITY_REL_TOL}
+    out = {"benchmark": "train_speed_cpu", "spec": str(SPEC.relative_to(REPO)),
+           "model": "embedded (SmolLM2-135M-Instruct)", "steps": args.steps,
+           "batch_size": spec.train.batch_size, "machine": info,
+           "flop_per_token": flop, "matmul_params": n_mm, "mean_context_tokens": context,
+           "loss_parity": parity, "setups": ordered,
+           "command": "python benchmarks/train_speed.py " + " ".join(argv or sys.argv[1:])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    md = (f"# {args.name}\n\n{info.get('cpu', '?')}, {info['cores']} cores, torch "
+          f"{info['torch']}; load average {info['load_average_before'][0]:.1f} before, "
+          f"{info['load_average_after'][0]:.1f} after; bf16 matmul peak {peak:.0f} GFLOP/s. "
+          f"{args.steps} steps of batch {spec.train.batch_size}, first step excluded from "
+          f"speed.\n\n{table(ordered)}\n\nLoss parity (personatune vs baseline, same seed): "
+          f"{json.dumps(parity)}\n")
+    (RESULTS / f"{args.name}.md").write_text(md)
+    plot(ordered, RESULTS / f"{args.name}_loss.png")
+    print(md)
+    failed = [n for n, r in ordered.items() if "error" in r]
+    return 1 if failed or (parity and not parity["passed"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

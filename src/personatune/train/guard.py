@@ -1,0 +1,410 @@
+"""The forgetting guard: preservation data by self-distillation, evaluation at every
+checkpoint, and the retention gate that picks the checkpoint to publish.
+
+1. Before training, the base model answers general prompts in its own voice (no persona
+   system prompt, greedy). The answers are cached by model fingerprint and prompt under
+   ``personatune.models.cache_dir()``, so a second run generates nothing. They are mixed
+   into training at ``guard.preservation_ratio`` rows per persona row.
+2. At every checkpoint, :class:`GuardCallback` measures on small fixed subsets the persona
+   adoption rate and score (classifier), factual-probe accuracy and self-distillation
+   drift, and logs them to ``train_log.jsonl`` (step 0 is the base model).
+3. After training, :func:`select_checkpoint` takes checkpoints in order of persona score
+   and confirms each on the whole probe and drift set until one is within tolerance of
+   the base model (probe drop <= ``guard.probe_tolerance`` points, drift ratio <=
+   ``guard.max_drift_ratio``). None within tolerance fails the run unless ``--no-gate``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from transformers import TrainerCallback
+
+from personatune.config import PersonaSpec
+from personatune.data.chat import render_chat, render_prompt
+from personatune.errors import PersonatuneError
+from personatune.evaluate.answers import (
+    Answer,
+    cached_answers,
+    file_hash,
+    generate_answers,
+    inference_copy,
+)
+from personatune.evaluate.classifier import PersonaClassifier
+from personatune.evaluate.probe import drift_ratio, general_split, score_probe, stratified
+from personatune.evaluate.run import (
+    EvalData,
+    classifier_examples,
+    drift_conversations,
+    eval_data,
+    fit_adoption_classifier,
+    perplexity,
+    persona_conv,
+    phase,
+    plain_conv,
+    progress_bar,
+)
+
+
+class GateFailed(PersonatuneError):
+    """No checkpoint is within the retention tolerance of the base model."""
+
+
+def preservation_prompts(spec: PersonaSpec, n_train_rows: int) -> list[dict]:
+    """The general prompts to self-distill: ``round(guard.preservation_ratio *
+    n_train_rows)`` of the prompts not held out for evaluation, stratified by category;
+    when more are needed than exist, the set repeats (each answer then weighs more)."""
+    pool, _ = general_split(spec.eval.general_prompts)
+    n = round(spec.guard.preservation_ratio * n_train_rows)
+    if n <= 0 or not pool:
+        return []
+    order = stratified(pool, len(pool), spec.train.seed)
+    return [order[i % len(order)] for i in range(n)]
+
+
+def preservation_rows(tokenizer, prompts: Sequence[str], answers: Sequence[Answer],
+                      max_length: int) -> list[dict]:
+    """Training rows ``{"input_ids", "labels"}`` from self-distilled answers, rendered
+    without a system prompt as they were generated. A finished answer is trained with its
+    end-of-turn token; one cut at the token limit is trained without it, so the model is
+    not taught to stop mid-sentence. Empty answers are skipped."""
+    rows = []
+    for prompt, ans in zip(prompts, answers):
+        if not ans.text:
+            continue
+        if ans.finished:
+            conv = [*plain_conv(prompt), {"role": "assistant", "content": ans.text}]
+            r = render_chat(tokenizer, conv, max_length)
+            ids, labels = r.input_ids, r.labels
+        else:
+            head = tokenizer(render_prompt(tokenizer, plain_conv(prompt)),
+                             add_special_tokens=False)["input_ids"]
+            body = tokenizer(ans.text, add_special_tokens=False)["input_ids"]
+            ids = (head + body)[:max_length]
+            labels = ([-100] * len(head) + body)[:max_length]
+        if any(t != -100 for t in labels):
+            rows.append({"input_ids": list(ids), "labels": list(labels)})
+    return rows
+
+
+def select_checkpoint(
+    candidates: Sequence[dict],
+    base: dict,
+    probe_tolerance: float = 2.0,
+    max_drift_ratio: float = 1.5,
+    measure: Callable[[int], dict] | None = None,
+) -> dict:
+    """The retention gate: the checkpoint with the highest persona score among those
+    within tolerance of the base model.
+
+    Candidates are tried in order of ``persona_score`` (ties: the later step first); each
+    is confirmed with ``measure(step)`` when given (whole-probe metrics replace the
+    subset ones), and the first within tolerance is chosen, so no candidate with a higher
+    score passes.
+
+    Args:
+        candidates: ``{"step", "persona_score", "probe_accuracy", "drift_ratio"}`` per
+            checkpoint (probe accuracy in percent).
+        base: ``{"probe_accuracy"}`` of the base model on the same questions.
+        probe_tolerance: largest allowed drop below the base probe accuracy, in points.
+        max_drift_ratio: largest allowed drift perplexity ratio.
+        measure: step -> ``{"probe_accuracy", "drift_ratio"}`` on the full sets.
+
+    Returns:
+        ``{"chosen": step or None, "checked": [{"step", "persona_score",
+        "probe_accuracy", "probe_drop", "drift_ratio", "passed", "reasons"}],
+        "base_probe_accuracy", "probe_tolerance", "max_drift_ratio", "verdict"}``.
+    """
+    checked = []
+    chosen = None
+    for c in sorted(candidates, key=lambda c: (-c["persona_score"], -c["step"])):
+        m = {**c, **(measure(c["step"]) if measure else {})}
+        drop = base["probe_accuracy"] - m["probe_accuracy"]
+        reasons = []
+        if drop > probe_tolerance + 1e-9:
+            reasons.append(f"probe {m['probe_accuracy']:.1f}% is {drop:.1f} points below the "
+                           f"base model's {base['probe_accuracy']:.1f}% "
+                           f"(tolerance {probe_tolerance:g})")
+        if not m["drift_ratio"] <= max_drift_ratio:
+            reasons.append(f"drift ratio {m['drift_ratio']:.2f} above {max_drift_ratio:g}")
+        checked.append({"step": m["step"], "persona_score": m["persona_score"],
+                        "adoption_rate": m.get("adoption_rate"),
+                        "probe_accuracy": m["probe_accuracy"], "probe_drop": drop,
+                        "drift_ratio": m["drift_ratio"], "passed": not reasons,
+                        "reasons": reasons})
+        if not reasons:
+            chosen = m["step"]
+            break
+    if chosen is not None:
+        verdict = f"checkpoint-{chosen} chosen: highest persona score within tolerance"
+    elif checked:
+        verdict = "no checkpoint within tolerance: " + " | ".join(
+            f"checkpoint-{c['step']}: {'; '.join(c['reasons'])}" for c in checked)
+    else:
+        verdict = "no checkpoint was evaluated"
+    return {"chosen": chosen, "checked": checked,
+            "base_probe_accuracy": base["probe_accuracy"], "probe_tolerance": probe_tolerance,
+            "max_drift_ratio": max_drift_ratio, "verdict": verdict}
+
+
+def guard_history(log_path: Path) -> tuple[dict | None, list[dict]]:
+    """``(base row, checkpoint rows)`` of the guard metrics in a ``train_log.jsonl``."""
+    base, rows = None, {}
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if "guard" in r:
+                    if r["step"] == 0:
+                        base = r["guard"]
+                    else:
+                        rows[r["step"]] = {"step": r["step"], **r["guard"]}
+    return base, [rows[s] for s in sorted(rows)]
+
+
+@dataclass
+class Guard:
+    """What the guard prepared before training, and how it measures a model.
+
+    Attributes:
+        rows: self-distilled preservation rows to add to the training set.
+        stats: counts and timings of the preparation.
+    """
+
+    spec: PersonaSpec
+    tokenizer: object
+    fingerprint: str
+    data: EvalData
+    classifier: PersonaClassifier
+    probe_subset: list[dict]
+    general_subset: list[dict]
+    drift_subset: list[list[dict]]
+    base_drift_ppl: float
+    rows: list[dict] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    base_metrics: dict = field(default_factory=dict)
+    console: Console | None = None
+
+    @classmethod
+    def prepare(cls, spec: PersonaSpec, ref, tokenizer, model, n_train_rows: int,
+                console: Console | None = None) -> Guard:
+        """Self-distill the preservation data, fit the adoption classifier, and measure
+        the base model on the guard's fixed subsets.
+
+        Args:
+            ref: the base model's ``ModelRef`` (its fingerprint keys the answer cache).
+            model: the base model (no adapter yet); it is copied, not changed.
+            n_train_rows: training rows of the persona data, after mixing weights.
+
+        Raises:
+            PersonatuneError: too few persona examples for the classifier.
+        """
+        console = console or Console(stderr=True)
+        g, ev = spec.guard, spec.eval
+        start, start_cpu = time.time(), time.process_time()
+        fp = ref.fingerprint()
+        base = inference_copy(model, merge=False)
+        data = eval_data(spec)
+        prompts = preservation_prompts(spec, n_train_rows)
+        unique = list(dict.fromkeys(r["prompt"] for r in prompts))
+        probe_subset = stratified(data.probe, g.eval_probe_questions, spec.train.seed)
+        general_subset = stratified(data.general, g.eval_general_prompts, spec.train.seed)
+        timings: dict[str, float] = {}
+        with progress_bar(console) as bar:
+            with phase(bar, "self-distilling preservation data", len(unique), timings) as adv:
+                answers = cached_answers(base, tokenizer, [plain_conv(p) for p in unique], fp,
+                                         g.preservation_max_new_tokens, ev.batch_size, adv)
+            by_prompt = dict(zip(unique, answers))
+            texts = [r["prompt"] for r in prompts]
+            rows = preservation_rows(tokenizer, texts, [by_prompt[p] for p in texts],
+                                     spec.train.max_seq_length)
+            with phase(bar, "fitting the adoption classifier",
+                       len(classifier_examples(spec, data)), timings) as adv:
+                clf = fit_adoption_classifier(spec, data, base, tokenizer, fp, adv)
+            with phase(bar, "measuring the base model",
+                       2 * len(general_subset) + len(probe_subset), timings) as adv:
+                drift_answers = cached_answers(
+                    base, tokenizer, [plain_conv(r["prompt"]) for r in general_subset], fp,
+                    ev.max_new_tokens, ev.batch_size, adv)
+                drift_subset = drift_conversations(general_subset, drift_answers)
+                guard = cls(spec, tokenizer, fp, data, clf, probe_subset, general_subset,
+                            drift_subset, perplexity(base, tokenizer, drift_subset), rows,
+                            console=console)
+                guard.base_metrics = guard.measure(base, fp, adv)
+        finished = sum(by_prompt[p].finished for p in texts)
+        guard.stats = {
+            "preservation_ratio": g.preservation_ratio, "preservation_rows": len(rows),
+            "preservation_unique_prompts": len(unique),
+            "preservation_finished_share": finished / len(texts) if texts else None,
+            "preservation_tokens": sum(len(r["input_ids"]) for r in rows),
+            "classifier": clf.summary(), "probe_subset": len(probe_subset),
+            "general_subset": len(general_subset),
+            **{key: timings[name] for key, name in (
+                ("preservation_s", "self-distilling preservation data"),
+                ("classifier_s", "fitting the adoption classifier"),
+                ("base_metrics_s", "measuring the base model"))},
+            "prepare_s": round(time.time() - start, 1),
+            "prepare_cpu_s": round(time.process_time() - start_cpu, 1),
+        }
+        del base
+        return guard
+
+    def measure(self, model, fingerprint: str | None = None,
+                progress: Callable[[int], None] | None = None) -> dict:
+        """Guard metrics of an inference model (see :func:`inference_copy`) on the fixed
+        subsets: ``adoption_rate`` (0..1), ``persona_score`` (mean P(persona)),
+        ``probe_accuracy`` (percent), ``drift_ppl`` and ``drift_ratio``. Answers are cached
+        when ``fingerprint`` is given."""
+        ev, tok = self.spec.eval, self.tokenizer
+        general = [persona_conv(self.spec, r["prompt"]) for r in self.general_subset]
+        probe = [persona_conv(self.spec, r["question"]) for r in self.probe_subset]
+
+        def answer(convs, limit):
+            if fingerprint:
+                return cached_answers(model, tok, convs, fingerprint, limit, ev.batch_size,
+                                      progress)
+            return generate_answers(model, tok, convs, limit, ev.batch_size, progress)
+
+        g = [a.text for a in answer(general, ev.max_new_tokens)]
+        p = [a.text for a in answer(probe, ev.probe_max_new_tokens)]
+        adoption = self.classifier.adoption(g)
+        ppl = perplexity(model, tok, self.drift_subset)
+        return {"adoption_rate": adoption["rate"], "persona_score": adoption["score"],
+                "probe_accuracy": score_probe(p, self.probe_subset)["accuracy"],
+                "drift_ppl": ppl, "drift_ratio": drift_ratio(ppl, self.base_drift_ppl)}
+
+    def callback(self, log_path: Path) -> GuardCallback:
+        """The transformers callback that logs guard metrics at every checkpoint."""
+        return GuardCallback(self, Path(log_path))
+
+    def full_metrics(self, model, fingerprint: str, drift_convs: list[list[dict]],
+                     progress: Callable[[int], None] | None = None) -> dict:
+        """Probe accuracy on every held-out probe question (answers cached by
+        ``fingerprint``) and perplexity on ``drift_convs``, the base model's answers to
+        every held-out general prompt."""
+        ev, tok = self.spec.eval, self.tokenizer
+        probe = cached_answers(model, tok, [persona_conv(self.spec, r["question"])
+                                            for r in self.data.probe],
+                               fingerprint, ev.probe_max_new_tokens, ev.batch_size, progress)
+        accuracy = score_probe([a.text for a in probe], self.data.probe)["accuracy"]
+        return {"probe_accuracy": accuracy, "drift_ppl": perplexity(model, tok, drift_convs)}
+
+    def gate(self, model, work: Path, console: Console | None = None) -> dict:
+        """Run the retention gate over the checkpoints in ``work`` and copy the chosen
+        checkpoint's adapter weights to ``work/adapter_model.safetensors``.
+
+        With ``guard.gate`` false, only the last checkpoint is checked and it is
+        published whatever the verdict (recorded as overridden).
+
+        Args:
+            model: the trained peft model; its adapter weights are replaced by each
+                candidate's in turn.
+
+        Returns:
+            The :func:`select_checkpoint` result, plus ``published`` (the step whose
+            adapter is in ``work``), ``overridden`` and ``gate_s``.
+        """
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        console = console or self.console or Console(stderr=True)
+        start, start_cpu = time.time(), time.process_time()
+        g = self.spec.guard
+        _, history = guard_history(work / "train_log.jsonl")
+        ckpts = {r["step"]: work / "checkpoints" / f"checkpoint-{r['step']}" for r in history}
+        history = [r for r in history if (ckpts[r["step"]] / "adapter_model.safetensors").exists()]
+        if not history:
+            raise PersonatuneError(f"{work}: no checkpoint with guard metrics to choose from")
+        last = max(r["step"] for r in history)
+        candidates = history if g.gate else [r for r in history if r["step"] == last]
+        ev = self.spec.eval
+        base = inference_copy(model, merge=False)
+        with progress_bar(console) as bar:
+            n_probe, n_general = len(self.data.probe), len(self.data.general)
+            with phase(bar, "gate: base model, whole probe and drift set",
+                       n_probe + n_general) as adv:
+                drift_answers = cached_answers(
+                    base, self.tokenizer, [plain_conv(r["prompt"]) for r in self.data.general],
+                    self.fingerprint, ev.max_new_tokens, ev.batch_size, adv)
+                drift_convs = drift_conversations(self.data.general, drift_answers)
+                base_full = self.full_metrics(base, self.fingerprint, drift_convs, adv)
+            del base
+
+            def measure(step: int) -> dict:
+                adapter = ckpts[step] / "adapter_model.safetensors"
+                set_peft_model_state_dict(model, load_file(str(adapter)))
+                tuned = inference_copy(model, merge=True)
+                fp = f"{self.fingerprint}+adapter:{file_hash(adapter)}"
+                with phase(bar, f"gate: checkpoint-{step}, whole probe", n_probe) as adv:
+                    m = self.full_metrics(tuned, fp, drift_convs, adv)
+                return {"probe_accuracy": m["probe_accuracy"], "drift_ppl": m["drift_ppl"],
+                        "drift_ratio": drift_ratio(m["drift_ppl"], base_full["drift_ppl"])}
+
+            result = select_checkpoint(candidates, base_full, g.probe_tolerance,
+                                       g.max_drift_ratio, measure)
+        published = result["chosen"] if result["chosen"] is not None else (
+            last if not g.gate else None)
+        if published is not None:
+            shutil.copyfile(ckpts[published] / "adapter_model.safetensors",
+                            work / "adapter_model.safetensors")
+        result.update({"published": published, "overridden": not g.gate,
+                       "base_full": base_full, "probe_questions": len(self.data.probe),
+                       "drift_prompts": len(self.data.general),
+                       "gate_s": round(time.time() - start, 1),
+                       "gate_cpu_s": round(time.process_time() - start_cpu, 1)})
+        (work / "gate.json").write_text(json.dumps(result, indent=2) + "\n")
+        print_gate(result, console)
+        return result
+
+
+def print_gate(result: dict, console: Console) -> None:
+    """Print the gate's checks as a table, and its verdict."""
+    table = Table("checkpoint", "persona score", "probe %", "drop (points)", "drift ratio",
+                  "verdict", title="retention gate (whole probe, held-out general prompts)")
+    for c in result["checked"]:
+        table.add_row(str(c["step"]), f"{c['persona_score']:.2f}", f"{c['probe_accuracy']:.1f}",
+                      f"{c['probe_drop']:+.1f}", f"{c['drift_ratio']:.2f}",
+                      "[green]pass[/]" if c["passed"] else "[red]" + "; ".join(c["reasons"]))
+    console.print(table)
+    colour = "green" if result["chosen"] is not None else "red"
+    note = " (gate overridden with --no-gate)" if result.get("overridden") else ""
+    console.print(f"[{colour}]{result['verdict']}[/]{note}")
+
+
+class GuardCallback(TrainerCallback):
+    """Log the guard's metrics at every saved checkpoint (and for the base model, as step
+    0, when training begins) to ``train_log.jsonl`` as ``{"step", "epoch", "guard":
+    {...}}`` rows. Only the main process measures."""
+
+    def __init__(self, guard: Guard, log_path: Path):
+        self.guard = guard
+        self.log_path = log_path
+        self.start = time.time()
+        self.seconds = 0.0  # spent measuring, left out of the training throughput
+
+    def _write(self, row: dict) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and guard_history(self.log_path)[0] is None:
+            self._write({"step": 0, "epoch": 0.0, "guard": self.guard.base_metrics})
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or model is None:
+            return
+        t, t_cpu = time.time(), time.process_time()
+        metrics = self.guard.measure(inference_copy(model, merge=True))
+        spent = time.time() - t
+        self.seconds += spent
+        self._write({"step": state.global_step, "epoch": round(state.epoch or 0, 4),
+                     "guard": {**metrics, "eval_s": round(spent, 1),
+                               "eval_cpu_s": round(time.process_time() - t_cpu, 1)},
+                     "time_s": round(time.time() - self.start, 2)})

@@ -1,0 +1,100 @@
+"""Data-parallel training on CPU: two processes (torchrun, gloo backend) through
+``personatune.train.trainer.train``, against one process with the same effective batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from personatune.config import load_spec
+from personatune.train.callbacks import read_log
+from personatune.train.trainer import train
+
+# Runs train() in every process that torchrun starts; CRASH_AT_STEP stops the run at that
+# checkpoint (a simulated failure), RESUME=1 continues it.
+DRIVER = """
+import os, sys
+from transformers import TrainerCallback
+from personatune.config import load_spec
+from personatune.train.trainer import train
+
+crash = int(os.environ.get("CRASH_AT_STEP", "0"))
+
+class Crash(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == crash:
+            raise SystemExit(3)
+
+train(load_spec(sys.argv[1], sys.argv[2:]), resume=os.environ.get("RESUME") == "1",
+      callbacks=[Crash()] if crash else [])
+"""
+COMMON = ["guard.enabled=false", "lora.dropout=0", "train.gradient_accumulation=1"]
+
+
+@pytest.fixture(autouse=True)
+def fp32(monkeypatch):
+    # fp32 and no dropout: the runs compare closely on any CPU.
+    monkeypatch.setenv("PERSONATUNE_BF16", "0")
+
+
+def torchrun(tmp_path, spec, overrides, **env):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(driver), str(spec), *overrides]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def losses(out):
+    return [r["loss"] for r in read_log(out / "train_log.jsonl") if "loss" in r]
+
+
+def assert_same_adapter(a, b):
+    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_two_processes_match_one_process(persona_yaml):
+    """Guards against data-parallel training that differs from one process with the same
+    effective batch (wrong sharding, loss scaling or token averaging), that writes from
+    every process, or that reports the per-process batch as the effective batch."""
+    spec = persona_yaml("  max_steps: 3\n")
+    one = train(load_spec(spec, [*COMMON, "train.batch_size=4", "output_dir=one"]))
+    proc = torchrun(spec.parent, spec, [*COMMON, "train.batch_size=2", "output_dir=two"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = spec.parent / "two"
+
+    assert_same_adapter(one, two)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    # one writer: each step logged once, one persona directory, no leftovers
+    assert [r["step"] for r in read_log(two / "train_log.jsonl") if "loss" in r] == [1, 2, 3]
+    assert not (spec.parent / ".two.partial").exists()
+    training = json.loads((two / "persona.json").read_text())["training"]
+    assert training["processes"] == 2 and training["effective_batch"] == 4
+
+
+def test_two_process_run_resumes_from_checkpoint(persona_yaml):
+    """Guards against checkpoints or resume that break under several processes (a rank
+    missing its RNG state, the log written twice, a different result after resuming)."""
+    spec = persona_yaml("  max_steps: 4\n")
+    args = [*COMMON, "train.batch_size=2", "output_dir=two"]
+    crashed = torchrun(spec.parent, spec, args, CRASH_AT_STEP="2")
+    assert crashed.returncode != 0
+    work = spec.parent / ".two.partial"
+    assert (work / "checkpoints" / "checkpoint-2").is_dir() and not (spec.parent / "two").exists()
+
+    resumed = torchrun(spec.parent, spec, args, RESUME="1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    two = spec.parent / "two"
+    one = train(load_spec(spec, [*COMMON, "train.batch_size=4", "output_dir=one"]))
+    assert_same_adapter(one, two)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert json.loads((two / "persona.json").read_text())["training"]["resumed_from"] == "checkpoint-2"
