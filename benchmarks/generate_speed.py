@@ -92,8 +92,9 @@ def random_adapter(model, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                  task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.02)
@@ -118,9 +119,15 @@ def time_generate(model, ids, n_tokens: int, device, reps: int) -> tuple[float, 
         sync(device)
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, pad_token_id=0,
-                           logits_processor=LogitsProcessorList([stamp]))
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList([stamp]),
+            )
         return stamp.times[0] - t, (n - 1) / (stamp.times[-1] - stamp.times[0])
 
     once(4)
@@ -139,20 +146,31 @@ def measure(label: str, base, ids, device, bandwidth: float, args) -> list[dict]
 
     def row(kind, nbytes, ttft, tps):
         limit = bandwidth / nbytes
-        rows.append({"model": label, "variant": kind, "device": device.type,
-                     "prompt_tokens": ids.shape[1], "new_tokens": args.tokens,
-                     "ttft_ms": round(ttft * 1000, 1), "decode_tokens_per_s": round(tps, 1),
-                     "weight_mb_per_token": round(nbytes / 1e6, 1),
-                     "bandwidth_limit_tokens_per_s": round(limit, 1),
-                     "fraction_of_limit": round(tps / limit, 3)})
+        rows.append(
+            {
+                "model": label,
+                "variant": kind,
+                "device": device.type,
+                "prompt_tokens": ids.shape[1],
+                "new_tokens": args.tokens,
+                "ttft_ms": round(ttft * 1000, 1),
+                "decode_tokens_per_s": round(tps, 1),
+                "weight_mb_per_token": round(nbytes / 1e6, 1),
+                "bandwidth_limit_tokens_per_s": round(limit, 1),
+                "fraction_of_limit": round(tps / limit, 3),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     with model.disable_adapter():
         row("base", full - lora, *time_generate(model, ids, args.tokens, device, args.reps))
     row("base+adapter", full, *time_generate(model, ids, args.tokens, device, args.reps))
     merged = model.merge_and_unload()
-    row("merged", bytes_per_token(merged),
-        *time_generate(merged, ids, args.tokens, device, args.reps))
+    row(
+        "merged",
+        bytes_per_token(merged),
+        *time_generate(merged, ids, args.tokens, device, args.reps),
+    )
     return rows
 
 
@@ -170,8 +188,13 @@ def main() -> int:
 
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
-    info = {"device": args.device, "torch": torch.__version__, "python": platform.python_version(),
-            "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "threads": torch.get_num_threads()}
+    info = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "threads": torch.get_num_threads(),
+    }
     rows = []
     if args.device == "cpu":
         from personatune.data.chat import ensure_chat_template, render_prompt
@@ -181,8 +204,11 @@ def main() -> int:
         ref = resolve_ref("embedded")
         tok = load_tokenizer(ref)
         ensure_chat_template(tok, None)
-        ids = tok(render_prompt(tok, [{"role": "user", "content": PROMPT}]),
-                  return_tensors="pt", add_special_tokens=False).input_ids
+        ids = tok(
+            render_prompt(tok, [{"role": "user", "content": PROMPT}]),
+            return_tensors="pt",
+            add_special_tokens=False,
+        ).input_ids
         base = load_model(ref, "none", device)
         if args.persona:
             from peft import PeftModel
@@ -195,22 +221,37 @@ def main() -> int:
 
         info["gpu"] = torch.cuda.get_device_name(0)
         for shape in args.shapes.split(","):
-            base = AutoModelForCausalLM.from_pretrained(model_dir(shape), dtype=torch.bfloat16,
-                                                        device_map={"": 0}).eval()
+            base = AutoModelForCausalLM.from_pretrained(
+                model_dir(shape), dtype=torch.bfloat16, device_map={"": 0}
+            ).eval()
             ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
             rows += measure(f"{shape}, bf16", base, ids.to(device), device, bandwidth, args)
             del base
             torch.cuda.empty_cache()
-    out = {"benchmark": "generate_speed", "machine": info, "rows": rows,
-           "command": "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:])}
+    out = {
+        "benchmark": "generate_speed",
+        "machine": info,
+        "rows": rows,
+        "command": "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:]),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"generate_speed_{args.device}"
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
-    md = [f"{info}", "", "| model | variant | TTFT ms | decode tokens/s | weights MB/token "
-          "| bandwidth limit tokens/s | share of limit |", "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['model']} | {r['variant']} | {r['ttft_ms']} | {r['decode_tokens_per_s']} | "
-           f"{r['weight_mb_per_token']} | {r['bandwidth_limit_tokens_per_s']} | "
-           f"{r['fraction_of_limit']:.0%} |" for r in rows]
+    md = [
+        f"{info}",
+        "",
+        (
+            "| model | variant | TTFT ms | decode tokens/s | weights MB/token "
+            "| bandwidth limit tokens/s | share of limit |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['model']} | {r['variant']} | {r['ttft_ms']} | {r['decode_tokens_per_s']} | "
+        f"{r['weight_mb_per_token']} | {r['bandwidth_limit_tokens_per_s']} | "
+        f"{r['fraction_of_limit']:.0%} |"
+        for r in rows
+    ]
     (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -54,61 +54,142 @@ SEQ, WARM, STEPS = 1024, 3, 8
 BASELINE_PLAN = ["qwen2.5-0.5b:0:0:8:1024", "qwen2.5-7b:1:0:2:1024"]
 
 #: name -> (model shape, quantization, batch, TrainSettings fields, extras, what it shows)
-LEAN = dict(packing=True, liger=True, gradient_checkpointing=True)
-DEFAULT = dict(packing=True, liger=True, gradient_checkpointing=False)
+LEAN = {"packing": True, "liger": True, "gradient_checkpointing": True}
+DEFAULT = {"packing": True, "liger": True, "gradient_checkpointing": False}
 SETUPS = {
-    "0.5b-plain": ("qwen2.5-0.5b", "none", 8,
-                   dict(packing=False, fused_loss=False, liger=False,
-                        gradient_checkpointing=True), {"lora_cast": True},
-                   "personatune path, levers off, checkpointing (the baseline's settings)"),
-    "0.5b-liger": ("qwen2.5-0.5b", "none", 8,
-                   dict(packing=False, liger=True, gradient_checkpointing=True),
-                   {"lora_cast": True}, "+ Liger kernels and fused linear cross-entropy"),
-    "0.5b-nocast": ("qwen2.5-0.5b", "none", 8,
-                    dict(packing=False, liger=True, gradient_checkpointing=True), {},
-                    "+ LoRA inputs left to autocast (no fp32 copy)"),
-    "0.5b-packed": ("qwen2.5-0.5b", "none", 8, LEAN, {},
-                    "+ packing, FlashAttention varlen"),
-    "0.5b-default": ("qwen2.5-0.5b", "none", 8, DEFAULT, {},
-                     "+ no checkpointing (personatune defaults)"),
-    "0.5b-nopack": ("qwen2.5-0.5b", "none", 8, dict(DEFAULT, packing=False), {},
-                    "personatune defaults, padding collator instead of packing"),
-    "0.5b-default-b16": ("qwen2.5-0.5b", "none", 16, DEFAULT, {},
-                         "personatune defaults, batch 16"),
-    "0.5b-default-b32": ("qwen2.5-0.5b", "none", 32, DEFAULT, {},
-                         "personatune defaults, batch 32"),
-    "7b-peftprep": ("qwen2.5-7b", "nf4", 2,
-                    dict(packing=False, fused_loss=False, liger=False,
-                         gradient_checkpointing=True), {"peft_prep": True},
-                    "personatune path with peft's kbit prep (fp32 upcast), levers off"),
-    "7b-lean": ("qwen2.5-7b", "nf4", 2, LEAN, {},
-                "no fp32 upcast, Liger, packing + varlen, checkpointing"),
+    "0.5b-plain": (
+        "qwen2.5-0.5b",
+        "none",
+        8,
+        {"packing": False, "fused_loss": False, "liger": False, "gradient_checkpointing": True},
+        {"lora_cast": True},
+        "personatune path, levers off, checkpointing (the baseline's settings)",
+    ),
+    "0.5b-liger": (
+        "qwen2.5-0.5b",
+        "none",
+        8,
+        {"packing": False, "liger": True, "gradient_checkpointing": True},
+        {"lora_cast": True},
+        "+ Liger kernels and fused linear cross-entropy",
+    ),
+    "0.5b-nocast": (
+        "qwen2.5-0.5b",
+        "none",
+        8,
+        {"packing": False, "liger": True, "gradient_checkpointing": True},
+        {},
+        "+ LoRA inputs left to autocast (no fp32 copy)",
+    ),
+    "0.5b-packed": ("qwen2.5-0.5b", "none", 8, LEAN, {}, "+ packing, FlashAttention varlen"),
+    "0.5b-default": (
+        "qwen2.5-0.5b",
+        "none",
+        8,
+        DEFAULT,
+        {},
+        "+ no checkpointing (personatune defaults)",
+    ),
+    "0.5b-nopack": (
+        "qwen2.5-0.5b",
+        "none",
+        8,
+        dict(DEFAULT, packing=False),
+        {},
+        "personatune defaults, padding collator instead of packing",
+    ),
+    "0.5b-default-b16": ("qwen2.5-0.5b", "none", 16, DEFAULT, {}, "personatune defaults, batch 16"),
+    "0.5b-default-b32": ("qwen2.5-0.5b", "none", 32, DEFAULT, {}, "personatune defaults, batch 32"),
+    "7b-peftprep": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        {"packing": False, "fused_loss": False, "liger": False, "gradient_checkpointing": True},
+        {"peft_prep": True},
+        "personatune path with peft's kbit prep (fp32 upcast), levers off",
+    ),
+    "7b-lean": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        LEAN,
+        {},
+        "no fp32 upcast, Liger, packing + varlen, checkpointing",
+    ),
     "7b-lean-b4": ("qwen2.5-7b", "nf4", 4, LEAN, {}, "as 7b-lean, batch 4"),
     "7b-lean-b8": ("qwen2.5-7b", "nf4", 8, LEAN, {}, "as 7b-lean, batch 8"),
     "7b-lean-b12": ("qwen2.5-7b", "nf4", 12, LEAN, {}, "as 7b-lean, batch 12"),
     "7b-lean-b16": ("qwen2.5-7b", "nf4", 16, LEAN, {}, "as 7b-lean, batch 16"),
-    "7b-nopack-b8": ("qwen2.5-7b", "nf4", 8, dict(LEAN, packing=False), {},
-                     "as 7b-lean-b8 with the padding collator"),
-    "7b-every2": ("qwen2.5-7b", "nf4", 2, LEAN, {"every_n_layers": 2},
-                  "as 7b-lean, checkpointing every 2nd layer"),
+    "7b-nopack-b8": (
+        "qwen2.5-7b",
+        "nf4",
+        8,
+        dict(LEAN, packing=False),
+        {},
+        "as 7b-lean-b8 with the padding collator",
+    ),
+    "7b-every2": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        LEAN,
+        {"every_n_layers": 2},
+        "as 7b-lean, checkpointing every 2nd layer",
+    ),
     "7b-nogc": ("qwen2.5-7b", "nf4", 2, DEFAULT, {}, "personatune defaults, no checkpointing"),
-    "7b-nopack-b16": ("qwen2.5-7b", "nf4", 16, dict(LEAN, packing=False), {},
-                      "as 7b-lean-b16 with the padding collator"),
-    "0.5b-compile": ("qwen2.5-0.5b", "none", 8, dict(DEFAULT, packing=False, torch_compile=True),
-                     {}, "0.5b-nopack + torch.compile"),
-    "0.5b-compile-b16": ("qwen2.5-0.5b", "none", 16,
-                         dict(DEFAULT, packing=False, torch_compile=True), {},
-                         "0.5b-nopack + torch.compile, batch 16"),
-    "0.5b-nopack-b16": ("qwen2.5-0.5b", "none", 16, dict(DEFAULT, packing=False), {},
-                        "personatune defaults, padding collator, batch 16"),
-    "7b-compile-b8": ("qwen2.5-7b", "nf4", 8, dict(LEAN, packing=False, torch_compile=True), {},
-                      "7b-nopack-b8 + torch.compile"),
+    "7b-nopack-b16": (
+        "qwen2.5-7b",
+        "nf4",
+        16,
+        dict(LEAN, packing=False),
+        {},
+        "as 7b-lean-b16 with the padding collator",
+    ),
+    "0.5b-compile": (
+        "qwen2.5-0.5b",
+        "none",
+        8,
+        dict(DEFAULT, packing=False, torch_compile=True),
+        {},
+        "0.5b-nopack + torch.compile",
+    ),
+    "0.5b-compile-b16": (
+        "qwen2.5-0.5b",
+        "none",
+        16,
+        dict(DEFAULT, packing=False, torch_compile=True),
+        {},
+        "0.5b-nopack + torch.compile, batch 16",
+    ),
+    "0.5b-nopack-b16": (
+        "qwen2.5-0.5b",
+        "none",
+        16,
+        dict(DEFAULT, packing=False),
+        {},
+        "personatune defaults, padding collator, batch 16",
+    ),
+    "7b-compile-b8": (
+        "qwen2.5-7b",
+        "nf4",
+        8,
+        dict(LEAN, packing=False, torch_compile=True),
+        {},
+        "7b-nopack-b8 + torch.compile",
+    ),
 }
 
 
 # A 2-layer stand-in for checking this script on a CPU (--smoke); not a benchmark shape.
-SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+SMOKE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "tie_word_embeddings": True,
+}
 
 
 def device():
@@ -132,22 +213,27 @@ def pad_tokenizer():
 
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
-        pad_token="<pad>")
+        pad_token="<pad>",
+    )
 
 
 def model_dir(shape: str) -> Path:
     """The random-weight model folder for ``shape``, saved like hf_peft_baseline.py does
     (same config, ``torch.manual_seed(0)``, same path), built if missing."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     from hf_peft_baseline import ARCH
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     path = Path(f"/tmp/rand-{shape}")
     if not (path / "config.json").exists():
         arch = SMOKE if os.environ.get("GPU_SPEED_SMOKE") else ARCH[shape]
-        cfg = Qwen2Config(**arch, max_position_embeddings=32768, rope_theta=1e6,
-                          rms_norm_eps=1e-6, torch_dtype="bfloat16")
+        cfg = Qwen2Config(
+            **arch,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+            torch_dtype="bfloat16",
+        )
         torch.manual_seed(0)
         with torch.device(device()):
             m = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
@@ -172,24 +258,37 @@ def run_one(name: str, peak_flops: float | None) -> dict:
     import torch
     from transformers import TrainerCallback, set_seed
 
-    from personatune.config import DataSource, LoraSettings, ModelSettings, PersonaSpec
-    from personatune.config import TrainSettings
+    import personatune.train.trainer as trainer_module
+    from personatune.config import (
+        DataSource,
+        LoraSettings,
+        ModelSettings,
+        PersonaSpec,
+        TrainSettings,
+    )
     from personatune.data.dataset import PreparedData
     from personatune.models import load_model, resolve_ref
-    import personatune.train.trainer as trainer_module
     from personatune.train.trainer import build_trainer, lora_model
 
     shape, quant, batch, fields, extra, _ = SETUPS[name]
     trainer_module.AUTOCAST_LORA_INPUTS = not extra.get("lora_cast")
     path = model_dir(shape)
     spec = PersonaSpec(
-        name="bench", data=[DataSource(path="random")],
+        name="bench",
+        data=[DataSource(path="random")],
         model=ModelSettings(name=str(path), quantization=quant),
         lora=LoraSettings(r=16, alpha=32, dropout=0.05),
-        train=TrainSettings(learning_rate=2e-4, batch_size=batch, gradient_accumulation=1,
-                            max_steps=WARM + STEPS, max_seq_length=SEQ, warmup_steps=1,
-                            optimizer="adamw_torch_fused", checkpoint_interval=10**6,
-                            **fields),
+        train=TrainSettings(
+            learning_rate=2e-4,
+            batch_size=batch,
+            gradient_accumulation=1,
+            max_steps=WARM + STEPS,
+            max_seq_length=SEQ,
+            warmup_steps=1,
+            optimizer="adamw_torch_fused",
+            checkpoint_interval=10**6,
+            **fields,
+        ),
     )
     from accelerate import PartialState
 
@@ -224,24 +323,33 @@ def run_one(name: str, peak_flops: float | None) -> dict:
 
     timer = Timer()
     work = Path(tempfile.mkdtemp(prefix=f"gpu-speed-{name}-"))
-    trainer = build_trainer(spec, model, pad_tokenizer(), PreparedData(rows, [], []), work,
-                            [timer])
+    trainer = build_trainer(spec, model, pad_tokenizer(), PreparedData(rows, [], []), work, [timer])
     if "every_n_layers" in extra:
         trainer.args.activation_checkpointing_kwargs = {
-            "use_reentrant": False, "every_n_layers": extra["every_n_layers"]}
+            "use_reentrant": False,
+            "every_n_layers": extra["every_n_layers"],
+        }
     result = trainer.train()
     step_s = sum(timer.times[WARM:]) / len(timer.times[WARM:])
     tok_s = state.num_processes * batch * SEQ / step_s
     return {
-        "setup": name, "model": shape, "quant": quant, "batch": batch, "seq": SEQ,
-        "processes": state.num_processes, "backend": state.backend,
-        **{k: v for k, v in fields.items()}, **extra,
+        "setup": name,
+        "model": shape,
+        "quant": quant,
+        "batch": batch,
+        "seq": SEQ,
+        "processes": state.num_processes,
+        "backend": state.backend,
+        **{k: v for k, v in fields.items()},
+        **extra,
         "liger_applied": bool(trainer.args.use_liger_kernel),
         "attention": base.config._attn_implementation,
-        "s_per_step": round(step_s, 4), "tokens_per_s": int(tok_s),
+        "s_per_step": round(step_s, 4),
+        "tokens_per_s": int(tok_s),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "mfu": round(tok_s * flops_per_token(base.config) / peak_flops / state.num_processes, 3)
-        if peak_flops else None,
+        if peak_flops
+        else None,
         "loss": round(result.training_loss, 3),
     }
 
@@ -256,34 +364,48 @@ def check_varlen() -> dict:
 
     model = load_model(resolve_ref(str(model_dir("qwen2.5-0.5b"))), "none", device()).eval()
     g = torch.Generator().manual_seed(1)
-    rows = [{"input_ids": torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()}
-            for n in (100, 300, 37)]
-    batch = {k: (v.to(device()) if hasattr(v, "to") else v)
-             for k, v in PackedCollator()(rows).items() if k != "labels"}
+    rows = [
+        {"input_ids": torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()}
+        for n in (100, 300, 37)
+    ]
+    batch = {
+        k: (v.to(device()) if hasattr(v, "to") else v)
+        for k, v in PackedCollator()(rows).items()
+        if k != "labels"
+    }
     with torch.no_grad():
-        alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=device())).logits
-                           for r in rows], dim=1).float()
+        alone = torch.cat(
+            [model(input_ids=torch.tensor([r["input_ids"]], device=device())).logits for r in rows],
+            dim=1,
+        ).float()
         use_varlen_attention(model)
         packed = model(**batch).logits.float()
     diff = (packed - alone).abs().max().item()
-    return {"torch_varlen_kernel": _torch_varlen() is not None, "max_abs_diff": diff,
-            "rel_to_max_logit": diff / alone.abs().max().item()}
+    return {
+        "torch_varlen_kernel": _torch_varlen() is not None,
+        "max_abs_diff": diff,
+        "rel_to_max_logit": diff / alone.abs().max().item(),
+    }
 
 
 def run_all(out: Path, names: list[str], baseline: bool) -> dict:
     import torch
-
     from hf_peft_baseline import matmul_peak
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     peak = matmul_peak()
-    info = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "bf16_matmul_tflops": round(peak / 1e12, 1)}
-    for mod in ("transformers", "peft", "bitsandbytes", "liger_kernel", "accelerate"):
+    info = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "bf16_matmul_tflops": round(peak / 1e12, 1),
+    }
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("transformers", "peft", "bitsandbytes", "liger-kernel", "accelerate"):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001 - recorded, not fatal
-            info[mod] = f"missing ({type(e).__name__})"
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = "missing"
     rows = {"machine": info, "baseline": [], "setups": []}
     try:
         rows["varlen_check"] = check_varlen()
@@ -293,19 +415,32 @@ def run_all(out: Path, names: list[str], baseline: bool) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     if baseline:
-        proc = subprocess.run([sys.executable, str(BENCH / "hf_peft_baseline.py"), *BASELINE_PLAN],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, str(BENCH / "hf_peft_baseline.py"), *BASELINE_PLAN],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
         for line in proc.stdout.splitlines():
             if line.startswith("{") and '"model"' in line:
                 rows["baseline"].append(json.loads(line))
     for name in names:
         t = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--peak", str(peak)],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--peak", str(peak)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         lines = [x for x in proc.stdout.splitlines() if x.startswith('{"setup"')]
-        row = json.loads(lines[-1]) if lines else {
-            "setup": name, "error": (proc.stderr or proc.stdout)[-1500:]}
+        row = (
+            json.loads(lines[-1])
+            if lines
+            else {"setup": name, "error": (proc.stderr or proc.stdout)[-1500:]}
+        )
         row["wall_s"] = round(time.time() - t, 1)
         print(json.dumps(row), flush=True)
         rows["setups"].append(row)
@@ -317,29 +452,45 @@ def report(rows: dict) -> str:
     """A markdown table: baseline rows, then each set-up with its ratio to the baseline of
     the same model and quantization measured in the same call."""
     base = {(b["model"], b["quant"]): b for b in rows["baseline"] if "tokens_per_s" in b}
-    out = [f"varlen check: {rows.get('varlen_check')}", "",
-           f"GPU: {rows['machine'].get('gpu')}, bf16 matmul peak "
-           f"{rows['machine'].get('bf16_matmul_tflops')} TFLOP/s; "
-           + ", ".join(f"{k} {v}" for k, v in rows["machine"].items()
-                       if k not in ("gpu", "bf16_matmul_tflops")), "",
-           "| set-up | model | weights | batch x seq | tokens/s | x baseline | peak GiB "
-           "| MFU | what changes |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"varlen check: {rows.get('varlen_check')}",
+        "",
+        (
+            f"GPU: {rows['machine'].get('gpu')}, bf16 matmul peak "
+            f"{rows['machine'].get('bf16_matmul_tflops')} TFLOP/s; "
+        )
+        + ", ".join(
+            f"{k} {v}" for k, v in rows["machine"].items() if k not in ("gpu", "bf16_matmul_tflops")
+        ),
+        "",
+        (
+            "| set-up | model | weights | batch x seq | tokens/s | x baseline | peak GiB "
+            "| MFU | what changes |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for b in rows["baseline"]:
         if "tokens_per_s" in b:
-            out.append(f"| baseline | {b['model']} | {b['quant']} | {b['batch']}x{b['seq']} | "
-                       f"{b['tokens_per_s']} | 1.00 | {b['peak_mem_gib']} | {b['mfu']} | "
-                       "hf_peft_baseline.py |")
+            out.append(
+                f"| baseline | {b['model']} | {b['quant']} | {b['batch']}x{b['seq']} | "
+                f"{b['tokens_per_s']} | 1.00 | {b['peak_mem_gib']} | {b['mfu']} | "
+                "hf_peft_baseline.py |"
+            )
     for r in rows["setups"]:
         if "error" in r:
-            out.append(f"| {r['setup']} | | | | error | | | | "
-                       f"{r['error'].strip().splitlines()[-1][:120]} |")
+            out.append(
+                f"| {r['setup']} | | | | error | | | | "
+                f"{r['error'].strip().splitlines()[-1][:120]} |"
+            )
             continue
         quant = "bf16" if r["quant"] == "none" else r["quant"]
         b = base.get((r["model"], quant))
         ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
-        out.append(f"| {r['setup']} | {r['model']} | {quant} | {r['batch']}x{r['seq']} | "
-                   f"{r['tokens_per_s']} | {ratio} | {r['peak_mem_gib']} | {r['mfu']} | "
-                   f"{SETUPS[r['setup']][5]} |")
+        out.append(
+            f"| {r['setup']} | {r['model']} | {quant} | {r['batch']}x{r['seq']} | "
+            f"{r['tokens_per_s']} | {ratio} | {r['peak_mem_gib']} | {r['mfu']} | "
+            f"{SETUPS[r['setup']][5]} |"
+        )
     return "\n".join(out)
 
 

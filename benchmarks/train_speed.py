@@ -46,6 +46,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import statistics
 import sys
 import tempfile
@@ -59,15 +60,27 @@ RESULTS = REPO / "benchmarks" / "results"
 #: set-up name -> (description, spec overrides, environment, patches)
 SETUPS = {
     "baseline": ("transformers Trainer + peft LoRA, defaults (fp32), padding", [], {}, []),
-    "bf16": ("personatune path, bf16 autocast only (no packing, full logits)",
-             ["train.packing=false", "train.fused_loss=false"], {}, []),
-    "packing": ("+ padding-free packing, sdpa block-diagonal mask",
-                ["train.fused_loss=false"], {}, ["no_varlen"]),
+    "bf16": (
+        "personatune path, bf16 autocast only (no packing, full logits)",
+        ["train.packing=false", "train.fused_loss=false"],
+        {},
+        [],
+    ),
+    "packing": (
+        "+ padding-free packing, sdpa block-diagonal mask",
+        ["train.fused_loss=false"],
+        {},
+        ["no_varlen"],
+    ),
     "varlen": ("+ variable-length attention", ["train.fused_loss=false"], {}, []),
     "personatune": ("+ loss at trained positions only (personatune defaults)", [], {}, []),
     "threads-1": ("personatune defaults, train.threads=1", ["train.threads=1"], {}, []),
-    "compile": ("personatune defaults, train.torch_compile=true",
-                ["train.torch_compile=true"], {}, []),
+    "compile": (
+        "personatune defaults, train.torch_compile=true",
+        ["train.torch_compile=true"],
+        {},
+        [],
+    ),
 }
 DEFAULT_SETUPS = ["baseline", "bf16", "packing", "varlen", "personatune", "threads-1"]
 # Loss parity: largest per-step |loss - baseline loss| / baseline loss allowed for
@@ -80,9 +93,8 @@ PARITY_REL_TOL = 0.03
 
 
 def _baton_callback(ring, idx, counts):
-    from transformers import TrainerCallback
-
     import psutil
+    from transformers import TrainerCallback
 
     proc = psutil.Process()
 
@@ -103,7 +115,7 @@ def _baton_callback(ring, idx, counts):
             # Step k trains batches (k-1)*GA .. k*GA-1 (accelerate collates one batch ahead,
             # so the count of collated batches runs one ahead of the step).
             k, ga = len(self.steps), args.gradient_accumulation_steps
-            self.tokens.append(sum(counts[(k - 1) * ga:k * ga]))
+            self.tokens.append(sum(counts[(k - 1) * ga : k * ga]))
             self.rss.append(proc.memory_info().rss)
             with ring["done"].get_lock():
                 ring["done"].value += 1
@@ -163,20 +175,39 @@ def _baseline_trainer(spec, tokenizer, data, work, callbacks):
     t = spec.train
     model = AutoModelForCausalLM.from_pretrained(_gguf_as_safetensors(resolve_ref("embedded")))
     set_seed(t.seed)  # LoRA initialisation, as personatune's train() does
-    model = get_peft_model(model, LoraConfig(
-        r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-        target_modules=spec.lora.target_modules, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
     args = TrainingArguments(
-        output_dir=str(work), learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio, max_steps=t.max_steps,
+        output_dir=str(work),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation, seed=t.seed,
-        use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no",
-        report_to=[], disable_tqdm=True, remove_unused_columns=False)
-    return Trainer(model=model, args=args, train_dataset=data.train,
-                   data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
-                                                        label_pad_token_id=-100),
-                   callbacks=callbacks)
+        gradient_accumulation_steps=t.gradient_accumulation,
+        seed=t.seed,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=callbacks,
+    )
 
 
 def run_setup(name, idx, ring, out_q, steps):
@@ -190,7 +221,7 @@ def run_setup(name, idx, ring, out_q, steps):
         import torch
         from transformers import set_seed
 
-        import personatune.models as models
+        from personatune import models
         from personatune.config import load_spec
         from personatune.data.chat import ensure_chat_template
         from personatune.data.dataset import PreparedData, prepare_data
@@ -198,8 +229,15 @@ def run_setup(name, idx, ring, out_q, steps):
 
         if "no_varlen" in patches:
             models.use_varlen_attention = lambda model: False
-        spec = load_spec(SPEC, [f"train.max_steps={steps}", "train.checkpoint_interval=1000000",
-                                "guard.enabled=false", *overrides])
+        spec = load_spec(
+            SPEC,
+            [
+                f"train.max_steps={steps}",
+                "train.checkpoint_interval=1000000",
+                "guard.enabled=false",
+                *overrides,
+            ],
+        )
         ref = models.resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
         tokenizer = models.load_tokenizer(ref)
         ensure_chat_template(tokenizer, spec.model.chat_template)
@@ -217,14 +255,20 @@ def run_setup(name, idx, ring, out_q, steps):
             trainer = build_trainer(spec, model, tokenizer, data, work, [baton])
         trainer.data_collator = CountingCollator(trainer.data_collator, counts)
         trainer.train()
-        out_q.put({
-            "setup": name, "step_s": baton.steps, "tokens": baton.tokens, "loss": baton.loss,
-            "rss_train_peak_gib": max(baton.rss) / 2**30,
-            "rss_process_max_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "threads": torch.get_num_threads(), "bf16_autocast": bool(trainer.args.bf16),
-            "attention": trainer.model.config._attn_implementation,
-        })
-    except BaseException as e:  # report, and never leave the others waiting
+        out_q.put(
+            {
+                "setup": name,
+                "step_s": baton.steps,
+                "tokens": baton.tokens,
+                "loss": baton.loss,
+                "rss_train_peak_gib": max(baton.rss) / 2**30,
+                "rss_process_max_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "threads": torch.get_num_threads(),
+                "bf16_autocast": bool(trainer.args.bf16),
+                "attention": trainer.model.config._attn_implementation,
+            }
+        )
+    except BaseException as e:  # noqa: BLE001 - report anything, never leave the ring waiting
         ring["start"].abort()
         out_q.put({"setup": name, "error": f"{type(e).__name__}: {e}"[:500]})
     finally:
@@ -269,12 +313,19 @@ def model_flops_per_token(context: float) -> tuple[float, int]:
 def machine() -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cores": os.cpu_count()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+    }
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                           if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.splitlines()
+            if line.startswith("model name")
+        )
         info["bf16_matmul_isa"] = [f for f in ("avx512_bf16", "amx_bf16") if f in cpuinfo]
         mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
         info["ram_gib"] = round(int(mem) / 2**20, 1)
@@ -290,7 +341,7 @@ def machine() -> dict:
 def summarise(results: dict, flop_per_token: float, peak_gflops: float) -> dict:
     base = results.get("baseline", {})
     base_tps = base.get("tokens_per_s")
-    for name, r in results.items():
+    for r in results.values():
         if "error" in r:
             continue
         timed_s, timed_tok = r["step_s"][1:], r["tokens"][1:]
@@ -298,7 +349,7 @@ def summarise(results: dict, flop_per_token: float, peak_gflops: float) -> dict:
         r["median_step_s"] = statistics.median(timed_s)
         r["mfu"] = r["tokens_per_s"] * flop_per_token / (peak_gflops * 1e9)
     base_tps = base.get("tokens_per_s")
-    for name, r in results.items():
+    for r in results.values():
         if "error" in r or not base_tps:
             continue
         r["ratio_vs_baseline"] = r["tokens_per_s"] / base_tps
@@ -309,8 +360,13 @@ def summarise(results: dict, flop_per_token: float, peak_gflops: float) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["| set-up | what changes | tokens/s | x baseline | median step s | peak RSS GiB "
-            "| MFU | max loss diff vs baseline |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        (
+            "| set-up | what changes | tokens/s | x baseline | median step s | peak RSS GiB "
+            "| MFU | max loss diff vs baseline |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         if "error" in r:
             rows.append(f"| {name} | {SETUPS[name][0]} | error: {r['error'][:80]} |||||")
@@ -319,7 +375,8 @@ def table(results: dict) -> str:
             f"| {name} | {SETUPS[name][0]} | {r['tokens_per_s']:.0f} | "
             f"{r.get('ratio_vs_baseline', float('nan')):.2f} | {r['median_step_s']:.2f} | "
             f"{r['rss_train_peak_gib']:.2f} | {r['mfu']:.3f} | "
-            f"{r.get('loss_max_abs_diff', 0):.3f} ({100 * r.get('loss_max_rel_diff', 0):.1f}%) |")
+            f"{r.get('loss_max_abs_diff', 0):.3f} ({100 * r.get('loss_max_rel_diff', 0):.1f}%) |"
+        )
     return "\n".join(rows)
 
 
@@ -332,8 +389,12 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in results.items():
         if "loss" in r:
-            ax.plot(range(1, len(r["loss"]) + 1), r["loss"], label=name,
-                    lw=2.5 if name in ("baseline", "personatune") else 1)
+            ax.plot(
+                range(1, len(r["loss"]) + 1),
+                r["loss"],
+                label=name,
+                lw=2.5 if name in ("baseline", "personatune") else 1,
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title("pirate example, SmolLM2-135M, same data and seed")
@@ -345,8 +406,11 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per set-up")
-    ap.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
-                    help=f"comma-separated, from: {', '.join(SETUPS)}")
+    ap.add_argument(
+        "--setups",
+        default=",".join(DEFAULT_SETUPS),
+        help=f"comma-separated, from: {', '.join(SETUPS)}",
+    )
     ap.add_argument("--compile", action="store_true", help="add the torch.compile set-up")
     ap.add_argument("--name", default="train_speed_cpu", help="results file stem")
     args = ap.parse_args(argv)
@@ -381,23 +445,31 @@ def main(argv=None) -> int:
     flop, n_mm = model_flops_per_token(context)
 
     ctx = mp.get_context("spawn")
-    ring = {"cond": ctx.Condition(), "turn": ctx.Value("i", 0), "done": ctx.Value("i", 0),
-            "active": ctx.Array("b", [1] * len(names)), "start": ctx.Barrier(len(names))}
+    ring = {
+        "cond": ctx.Condition(),
+        "turn": ctx.Value("i", 0),
+        "done": ctx.Value("i", 0),
+        "active": ctx.Array("b", [1] * len(names)),
+        "start": ctx.Barrier(len(names)),
+    }
     out_q = ctx.Queue()
-    procs = [ctx.Process(target=run_setup, args=(n, i, ring, out_q, args.steps))
-             for i, n in enumerate(names)]
+    procs = [
+        ctx.Process(target=run_setup, args=(n, i, ring, out_q, args.steps))
+        for i, n in enumerate(names)
+    ]
     for p in procs:
         p.start()
     results = {}
     total = args.steps * len(names)
-    with Progress("[bold]interleaved steps", BarColumn(), MofNCompleteColumn(), "ETA",
-                  TimeRemainingColumn()) as bar:
+    with Progress(
+        "[bold]interleaved steps", BarColumn(), MofNCompleteColumn(), "ETA", TimeRemainingColumn()
+    ) as bar:
         task = bar.add_task("steps", total=total)
         while len(results) < len(names):
             try:
                 r = out_q.get(timeout=2)
                 results[r["setup"]] = r
-            except Exception:
+            except queue.Empty:
                 pass
             bar.update(task, completed=ring["done"].value)
             for i, p in enumerate(procs):
@@ -414,23 +486,36 @@ def main(argv=None) -> int:
     pt = ordered.get("personatune", {})
     parity = None
     if "loss_max_rel_diff" in pt:
-        parity = {"tolerance_rel": PARITY_REL_TOL, "max_rel_diff": pt["loss_max_rel_diff"],
-                  "max_abs_diff": pt["loss_max_abs_diff"],
-                  "passed": pt["loss_max_rel_diff"] <= PARITY_REL_TOL}
-    out = {"benchmark": "train_speed_cpu", "spec": str(SPEC.relative_to(REPO)),
-           "model": "embedded (SmolLM2-135M-Instruct)", "steps": args.steps,
-           "batch_size": spec.train.batch_size, "machine": info,
-           "flop_per_token": flop, "matmul_params": n_mm, "mean_context_tokens": context,
-           "loss_parity": parity, "setups": ordered,
-           "command": "python benchmarks/train_speed.py " + " ".join(argv or sys.argv[1:])}
+        parity = {
+            "tolerance_rel": PARITY_REL_TOL,
+            "max_rel_diff": pt["loss_max_rel_diff"],
+            "max_abs_diff": pt["loss_max_abs_diff"],
+            "passed": pt["loss_max_rel_diff"] <= PARITY_REL_TOL,
+        }
+    out = {
+        "benchmark": "train_speed_cpu",
+        "spec": str(SPEC.relative_to(REPO)),
+        "model": "embedded (SmolLM2-135M-Instruct)",
+        "steps": args.steps,
+        "batch_size": spec.train.batch_size,
+        "machine": info,
+        "flop_per_token": flop,
+        "matmul_params": n_mm,
+        "mean_context_tokens": context,
+        "loss_parity": parity,
+        "setups": ordered,
+        "command": "python benchmarks/train_speed.py " + " ".join(argv or sys.argv[1:]),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    md = (f"# {args.name}\n\n{info.get('cpu', '?')}, {info['cores']} cores, torch "
-          f"{info['torch']}; load average {info['load_average_before'][0]:.1f} before, "
-          f"{info['load_average_after'][0]:.1f} after; bf16 matmul peak {peak:.0f} GFLOP/s. "
-          f"{args.steps} steps of batch {spec.train.batch_size}, first step excluded from "
-          f"speed.\n\n{table(ordered)}\n\nLoss parity (personatune vs baseline, same seed): "
-          f"{json.dumps(parity)}\n")
+    md = (
+        f"# {args.name}\n\n{info.get('cpu', '?')}, {info['cores']} cores, torch "
+        f"{info['torch']}; load average {info['load_average_before'][0]:.1f} before, "
+        f"{info['load_average_after'][0]:.1f} after; bf16 matmul peak {peak:.0f} GFLOP/s. "
+        f"{args.steps} steps of batch {spec.train.batch_size}, first step excluded from "
+        f"speed.\n\n{table(ordered)}\n\nLoss parity (personatune vs baseline, same seed): "
+        f"{json.dumps(parity)}\n"
+    )
     (RESULTS / f"{args.name}.md").write_text(md)
     plot(ordered, RESULTS / f"{args.name}_loss.png")
     print(md)

@@ -44,11 +44,28 @@ def fp32(monkeypatch):
 def torchrun(tmp_path, spec, overrides, **env):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(driver), str(spec), *overrides]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(driver),
+        str(spec),
+        *overrides,
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **env,
+    }
+    return subprocess.run(
+        cmd, env=full_env, capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def losses(out):
@@ -97,4 +114,6 @@ def test_two_process_run_resumes_from_checkpoint(persona_yaml):
     one = train(load_spec(spec, [*COMMON, "train.batch_size=4", "output_dir=one"]))
     assert_same_adapter(one, two)
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
-    assert json.loads((two / "persona.json").read_text())["training"]["resumed_from"] == "checkpoint-2"
+    assert (
+        json.loads((two / "persona.json").read_text())["training"]["resumed_from"] == "checkpoint-2"
+    )

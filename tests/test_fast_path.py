@@ -28,7 +28,7 @@ def setup(persona_yaml, tiny_model):
 def test_packed_logits_equal_per_example_logits(setup):
     """Guards against packed examples attending to each other, in train mode, with the
     variable-length attention that packing switches on."""
-    spec, tok, rows, model = setup
+    _, _, rows, model = setup
     assert use_varlen_attention(model.get_base_model())
     assert model.config._attn_implementation == VARLEN_ATTENTION
     batch = PackedCollator()(rows)
@@ -39,14 +39,14 @@ def test_packed_logits_equal_per_example_logits(setup):
     for row in rows:
         n = len(row["input_ids"])
         alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
-        torch.testing.assert_close(logits[start:start + n], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[start : start + n], alone, atol=1e-5, rtol=1e-5)
         start += n
 
 
 def test_varlen_attention_matches_sdpa_block_mask(setup):
     """Guards against the variable-length path computing anything other than sdpa with
     transformers' block-diagonal mask (the library reference)."""
-    spec, tok, rows, model = setup
+    _, _, rows, model = setup
     batch = PackedCollator()(rows)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     reference = model(**inputs).logits
@@ -57,7 +57,7 @@ def test_varlen_attention_matches_sdpa_block_mask(setup):
 def test_padded_batch_still_masked_under_varlen(setup):
     """Guards against the varlen attention dropping the padding mask of padded batches
     (evaluation, the padding collator)."""
-    spec, tok, rows, model = setup
+    _, tok, rows, model = setup
     use_varlen_attention(model.get_base_model())
     tok.padding_side = "right"
     batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(rows)

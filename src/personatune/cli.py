@@ -311,7 +311,7 @@ def compare(
     table = Table("prompt", "base", f"tuned ({p.spec.name})", show_lines=True,
                   title="base vs tuned (greedy, unseen prompts)")
     for q, b, t in zip(prompts, base, tuned):
-        table.add_row(q, b, t)
+        table.add_row(Text(q), Text(b), Text(t))  # answers are not rich markup
     console.print(table)
 
 

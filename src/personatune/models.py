@@ -340,6 +340,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         n = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
         out = varlen_attn(q, k, v, cu, cu, int(n), int(n), scale=scaling, **causal, **extra)
         return out.unsqueeze(0), None
+    import itertools
+
     bounds = _segments(cu)
     dtype = query.dtype
     if query.device.type == "cpu":
@@ -351,7 +353,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         torch.nn.functional.scaled_dot_product_attention(
             query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p, is_causal=True,
             scale=scaling, enable_gqa=gqa)
-        for s, e in zip(bounds[:-1], bounds[1:])
+        for s, e in itertools.pairwise(bounds)
     ]
     return torch.cat(out, dim=2).to(dtype).transpose(1, 2).contiguous(), None
 

@@ -3,10 +3,11 @@ local data files (no Hub access)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 from personatune.errors import PersonatuneError
@@ -142,20 +143,14 @@ def run_benchmark(model, tokenizer, task: str, path: str | Path, batch_size: int
     cfg = task_config(task, path)
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # lm-eval draws its own progress bars
-    try:
+    # lm-eval and datasets draw their own tqdm bars on stderr; ours already shows progress.
+    with contextlib.redirect_stderr(io.StringIO()):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         # The config is complete, so the harness need not index its 14,000 task files.
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[cfg], num_fewshot=0, log_samples=False, bootstrap_iters=0,
             task_manager=TaskManager(include_defaults=False), random_seed=0,
             numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
-    finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
     res = out["results"][task]
     n = int(out.get("n-samples", {}).get(task, {}).get("effective") or 0)
 
