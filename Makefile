@@ -15,9 +15,12 @@ $(BIN)/personatune: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	touch $@
 
+# Train the pirate persona with the forgetting guard, then print its report card
+# (runs/pirate/report.html has the plots and every answer side by side).
 demo: $(BIN)/personatune
-	$(BIN)/personatune train examples/pirate/persona.yaml --overwrite
-	$(BIN)/personatune compare runs/pirate
+	$(BIN)/personatune train examples/pirate/persona.yaml train.threads=$(THREADS) --overwrite
+	$(BIN)/personatune eval runs/pirate --threads $(THREADS) \
+	  --benchmark mc_tiny=src/personatune/evaluate/data/mc_tiny.jsonl
 
 # Corpus to persona: Holmes's lines from the six books (never copied into the repo),
 # a LoRA on the embedded model, and held-out chapters' conditional perplexity, base vs tuned.

@@ -1,5 +1,6 @@
-"""Data-parallel training on CPU: two processes (torchrun, gloo backend) through
-``personatune.train.trainer.train``, against one process with the same effective batch."""
+"""Data-parallel training on CPU: two processes (gloo backend) through
+``personatune.train.trainer.train``, under torchrun (DDP) and ``accelerate launch`` (FSDP),
+against one process with the same effective batch. About a minute in all."""
 
 import json
 import os
@@ -41,20 +42,18 @@ def fp32(monkeypatch):
     monkeypatch.setenv("PERSONATUNE_BF16", "0")
 
 
-def torchrun(tmp_path, spec, overrides, **env):
+def torchrun(tmp_path, spec, overrides, launcher=None, **env):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    cmd = [
+    launcher = launcher or [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node",
         "2",
-        str(driver),
-        str(spec),
-        *overrides,
     ]
+    cmd = [*launcher, str(driver), str(spec), *overrides]
     full_env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -117,3 +116,40 @@ def test_two_process_run_resumes_from_checkpoint(persona_yaml):
     assert (
         json.loads((two / "persona.json").read_text())["training"]["resumed_from"] == "checkpoint-2"
     )
+
+
+def test_fsdp_under_accelerate_launch_matches_one_process(persona_yaml):
+    """Guards against training that only works under DDP: FSDP (v2, decoder layers
+    sharded) through ``accelerate launch`` must train the same adapter, and the main
+    process must gather and write it."""
+    spec = persona_yaml("  max_steps: 3\n")
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--use_fsdp",
+        "--fsdp_version",
+        "2",
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap",
+        "LlamaDecoderLayer",
+        "--fsdp_state_dict_type",
+        "FULL_STATE_DICT",
+    ]
+    proc = torchrun(
+        spec.parent, spec, [*COMMON, "train.batch_size=2", "output_dir=fsdp"], launcher=launcher
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = train(load_spec(spec, [*COMMON, "train.batch_size=4", "output_dir=one"]))
+    fsdp = spec.parent / "fsdp"
+    assert_same_adapter(one, fsdp)
+    assert losses(fsdp) == pytest.approx(losses(one), rel=1e-4)

@@ -396,10 +396,19 @@ def eval_(
              "any name with a JSONL of {question, choices, label}")] = None,
     out: Annotated[Path | None, typer.Option(help="report folder; default PERSONA_DIR")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing report")] = False,
+    threads: Annotated[int, typer.Option(
+        help="CPU threads for PyTorch; 0 keeps its default (one per core)")] = 0,
 ):
     """Report card: base against tuned on held-out persona data, general prompts, the
     factual probe, stress prompts and benchmarks. Writes report.json and report.html."""
     from personatune.evaluate.run import evaluate
+
+    if threads < 0:
+        raise PersonatuneError("--threads must be 0 (default) or more")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     benches = []
     for item in benchmark or []:

@@ -316,6 +316,8 @@ def train(
     if spec.guard.enabled:  # preservation data, classifier and base metrics (cached)
         from personatune.train.guard import Guard
 
+        if device.type == "cpu" and spec.train.threads:  # the guard generates before training
+            torch.set_num_threads(spec.train.threads)
         with state.main_process_first():
             guard = Guard.prepare(spec, ref, tokenizer, base, len(data.train), console)
         data.train += guard.rows
