@@ -21,6 +21,7 @@ demo: $(BIN)/personatune
 	$(BIN)/personatune train examples/pirate/persona.yaml train.threads=$(THREADS) --overwrite
 	$(BIN)/personatune eval runs/pirate --threads $(THREADS) \
 	  --benchmark mc_tiny=src/personatune/evaluate/data/mc_tiny.jsonl
+	$(BIN)/personatune compare runs/pirate --n-heldout 4
 
 # Corpus to persona: Holmes's lines from the six books (never copied into the repo),
 # a LoRA on the embedded model, and held-out chapters' conditional perplexity, base vs tuned.

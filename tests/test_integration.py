@@ -27,7 +27,7 @@ def test_train_a_few_steps_and_chat(tmp_path):
 
     spec = Path(__file__).resolve().parents[1] / REPO_EXAMPLE
     out = tmp_path / "pirate"
-    r = CliRunner().invoke(app, ["train", str(spec), "train.max_steps=3", "train.checkpoint_interval=2",
+    r = CliRunner().invoke(app, ["train", str(spec), "train.max_steps=3", "train.checkpoint_interval=2", "guard.enabled=false",
                                  f"output_dir={out}"])
     assert r.exit_code == 0, r.output
     assert (out / "adapter_model.safetensors").exists() and (out / "checkpoints/checkpoint-2").exists()

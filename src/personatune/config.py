@@ -169,10 +169,12 @@ class GuardSettings(_Section):
     and publishes the last step. The shipped examples turn it on (``guard: {enabled:
     true}``); it is off by default so that quick runs and tests on tiny random models,
     which have no capability to guard, train plain."""
-    preservation_ratio: float = Field(0.25, ge=0)
+    preservation_ratio: float = Field(0.1, ge=0)
     """Self-distilled preservation examples mixed in per persona training example: the
     base model's own greedy answers to general prompts, without the persona's system
-    prompt. 0 mixes none. Default set by measurement (benchmarks/guard_ablation.py)."""
+    prompt. 0 mixes none. The default 0.1 is the cheapest ratio measured that kept the
+    pirate's drift at the base model's level with no loss of persona (0, 0.1, 0.25 and 0.5
+    were tried: benchmarks/results/guard_ablation.md)."""
     preservation_max_new_tokens: int = Field(128, ge=8)
     """Longest self-distilled answer in tokens. An answer cut at this limit is trained
     without its end-of-turn token, so the model does not learn to stop mid-sentence."""

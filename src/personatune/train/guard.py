@@ -39,6 +39,7 @@ from personatune.evaluate.answers import (
 )
 from personatune.evaluate.classifier import PersonaClassifier
 from personatune.evaluate.probe import drift_ratio, general_split, score_probe, stratified
+from personatune.train.output import write_json
 from personatune.evaluate.run import (
     EvalData,
     classifier_examples,
@@ -359,7 +360,7 @@ class Guard:
                        "drift_prompts": len(self.data.general),
                        "gate_s": round(time.time() - start, 1),
                        "gate_cpu_s": round(time.process_time() - start_cpu, 1)})
-        (work / "gate.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(work / "gate.json", result)
         print_gate(result, console)
         return result
 
