@@ -18,7 +18,10 @@ read plus bytes written.
 Method: greedy ``model.generate`` of N = ``--tokens`` new tokens (forced by
 ``min_new_tokens``) from a fixed prompt, with a logits processor stamping the time as
 each token's logits are ready. TTFT = start to the first stamp (prefill and the first
-token); decode tokens/s = (N - 1) / (last stamp - first stamp). Medians over ``--reps``.
+token); decode tokens/s = (N - 1) / (last stamp - first stamp). The three variants take
+turns, one generation each, for ``--reps`` rounds; medians are reported. (The CUDA rows in
+benchmarks/results/gpu_train_speed.md were measured before the turns were added: each
+variant's runs back to back.)
 
 Usage::
 
@@ -101,50 +104,68 @@ def random_adapter(model, seed: int = 0):
     return peft_model.eval()
 
 
-def time_generate(model, ids, n_tokens: int, device, reps: int) -> tuple[float, float]:
-    """(TTFT seconds, decode tokens/s), medians over ``reps`` runs after a warm-up. A logits
-    processor stamps the time as each token's logits are ready (after a device sync)."""
+def generate_once(model, ids, n_tokens: int, device, adapter: bool = True) -> tuple[float, float]:
+    """One greedy generation of ``n_tokens``: (TTFT seconds, decode tokens/s). A logits
+    processor stamps the time as each token's logits are ready (after a device sync).
+    ``adapter=False`` runs a peft model with its adapter disabled."""
+    import contextlib
+
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
         def __call__(self, input_ids, scores):
             sync(device)
             self.times.append(time.perf_counter())
             return scores
 
-    def once(n):
-        stamp = Stamp()
-        stamp.times = []
-        sync(device)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-                logits_processor=LogitsProcessorList([stamp]),
-            )
-        return stamp.times[0] - t, (n - 1) / (stamp.times[-1] - stamp.times[0])
-
-    once(4)
-    runs = [once(n_tokens) for _ in range(reps)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    stamp = Stamp()
+    off = model.disable_adapter() if not adapter else contextlib.nullcontext()
+    sync(device)
+    t = time.perf_counter()
+    with off, torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n_tokens,
+            min_new_tokens=n_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            logits_processor=LogitsProcessorList([stamp]),
+        )
+    return stamp.times[0] - t, (n_tokens - 1) / (stamp.times[-1] - stamp.times[0])
 
 
 def measure(label: str, base, ids, device, bandwidth: float, args) -> list[dict]:
-    """Rows for the base alone (adapter disabled), base + adapter, and merged."""
+    """Rows for the base alone (adapter disabled), base + adapter, and merged (a merged
+    copy). The three take turns, one generation each, ``--reps`` rounds after a warm-up
+    round, so they share whatever else the machine is doing; medians are reported."""
+    import copy
+
     from peft import PeftModel
 
     model = base if isinstance(base, PeftModel) else random_adapter(base)
     full = bytes_per_token(model)
     lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    merged = copy.deepcopy(model).merge_and_unload()
+    variants = {
+        "base": (model, False, full - lora),
+        "base+adapter": (model, True, full),
+        "merged": (merged, True, bytes_per_token(merged)),
+    }
+    runs = {k: [] for k in variants}
+    for rep in range(args.reps + 1):
+        for kind, (m, adapter, _) in variants.items():
+            result = generate_once(m, ids, args.tokens if rep else 4, device, adapter)
+            if rep:
+                runs[kind].append(result)
     rows = []
-
-    def row(kind, nbytes, ttft, tps):
+    for kind, (_, _, nbytes) in variants.items():
+        ttft = statistics.median(r[0] for r in runs[kind])
+        tps = statistics.median(r[1] for r in runs[kind])
         limit = bandwidth / nbytes
         rows.append(
             {
@@ -161,16 +182,6 @@ def measure(label: str, base, ids, device, bandwidth: float, args) -> list[dict]
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-
-    with model.disable_adapter():
-        row("base", full - lora, *time_generate(model, ids, args.tokens, device, args.reps))
-    row("base+adapter", full, *time_generate(model, ids, args.tokens, device, args.reps))
-    merged = model.merge_and_unload()
-    row(
-        "merged",
-        bytes_per_token(merged),
-        *time_generate(merged, ids, args.tokens, device, args.reps),
-    )
     return rows
 
 

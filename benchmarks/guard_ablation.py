@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,28 +57,31 @@ def arm_overrides(arm: str, out: Path) -> list[str]:
     return [*common, "guard.enabled=true", f"guard.preservation_ratio={ratio}"]
 
 
-def run_arm(spec_path: Path, arm: str, root: Path, reuse: bool) -> dict:
-    """Train and evaluate one arm; returns its row of results."""
-    from personatune.config import load_spec
-    from personatune.evaluate.run import evaluate
-    from personatune.train.guard import GateFailed
-    from personatune.train.trainer import train
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    # One process per command, as a user runs them: memory is returned between arms.
+    exe = Path(sys.executable).with_name("personatune")
+    return subprocess.run([str(exe), *args], text=True)
 
+
+def run_arm(spec_path: Path, arm: str, root: Path, reuse: bool, threads: int) -> dict:
+    """Train and evaluate one arm with the ``personatune`` CLI; returns its results row."""
     out = root / arm
     if reuse and (out / "report.json").exists():
         return row(arm, json.loads((out / "report.json").read_text()), None)
-    spec = load_spec(spec_path, arm_overrides(arm, out))
+    overrides = [*arm_overrides(arm, out), f"train.threads={threads}"]
     t = time.time()
-    gate_failed = None
-    try:
-        train(spec, overwrite=True)
-    except GateFailed as e:
-        gate_failed = str(e)
-        nogate = load_spec(spec_path, [*arm_overrides(arm, out), "guard.gate=false"])
-        train(nogate, resume=True)
+    gate_failed = False
+    done = _cli("train", str(spec_path), *overrides, "--overwrite")
+    if done.returncode != 0 and arm != "off" and (root / f".{arm}.partial" / "gate.json").exists():
+        gate_failed = True  # the gate refused: publish the last step to measure its cost
+        done = _cli("train", str(spec_path), *overrides, "--resume", "--no-gate")
+    if done.returncode != 0:
+        raise SystemExit(f"arm {arm}: training failed (exit {done.returncode})")
     train_s = time.time() - t
-    report = evaluate(out, overwrite=True)
-    return row(arm, report, {"train_s": round(train_s, 1), "gate_failed": gate_failed})
+    if _cli("eval", str(out), "--overwrite", "--threads", str(threads)).returncode != 0:
+        raise SystemExit(f"arm {arm}: evaluation failed")
+    report = json.loads((out / "report.json").read_text())
+    return row(arm, report, {"wall_s": round(train_s, 1), "gate_failed": gate_failed})
 
 
 def row(arm: str, report: dict, extra: dict | None) -> dict:
@@ -109,6 +113,13 @@ def row(arm: str, report: dict, extra: dict | None) -> dict:
     return r
 
 
+def arm_name(arm: str) -> str:
+    """A readable name of an arm."""
+    if arm == "off":
+        return "no guard"
+    return "gate, no preservation" if float(arm) == 0 else f"guard, ratio {arm}"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     """The results table."""
     head = ["arm", "preservation rows", "published step", *[c[1] for c in COLUMNS],
@@ -118,12 +129,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines.append("| base model | – | – | " + " | ".join(
         _f(base[k]) for k, _, _ in COLUMNS) + " | 0 | 1.00 | – |")
     for r in rows:
-        name = "no guard" if r["arm"] == "off" else f"guard, ratio {r['arm']}"
-        gate = "–" if r["arm"] == "off" else ("pass" if r["gate_passed"] else "FAIL")
+        name = arm_name(r["arm"])
+        gate = "–" if r["arm"] == "off" else (
+            "pass" if r["gate_passed"] else "FAIL (last step published with --no-gate)")
         lines.append(f"| {name} | {r['preservation_rows']} | {r['published_step']} | "
                      + " | ".join(_f(r["tuned"][k]) for k, _, _ in COLUMNS)
                      + f" | {r['probe_drop_points']:+.1f} | {r['drift_ratio']:.2f} | {gate} |")
-    timing = ["", "| arm | train s | guard prepare s | guard eval s | gate s | eval s |",
+    timing = ["", "Wall-clock seconds (2 shared CPU cores, one thread per run; other jobs "
+              "ran at the same time, so compare within a column with care):", "",
+              "| arm | train s | guard prepare s | guard eval s | gate s | eval s |",
               "|---|---|---|---|---|---|"]
     for r in rows:
         timing.append(f"| {r['arm']} | {_f(r.get('train_seconds'))} | "
@@ -156,14 +170,15 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["no guard" if r["arm"] == "off" else f"guard {r['arm']}" for r in rows]
+    names = [arm_name(r["arm"]).replace(", ", "\n") for r in rows]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
     for ax, (key, title) in zip(axes, [("adoption_rate", "persona adoption % ↑"),
                                        ("probe_accuracy", "factual probe % ↑"),
                                        ("stress_pass_rate", "stress checks % ↑"),
                                        ("drift_perplexity", "drift perplexity ↓")]):
         vals = [r["tuned"][key] for r in rows]
-        colours = ["tab:red" if r["arm"] == "off" else "tab:green" for r in rows]
+        colours = ["tab:red" if r["arm"] == "off" or not r["gate_passed"] else "tab:green"
+                   for r in rows]
         ax.bar(names, vals, color=colours)
         ax.axhline(rows[0]["base"][key], ls="--", color="gray", label="base model")
         if key == "drift_perplexity":
@@ -171,7 +186,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelsize=8, rotation=15)
+        ax.tick_params(axis="x", labelsize=7)
         ax.legend(fontsize=7)
     fig.suptitle("forgetting guard ablation: same data, with and without the guard", fontsize=11)
     fig.tight_layout()
@@ -189,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/guard_ablation")
     ap.add_argument("--plot", type=Path, default=REPO / "docs/guard_ablation.png")
     ap.add_argument("--reuse", action="store_true", help="reuse arms that have a report")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads per run (train.threads); 0 keeps PyTorch's default")
     ap.add_argument("--plot-only", action="store_true", help="redraw from the JSON results")
     args = ap.parse_args(argv)
     if args.plot_only:
@@ -204,7 +221,7 @@ def main(argv=None) -> int:
     rows = []
     for arm in arms:
         print(f"== arm {arm}", file=sys.stderr, flush=True)
-        rows.append(run_arm(args.spec, arm, args.runs, args.reuse))
+        rows.append(run_arm(args.spec, arm, args.runs, args.reuse, args.threads))
     from personatune.config import load_spec
 
     spec = load_spec(args.spec)

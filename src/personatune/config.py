@@ -152,12 +152,14 @@ class TrainSettings(_Section):
     cross-entropy) when liger-kernel is installed (``pip install personatune[cuda]``) and
     supports the architecture. Ignored on CPU."""
     threads: int = Field(0, ge=0)
-    """CPU threads for PyTorch's kernels; 0 keeps PyTorch's default (one per physical
-    core). On a busy shared machine fewer threads than cores can be faster."""
+    """CPU threads for PyTorch's kernels. 0 picks, just before the first step, the faster
+    of one thread and PyTorch's default (one per physical core) by a short matmul probe:
+    on a busy shared machine one thread can be several times faster."""
     torch_compile: bool = False
-    """Compile the model with ``torch.compile`` (inductor) before training. Off by
-    default: on CPU the compile time outweighs the gain for persona-sized runs
-    (benchmarks/train_speed.py)."""
+    """Compile the model with ``torch.compile`` (inductor) before training. Off by default:
+    measured on an H200 it was slower than without (0.82x on the 0.5B shape) and, with
+    Liger kernels, crashed or diverged (benchmarks/results/gpu_train_speed.md); on the
+    2-core CPU the first step had not finished compiling after 12 minutes."""
 
 
 class GuardSettings(_Section):

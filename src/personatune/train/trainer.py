@@ -206,7 +206,8 @@ def build_trainer(spec, model, tokenizer, data: PreparedData, work: Path, callba
     """A transformers ``Trainer`` for a peft model and prepared data.
 
     Sets up the fast path that :func:`personatune.models.use_varlen_attention` and
-    :class:`PackedCollator` describe when packing, and ``train.threads`` on CPU.
+    :class:`PackedCollator` describe when packing, and the CPU thread count
+    (``train.threads``, or :class:`personatune.train.threads.ThreadProbe` when 0).
 
     Raises:
         PersonatuneError: several GPUs visible to a single process. transformers would
@@ -217,8 +218,14 @@ def build_trainer(spec, model, tokenizer, data: PreparedData, work: Path, callba
     from personatune.models import use_varlen_attention
 
     device = next(model.parameters()).device
+    probe = []
     if device.type == "cpu" and spec.train.threads:
         torch.set_num_threads(spec.train.threads)
+    elif device.type == "cpu":
+        from personatune.train.threads import ThreadProbe
+
+        dtype = torch.bfloat16 if use_bf16(device) else torch.float32
+        probe = [ThreadProbe(model.config.hidden_size, dtype)]
     if spec.train.packing:
         use_varlen_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
     args = training_args(spec, work, device, bool(data.eval))
@@ -233,7 +240,8 @@ def build_trainer(spec, model, tokenizer, data: PreparedData, work: Path, callba
         train_dataset=_Rows(data.train),
         eval_dataset=_Rows(data.eval) if data.eval else None,
         data_collator=collator(spec, tokenizer, model),
-        callbacks=[JsonlLogCallback(work / "train_log.jsonl"), *callbacks],
+        # the probe last: its first-step timing runs after every other callback's
+        callbacks=[JsonlLogCallback(work / "train_log.jsonl"), *callbacks, *probe],
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and JSONL log replace it
     return trainer
