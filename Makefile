@@ -25,7 +25,7 @@ demo: $(BIN)/personatune
 
 # Corpus to persona: Holmes's lines from the six books (never copied into the repo),
 # a LoRA on the embedded model, and held-out chapters' conditional perplexity, base vs tuned.
-# THREADS=1 is several times faster than the default on a 2-core machine others also use.
+# THREADS=0 lets a short probe pick the CPU thread count (one thread wins on a busy machine).
 SHERLOCK_CORPUS ?= ../shared/data/sherlock/corpus.txt
 THREADS ?= 0
 sherlock: $(BIN)/personatune

@@ -185,6 +185,36 @@ def measure(label: str, base, ids, device, bandwidth: float, args) -> list[dict]
     return rows
 
 
+def markdown(out: dict) -> str:
+    """The results of one run (the JSON written next to it) as a markdown page."""
+    m = out["machine"]
+    where = m.get("gpu") or f"CPU, {m['threads']} threads"
+    load = f", load average {m['load_average'][0]:.1f}" if "load_average" in m else ""
+    lines = [
+        f"# Generation speed: {where}",
+        "",
+        (
+            f"Command: `{out['command']}`. torch {m['torch']}, Python {m['python']}; measured "
+            f"copy bandwidth {m['copy_bandwidth_gb_s']} GB/s (bytes read + written){load}. "
+            "Batch 1, greedy; medians; the bandwidth limit is bandwidth / weight bytes read "
+            "per token."
+        ),
+        "",
+        (
+            "| model | variant | TTFT ms | decode tokens/s | weights MB/token "
+            "| bandwidth limit tokens/s | share of limit |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['variant']} | {r['ttft_ms']} | {r['decode_tokens_per_s']} | "
+        f"{r['weight_mb_per_token']} | {r['bandwidth_limit_tokens_per_s']} | "
+        f"{r['fraction_of_limit']:.0%} |"
+        for r in out["rows"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -248,23 +278,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"generate_speed_{args.device}"
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
-    md = [
-        f"{info}",
-        "",
-        (
-            "| model | variant | TTFT ms | decode tokens/s | weights MB/token "
-            "| bandwidth limit tokens/s | share of limit |"
-        ),
-        "|---|---|---|---|---|---|---|",
-    ]
-    md += [
-        f"| {r['model']} | {r['variant']} | {r['ttft_ms']} | {r['decode_tokens_per_s']} | "
-        f"{r['weight_mb_per_token']} | {r['bandwidth_limit_tokens_per_s']} | "
-        f"{r['fraction_of_limit']:.0%} |"
-        for r in rows
-    ]
-    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md = markdown(out)
+    (args.out / f"{stem}.md").write_text(md)
+    print(md)
     return 0
 
 

@@ -23,6 +23,16 @@ end (weights included); MFU with the formula of ../shared/docs/GPU.md (4 x matmu
 parameters + 12 x layers x 1024 x hidden per token, recomputation not counted) over the
 bf16 matmul peak measured in the same call.
 
+Each row also records what Liger patched (``liger_modules``, ``liger_forward``,
+``liger_rope``) and how many decoder layers were checkpointed. ``keep_layers`` set-ups turn
+checkpointing off for the last N layers, ``every_n_layers`` ones use transformers' option.
+
+The ``7b-unsloth*`` set-ups train Unsloth (FastLanguageModel) on the same weights with the
+baseline's LoRA settings and loop, all in one process (:func:`run_unsloth`); Unsloth pins
+another transformers, so ``GPU_SPEED_UNSLOTH_PATH`` may give that process its own
+PYTHONPATH. ``--deadline S`` starts no set-up after S seconds and gives each only the time
+left (Unsloth's at most ``UNSLOTH_TIMEOUT``).
+
 Data-parallel scaling: the same set-up under ``accelerate launch --multi_gpu
 --num_processes N benchmarks/gpu_train_speed.py --one NAME`` (one process per GPU, NCCL)
 reports the tokens/s of all GPUs together, ``processes`` and the per-GPU MFU.
@@ -52,6 +62,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(BENCH))
 SEQ, WARM, STEPS = 1024, 3, 8
 BASELINE_PLAN = ["qwen2.5-0.5b:0:0:8:1024", "qwen2.5-7b:1:0:2:1024"]
+UNSLOTH_TIMEOUT = 240  # seconds for all Unsloth set-ups of a run together
 
 #: name -> (model shape, quantization, batch, TrainSettings fields, extras, what it shows)
 LEAN = {"packing": True, "liger": True, "gradient_checkpointing": True}
@@ -176,6 +187,155 @@ SETUPS = {
         dict(LEAN, packing=False, torch_compile=True),
         {},
         "7b-nopack-b8 + torch.compile",
+    ),
+    "7b-nopack": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        dict(LEAN, packing=False),
+        {},
+        "as 7b-lean with the padding collator",
+    ),
+    "7b-every3": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        LEAN,
+        {"every_n_layers": 3},
+        "as 7b-lean, checkpointing every 3rd layer",
+    ),
+    "7b-keep2": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        LEAN,
+        {"keep_layers": 2},
+        "as 7b-lean, last 2 of 28 layers not checkpointed",
+    ),
+    "7b-keep3": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        LEAN,
+        {"keep_layers": 3},
+        "as 7b-lean, last 3 of 28 layers not checkpointed",
+    ),
+    "7b-keep6-b4": (
+        "qwen2.5-7b",
+        "nf4",
+        4,
+        LEAN,
+        {"keep_layers": 6},
+        "as 7b-lean-b4, last 6 of 28 layers not checkpointed",
+    ),
+    "7b-keep2-b8": (
+        "qwen2.5-7b",
+        "nf4",
+        8,
+        dict(LEAN, packing=False),
+        {"keep_layers": 2},
+        "as 7b-nopack-b8, last 2 of 28 layers not checkpointed",
+    ),
+    "7b-nopack-b20": (
+        "qwen2.5-7b",
+        "nf4",
+        20,
+        dict(LEAN, packing=False),
+        {},
+        "as 7b-nopack-b16, batch 20",
+    ),
+    # Unsloth (FastLanguageModel, its own fused QLoRA kernels and "unsloth" checkpointing that
+    # offloads layer inputs to host memory) on the same random NF4 weights with the baseline's
+    # LoRA r=16 / alpha=32 / dropout 0.05 on the 7 linear layers, fused AdamW, lr 2e-4 and the
+    # baseline's plain loop. All unsloth set-ups of a run share one process (one import, one
+    # model load): see run_unsloth.
+    "7b-unsloth": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        {},
+        {"unsloth": True},
+        "Unsloth FastLanguageModel, its checkpointing, baseline's loop",
+    ),
+    "7b-unsloth-b8": (
+        "qwen2.5-7b",
+        "nf4",
+        8,
+        {},
+        {"unsloth": True},
+        "as 7b-unsloth, batch 8",
+    ),
+    "7b-unsloth-b16": (
+        "qwen2.5-7b",
+        "nf4",
+        16,
+        {},
+        {"unsloth": True},
+        "as 7b-unsloth, batch 16",
+    ),
+    "7b-unsloth-skip7": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        {},
+        {"unsloth": True, "skip": 7},
+        "as 7b-unsloth, 7 of 28 layers not checkpointed (Unsloth's checkpoint_skip_layers)",
+    ),
+    "7b-unsloth-skip14": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        {},
+        {"unsloth": True, "skip": 14},
+        "as 7b-unsloth, 14 of 28 layers not checkpointed",
+    ),
+    "7b-unsloth-nogc": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        {},
+        {"unsloth": True, "skip": "max"},
+        "as 7b-unsloth, no layer checkpointed",
+    ),
+    "7b-unsloth-skip8-b4": (
+        "qwen2.5-7b",
+        "nf4",
+        4,
+        {},
+        {"unsloth": True, "skip": 8},
+        "as 7b-unsloth, batch 4, 8 of 28 layers not checkpointed",
+    ),
+    "7b-unsloth-skip4-b8": (
+        "qwen2.5-7b",
+        "nf4",
+        8,
+        {},
+        {"unsloth": True, "skip": 4},
+        "as 7b-unsloth, batch 8, 4 of 28 layers not checkpointed",
+    ),
+    "7b-unsloth-nogc-b4": (
+        "qwen2.5-7b",
+        "nf4",
+        4,
+        {},
+        {"unsloth": True, "skip": "max"},
+        "as 7b-unsloth, batch 4, no layer checkpointed",
+    ),
+    "7b-nopack-every2": (
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        dict(LEAN, packing=False),
+        {"every_n_layers": 2},
+        "as 7b-nopack, checkpointing every 2nd layer",
+    ),
+    "7b-nopack-keep6-b4": (
+        "qwen2.5-7b",
+        "nf4",
+        4,
+        dict(LEAN, packing=False),
+        {"keep_layers": 6},
+        "as 7b-keep6-b4 with the padding collator",
     ),
 }
 
@@ -321,9 +481,23 @@ def run_one(name: str, peak_flops: float | None) -> dict:
             sync()
             self.times.append(time.perf_counter() - self.t0)
 
+    class KeepLayers(TrainerCallback):
+        """Turns checkpointing off for the last ``keep_layers`` decoder layers once the
+        Trainer has switched it on (in ``train()``, before ``on_train_begin``)."""
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for layer in layers[len(layers) - extra["keep_layers"] :]:
+                layer.gradient_checkpointing = False
+
     timer = Timer()
+    callbacks = [timer, KeepLayers()] if extra.get("keep_layers") else [timer]
     work = Path(tempfile.mkdtemp(prefix=f"gpu-speed-{name}-"))
-    trainer = build_trainer(spec, model, pad_tokenizer(), PreparedData(rows, [], []), work, [timer])
+    trainer = build_trainer(
+        spec, model, pad_tokenizer(), PreparedData(rows, [], []), work, callbacks
+    )
     if "every_n_layers" in extra:
         trainer.args.activation_checkpointing_kwargs = {
             "use_reentrant": False,
@@ -331,6 +505,9 @@ def run_one(name: str, peak_flops: float | None) -> dict:
         }
     result = trainer.train()
     step_s = sum(timer.times[WARM:]) / len(timer.times[WARM:])
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     tok_s = state.num_processes * batch * SEQ / step_s
     return {
         "setup": name,
@@ -343,6 +520,8 @@ def run_one(name: str, peak_flops: float | None) -> dict:
         **{k: v for k, v in fields.items()},
         **extra,
         "liger_applied": bool(trainer.args.use_liger_kernel),
+        **liger_patches(model),
+        "checkpointed_layers": f"{sum(bool(x.gradient_checkpointing) for x in layers)}/{len(layers)}",
         "attention": base.config._attn_implementation,
         "s_per_step": round(step_s, 4),
         "tokens_per_s": int(tok_s),
@@ -351,6 +530,24 @@ def run_one(name: str, peak_flops: float | None) -> dict:
         if peak_flops
         else None,
         "loss": round(result.training_loss, 3),
+    }
+
+
+def liger_patches(model) -> dict:
+    """What Liger really patched on the model: its RMSNorm / SwiGLU modules (renamed
+    ``Liger*`` in place), the causal-LM forward (fused linear cross-entropy) and the
+    module-level rotary embedding of the model's transformers module."""
+    import sys as _sys
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = [m._get_name() for m in base.modules()]
+    fwd = getattr(base.forward, "__func__", base.forward)
+    modeling = _sys.modules.get(type(base).__module__)
+    rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    return {
+        "liger_modules": {n: names.count(n) for n in sorted(set(names)) if n.startswith("Liger")},
+        "liger_forward": getattr(fwd, "__module__", ""),
+        "liger_rope": getattr(rope, "__module__", None),
     }
 
 
@@ -388,10 +585,128 @@ def check_varlen() -> dict:
     }
 
 
-def run_all(out: Path, names: list[str], baseline: bool) -> dict:
+def run_unsloth(names: list[str], peak_flops: float | None) -> None:
+    """Train the Unsloth set-ups ``names`` (same model shape) in this process, one after the
+    other on one model load, and print one row per set-up.
+
+    Unsloth must be imported before transformers and peft, and its package pins another
+    transformers than personatune's (``GPU_SPEED_UNSLOTH_PATH`` in :func:`run_all` gives this
+    process its own PYTHONPATH). The random NF4 weights are the baseline's folder, beside a
+    one-token tokenizer (Unsloth loads one with the model). The loop is the baseline's: bf16
+    autocast, ``model(input_ids, labels).loss``, backward, fused AdamW, no gradient clipping;
+    fresh random full-length rows each step. Peak memory of the first set-up counts from
+    before the model loads, of each later one from the start of its own steps (weights,
+    adapter and optimizer state included)."""
+    from importlib.metadata import version
+
+    import torch
+    import unsloth  # noqa: F401 - first, so that it patches transformers and peft
+    from unsloth import FastLanguageModel
+
+    shape = SETUPS[names[0]][0]
+    path = model_dir(shape)
+    tok_path = Path(f"/tmp/rand-{shape}-unsloth")
+    if not tok_path.exists():
+        tok_path.mkdir()
+        for f in path.iterdir():
+            (tok_path / f.name).symlink_to(f)
+        pad_tokenizer().save_pretrained(tok_path)
+    torch.cuda.reset_peak_memory_stats()
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(tok_path),
+        max_seq_length=SEQ,
+        dtype=torch.bfloat16,
+        load_in_4bit=True,
+        fix_tokenizer=False,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=0,
+    )
+    FastLanguageModel.for_training(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    cfg = model.config
+    vers = {d: version(d) for d in ("unsloth", "unsloth_zoo", "transformers", "peft", "trl")}
+    from unsloth.models._utils import find_decoder_layers, skip_checkpointing
+
+    g = torch.Generator().manual_seed(0)
+    for i, name in enumerate(names):
+        batch, skip = SETUPS[name][2], SETUPS[name][4].get("skip")
+        layers = find_decoder_layers(model)
+        for layer in layers:  # undo an earlier set-up's skips
+            layer.__dict__.pop("_unsloth_skip_checkpoint", None)
+        if skip:
+            skip_checkpointing(model, skip)
+        if i:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times, losses = [], []
+        try:
+            for _ in range(WARM + STEPS):
+                ids = torch.randint(0, cfg.vocab_size, (batch, SEQ), generator=g).cuda()
+                sync()
+                t0 = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                times.append(time.perf_counter() - t0)
+                losses.append(loss.item())
+        except Exception as e:  # noqa: BLE001 - one row with the error; the next set-up runs
+            print(json.dumps({"setup": name, "error": f"{type(e).__name__}: {e}"[:1000]}))
+            opt.zero_grad(set_to_none=True)
+            continue
+        step_s = sum(times[WARM:]) / STEPS
+        tok_s = batch * SEQ / step_s
+        row = {
+            "setup": name,
+            "model": shape,
+            "quant": "nf4",
+            "batch": batch,
+            "seq": SEQ,
+            "processes": 1,
+            "unsloth": vers,
+            "peak_from": "model load" if i == 0 else "own steps",
+            "checkpointed_layers": f"{sum(bool(x.gradient_checkpointing) for x in layers)}/{len(layers)}",
+            "s_per_step": round(step_s, 4),
+            "tokens_per_s": int(tok_s),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "mfu": round(tok_s * flops_per_token(cfg) / peak_flops, 3) if peak_flops else None,
+            "loss": round(sum(losses) / len(losses), 3),
+        }
+        print(json.dumps(row), flush=True)
+
+
+def _text(x) -> str:
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+
+def run_all(out: Path, names: list[str], baseline: bool, deadline: float | None = None) -> dict:
+    """Baseline first (only the model shapes that ``names`` use), then each set-up in its
+    own process (the Unsloth ones together in one). With ``deadline`` (seconds from the
+    start), a set-up gets only the time left and none starts with under 20 s left."""
     import torch
     from hf_peft_baseline import matmul_peak
 
+    t_start = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     peak = matmul_peak()
     info = {
@@ -414,37 +729,68 @@ def run_all(out: Path, names: list[str], baseline: bool) -> dict:
     print(json.dumps({"varlen_check": rows["varlen_check"]}), flush=True)
     gc.collect()
     torch.cuda.empty_cache()
+    logs = []
     if baseline:
+        shapes = {SETUPS[n][0] for n in names}
+        plan = [p for p in BASELINE_PLAN if p.split(":")[0] in shapes] or BASELINE_PLAN
+        t = time.time()
         proc = subprocess.run(
-            [sys.executable, str(BENCH / "hf_peft_baseline.py"), *BASELINE_PLAN],
+            [sys.executable, str(BENCH / "hf_peft_baseline.py"), *plan],
             capture_output=True,
             text=True,
             env=env,
             check=False,
         )
+        rows["baseline_wall_s"] = round(time.time() - t, 1)
         print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
         for line in proc.stdout.splitlines():
             if line.startswith("{") and '"model"' in line:
                 rows["baseline"].append(json.loads(line))
-    for name in names:
+    unsloth = [n for n in names if SETUPS[n][4].get("unsloth")]
+    groups = [[n] for n in names if n not in unsloth]
+    if unsloth:
+        groups.insert(names.index(unsloth[0]), unsloth)  # where the first one was asked for
+    for group in groups:
         t = time.time()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--peak", str(peak)],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        )
-        lines = [x for x in proc.stdout.splitlines() if x.startswith('{"setup"')]
-        row = (
-            json.loads(lines[-1])
-            if lines
-            else {"setup": name, "error": (proc.stderr or proc.stdout)[-1500:]}
-        )
-        row["wall_s"] = round(time.time() - t, 1)
-        print(json.dumps(row), flush=True)
-        rows["setups"].append(row)
+        left = deadline - (t - t_start) if deadline else None
+        if left is not None and left < 20:
+            for n in group:
+                rows["setups"].append({"setup": n, "error": "skipped: deadline"})
+            continue
+        is_us = bool(SETUPS[group[0]][4].get("unsloth"))
+        genv = dict(env)
+        if is_us and os.environ.get("GPU_SPEED_UNSLOTH_PATH"):
+            genv["PYTHONPATH"] = os.environ["GPU_SPEED_UNSLOTH_PATH"]
+        if is_us:  # import, compilation and model load: capped so that the rest still runs
+            left = min(left, UNSLOTH_TIMEOUT) if left is not None else UNSLOTH_TIMEOUT
+        cmd = [sys.executable, __file__, "--unsloth" if is_us else "--one", ",".join(group)]
+        try:
+            proc = subprocess.run(
+                [*cmd, "--peak", str(peak)],
+                capture_output=True,
+                text=True,
+                env=genv,
+                check=False,
+                timeout=left,
+            )
+            stdout, stderr = proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            stdout, stderr = _text(e.stdout), _text(e.stderr) + f"\ntimeout after {left:.0f} s"
+        logs.append(f"===== {','.join(group)}\n{stderr[-6000:]}\n")
+        got = {}
+        for x in stdout.splitlines():
+            if x.startswith('{"setup"'):
+                r = json.loads(x)
+                got[r["setup"]] = r
+        for n in group:
+            row = got.get(n) or {"setup": n, "error": (stderr or stdout)[-1500:]}
+            row["wall_s"] = round(time.time() - t, 1)
+            print(json.dumps(row), flush=True)
+            rows["setups"].append(row)
         (out / "gpu_train_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "setup_logs.txt").write_text("".join(logs))
+    rows["total_wall_s"] = round(time.time() - t_start, 1)
+    (out / "gpu_train_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 
@@ -499,13 +845,18 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="folder for gpu_train_speed.json/.md")
     ap.add_argument("--only", help=f"comma-separated set-ups, from: {', '.join(SETUPS)}")
     ap.add_argument("--no-baseline", action="store_true", help="skip hf_peft_baseline.py")
+    ap.add_argument("--deadline", type=float, help="seconds: start no set-up after this")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--unsloth", help=argparse.SUPPRESS)
     ap.add_argument("--peak", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--report", type=Path, help="print the table of a results JSON")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.report:
         print(report(json.loads(args.report.read_text())))
+        return 0
+    if args.unsloth:
+        run_unsloth(args.unsloth.split(","), args.peak)
         return 0
     if args.one:
         from accelerate import PartialState
@@ -521,7 +872,7 @@ def main() -> int:
     if bad:
         ap.error(f"unknown set-up(s) {bad}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = run_all(args.out, names, not args.no_baseline)
+    rows = run_all(args.out, names, not args.no_baseline, args.deadline)
     md = report(rows)
     (args.out / "gpu_train_speed.md").write_text(md + "\n")
     print(md)

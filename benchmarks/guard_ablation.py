@@ -60,7 +60,7 @@ def arm_overrides(arm: str, out: Path) -> list[str]:
 def _cli(*args: str) -> subprocess.CompletedProcess:
     # One process per command, as a user runs them: memory is returned between arms.
     exe = Path(sys.executable).with_name("personatune")
-    return subprocess.run([str(exe), *args], text=True)
+    return subprocess.run([str(exe), *args], text=True, check=False)
 
 
 def run_arm(spec_path: Path, arm: str, root: Path, reuse: bool, threads: int) -> dict:
@@ -108,6 +108,10 @@ def row(arm: str, report: dict, extra: dict | None) -> dict:
         "gate_s": gate.get("gate_s"),
         "eval_seconds": report["timings_s"]["total"],
     }
+    if r["gate_passed"] is False:
+        # Refused by the gate, then published by `--resume --no-gate`: the report's training
+        # and guard timings are those of the resume, not of the run.
+        r.update(train_seconds=None, guard_prepare_s=None, guard_eval_s=None, gate_s=None)
     if extra:
         r.update(extra)
     return r
@@ -135,11 +139,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {name} | {r['preservation_rows']} | {r['published_step']} | "
                      + " | ".join(_f(r["tuned"][k]) for k, _, _ in COLUMNS)
                      + f" | {r['probe_drop_points']:+.1f} | {r['drift_ratio']:.2f} | {gate} |")
-    timing = ["", "Wall-clock seconds (2 shared CPU cores, one thread per run; other jobs "
-              "ran at the same time, so compare within a column with care):", "",
+    timing = ["", ("Wall-clock seconds (2 CPU cores; other jobs may have run at the same "
+                   "time, so compare within a column with care):"), "",
               "| arm | train s | guard prepare s | guard eval s | gate s | eval s |",
               "|---|---|---|---|---|---|"]
     for r in rows:
+        if r["gate_passed"] is False:
+            timing.append(f"| {r['arm']} | refused by the gate, then published with --resume "
+                          f"--no-gate: timings not comparable |||| {_f(r.get('eval_seconds'))} |")
+            continue
         timing.append(f"| {r['arm']} | {_f(r.get('train_seconds'))} | "
                       f"{_f(r.get('guard_prepare_s'))} | {_f(r.get('guard_eval_s'))} | "
                       f"{_f(r.get('gate_s'))} | {_f(r.get('eval_seconds'))} |")
@@ -152,7 +160,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "Probe: factual probe accuracy, persona system prompt. Drift PPL: perplexity on "
             "the base model's own greedy answers to held-out general prompts (no system "
             "prompt). Stress: automatic checks of seed system 1's stress prompts.\n\n"
-            + "\n".join(lines) + "\n" + "\n".join(timing) + "\n")
+            + "\n".join(lines) + "\n" + "\n".join(timing) + "\n"
+            + (f"\n{meta['note']}\n" if meta.get("note") else ""))
 
 
 def _f(v) -> str:
@@ -170,7 +179,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [arm_name(r["arm"]).replace(", ", "\n") for r in rows]
+    names = ["no guard" if r["arm"] == "off" else "gate only" if float(r["arm"]) == 0
+             else f"guard\nratio {r['arm']}" for r in rows]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
     for ax, (key, title) in zip(axes, [("adoption_rate", "persona adoption % ↑"),
                                        ("probe_accuracy", "factual probe % ↑"),
@@ -187,7 +197,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=7)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right" if key == "drift_perplexity" else "lower right")
     fig.suptitle("forgetting guard ablation: same data, with and without the guard", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,17 +209,22 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", type=Path, default=REPO / "examples/pirate/persona.yaml")
-    ap.add_argument("--arms", default="off,0.25")
+    ap.add_argument("--arms", default="off,0,0.1,0.25,0.5",
+                    help="comma-separated: off (no guard) or preservation ratios with the gate")
     ap.add_argument("--runs", type=Path, default=REPO / "runs/ablation")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/guard_ablation")
     ap.add_argument("--plot", type=Path, default=REPO / "docs/guard_ablation.png")
     ap.add_argument("--reuse", action="store_true", help="reuse arms that have a report")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads per run (train.threads); 0 keeps PyTorch's default")
-    ap.add_argument("--plot-only", action="store_true", help="redraw from the JSON results")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="rewrite the table and the plot from the JSON results")
+    ap.add_argument("--note", default="", help="a paragraph to add under the tables")
     args = ap.parse_args(argv)
     if args.plot_only:
         data = json.loads(args.out.with_suffix(".json").read_text())
+        data["meta"]["note"] = args.note or data["meta"].get("note", "")
+        args.out.with_suffix(".md").write_text(markdown(data["rows"], data["meta"]))
         plot(data["rows"], args.plot)
         return 0
     from personatune.models import resolve_ref
@@ -230,7 +245,7 @@ def main(argv=None) -> int:
             "base_model": resolve_ref(spec.model.name, spec.model.revision,
                                       spec.base_dir).name,
             "arms": args.arms, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "lr": spec.train.learning_rate, "epochs": spec.train.epochs}
+            "lr": spec.train.learning_rate, "epochs": spec.train.epochs, "note": args.note}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     args.out.with_suffix(".md").write_text(markdown(rows, meta))

@@ -4,9 +4,10 @@ baseline, on the pirate example (examples/pirate/persona.yaml) with the embedded
 
 Every set-up trains the same rows (``personatune.data.dataset.prepare_data``), in the same
 order (seeded sampler), with the spec's LoRA and optimiser settings, for ``--steps``
-optimizer steps. Each set-up runs in its own process (so peak RSS is its own), and the
-processes take turns one optimizer step at a time, passing a baton round a ring: the CPU
-is shared with other work, and interleaving gives every set-up the same load.
+optimizer steps. Each set-up runs in its own process (so peak RSS is its own), one after
+another. On a machine that other jobs keep busy, ``--interleave`` starts them all and
+has them take turns one optimizer step at a time, passing a baton round a ring, so that
+every set-up sees the same load (but all models are in memory at once).
 
 Set-ups, a ladder in which each adds one lever to the one before:
 
@@ -22,6 +23,8 @@ Set-ups, a ladder in which each adds one lever to the one before:
 - ``personatune``: + output layer and cross-entropy at trained positions only
   (``train.fused_loss``): personatune's defaults.
 - ``threads-1``: personatune's defaults with ``train.threads=1``.
+- ``baseline-t1``, ``bf16-t1``, ... ``personatune-t1``: the same ladder at one thread,
+  for a machine that other jobs keep busy (``--setups``).
 - ``compile``: personatune's defaults with ``train.torch_compile=true`` (``--compile``).
 
 Reported per set-up: trained tokens/s, counting non-padding tokens only, over the steps
@@ -106,15 +109,8 @@ for _name, _desc, _over, _patch in (
     ("personatune-t1", "1 thread: + loss at trained positions only", [], []),
 ):
     SETUPS[_name] = (_desc, [*_over, "train.threads=1"], {}, _patch)
-DEFAULT_SETUPS = [
-    "baseline",
-    "baseline-t1",
-    "bf16-t1",
-    "packing-t1",
-    "varlen-t1",
-    "personatune-t1",
-    "personatune",
-]
+# The ladder at PyTorch's threads; the "-t1" ladder is for a machine that others keep busy.
+DEFAULT_SETUPS = ["baseline", "bf16", "packing", "varlen", "personatune", "threads-1"]
 # Loss parity: largest per-step |loss - baseline loss| / baseline loss allowed for
 # personatune's defaults. bf16 autocast alone moved the curve by up to 2.8% (then under 1%)
 # in benchmarks/results/train_speed_cpu_2threads.json; the tolerance leaves room for that.
@@ -398,24 +394,23 @@ def summarise(results: dict, flop_per_token: float, peak_gflops: float) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = [
-        (
-            "| set-up | what changes | threads | tokens/s | x baseline | x baseline-t1 "
-            "| median step s | peak RSS GiB | MFU | max loss diff vs baseline |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """The results as a markdown table; the one-thread ratio column only when measured."""
+    t1 = any("ratio_vs_baseline_t1" in r for r in results.values())
+    head = ["set-up", "what changes", "threads", "tokens/s", "x baseline",
+            *(["x baseline-t1"] if t1 else []), "median step s", "peak RSS GiB", "MFU",
+            "max loss diff vs baseline"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | {SETUPS[name][0]} | error: {r['error'][:80]} |||||||")
+            rows.append(f"| {name} | {SETUPS[name][0]} | error: {r['error'][:80]} |"
+                        + "|" * (len(head) - 3))
             continue
-        rows.append(
-            f"| {name} | {SETUPS[name][0]} | {r['threads']} | {r['tokens_per_s']:.1f} | "
-            f"{r.get('ratio_vs_baseline', float('nan')):.2f} | "
-            f"{r.get('ratio_vs_baseline_t1', float('nan')):.2f} | {r['median_step_s']:.2f} | "
-            f"{r['rss_train_peak_gib']:.2f} | {r['mfu']:.3f} | "
-            f"{r.get('loss_max_abs_diff', 0):.3f} ({100 * r.get('loss_max_rel_diff', 0):.1f}%) |"
-        )
+        cells = [name, SETUPS[name][0], str(r["threads"]), f"{r['tokens_per_s']:.1f}",
+                 f"{r.get('ratio_vs_baseline', float('nan')):.2f}",
+                 *([f"{r.get('ratio_vs_baseline_t1', float('nan')):.2f}"] if t1 else []),
+                 f"{r['median_step_s']:.2f}", f"{r['rss_train_peak_gib']:.2f}", f"{r['mfu']:.3f}",
+                 f"{r.get('loss_max_abs_diff', 0):.3f} ({100 * r.get('loss_max_rel_diff', 0):.1f}%)"]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -442,6 +437,44 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_group(names: list[str], steps: int, bar, task) -> dict:
+    """Run set-ups ``names``, each in its own process, taking turns one step at a time
+    (a group of one runs alone). Returns {set-up: result}."""
+    ctx = mp.get_context("spawn")
+    ring = {
+        "cond": ctx.Condition(),
+        "turn": ctx.Value("i", 0),
+        "done": ctx.Value("i", 0),
+        "active": ctx.Array("b", [1] * len(names)),
+        "start": ctx.Barrier(len(names)),
+    }
+    out_q = ctx.Queue()
+    procs = [
+        ctx.Process(target=run_setup, args=(n, i, ring, out_q, steps))
+        for i, n in enumerate(names)
+    ]
+    for p in procs:
+        p.start()
+    results = {}
+    already = bar.tasks[0].completed
+    while len(results) < len(names):
+        try:
+            r = out_q.get(timeout=2)
+            results[r["setup"]] = r
+        except queue.Empty:
+            pass
+        bar.update(task, completed=already + ring["done"].value)
+        for i, p in enumerate(procs):
+            if not p.is_alive() and ring["active"][i]:  # killed (out of memory?)
+                pass_baton(ring, i, leave=True)
+                ring["start"].abort()
+        if not any(p.is_alive() for p in procs) and out_q.empty():
+            break
+    for p in procs:
+        p.join()
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per set-up")
@@ -451,6 +484,12 @@ def main(argv=None) -> int:
         help=f"comma-separated, from: {', '.join(SETUPS)}",
     )
     ap.add_argument("--compile", action="store_true", help="add the torch.compile set-up")
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run all set-ups at once, taking turns one step at a time (for a busy machine); "
+        "by default they run one after another",
+    )
     ap.add_argument("--name", default="train_speed_cpu", help="results file stem")
     args = ap.parse_args(argv)
     names = [s for s in args.setups.split(",") if s]
@@ -483,42 +522,14 @@ def main(argv=None) -> int:
     context = sum(n * n for n in lengths) / sum(lengths)
     flop, n_mm = model_flops_per_token(context)
 
-    ctx = mp.get_context("spawn")
-    ring = {
-        "cond": ctx.Condition(),
-        "turn": ctx.Value("i", 0),
-        "done": ctx.Value("i", 0),
-        "active": ctx.Array("b", [1] * len(names)),
-        "start": ctx.Barrier(len(names)),
-    }
-    out_q = ctx.Queue()
-    procs = [
-        ctx.Process(target=run_setup, args=(n, i, ring, out_q, args.steps))
-        for i, n in enumerate(names)
-    ]
-    for p in procs:
-        p.start()
+    groups = [names] if args.interleave else [[n] for n in names]
     results = {}
-    total = args.steps * len(names)
     with Progress(
-        "[bold]interleaved steps", BarColumn(), MofNCompleteColumn(), "ETA", TimeRemainingColumn()
+        "[bold]steps", BarColumn(), MofNCompleteColumn(), "ETA", TimeRemainingColumn()
     ) as bar:
-        task = bar.add_task("steps", total=total)
-        while len(results) < len(names):
-            try:
-                r = out_q.get(timeout=2)
-                results[r["setup"]] = r
-            except queue.Empty:
-                pass
-            bar.update(task, completed=ring["done"].value)
-            for i, p in enumerate(procs):
-                if not p.is_alive() and ring["active"][i]:  # killed (out of memory?)
-                    pass_baton(ring, i, leave=True)
-                    ring["start"].abort()
-            if not any(p.is_alive() for p in procs) and out_q.empty():
-                break
-    for p in procs:
-        p.join()
+        task = bar.add_task("steps", total=args.steps * len(names))
+        for group in groups:
+            results.update(run_group(group, args.steps, bar, task))
     info["load_average_after"] = os.getloadavg()
     ordered = summarise({n: results[n] for n in names if n in results}, flop, peak)
 

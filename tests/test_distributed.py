@@ -1,6 +1,6 @@
-"""Data-parallel training on CPU: two processes (gloo backend) through
-``personatune.train.trainer.train``, under torchrun (DDP) and ``accelerate launch`` (FSDP),
-against one process with the same effective batch. About a minute in all."""
+"""Data-parallel training on CPU: two processes (gloo backend), the ``personatune train``
+command or ``personatune.train.trainer.train``, under torchrun (DDP) and ``accelerate
+launch`` (FSDP), against one process with the same effective batch. About a minute in all."""
 
 import json
 import os
@@ -42,7 +42,9 @@ def fp32(monkeypatch):
     monkeypatch.setenv("PERSONATUNE_BF16", "0")
 
 
-def torchrun(tmp_path, spec, overrides, launcher=None, **env):
+def torchrun(tmp_path, spec, overrides, launcher=None, cli=False, **env):
+    """Runs the driver, or with ``cli`` the ``personatune train`` command as a module, in
+    two processes."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     launcher = launcher or [
@@ -53,7 +55,8 @@ def torchrun(tmp_path, spec, overrides, launcher=None, **env):
         "--nproc_per_node",
         "2",
     ]
-    cmd = [*launcher, str(driver), str(spec), *overrides]
+    script = ["-m", "personatune", "train"] if cli else [str(driver)]
+    cmd = [*launcher, *script, str(spec), *overrides]
     full_env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -81,10 +84,13 @@ def assert_same_adapter(a, b):
 def test_two_processes_match_one_process(persona_yaml):
     """Guards against data-parallel training that differs from one process with the same
     effective batch (wrong sharding, loss scaling or token averaging), that writes from
-    every process, or that reports the per-process batch as the effective batch."""
+    every process, or that reports the per-process batch as the effective batch. The two
+    processes run the unchanged ``personatune train`` command (``torchrun -m personatune``)."""
     spec = persona_yaml("  max_steps: 3\n")
     one = train(load_spec(spec, [*COMMON, "train.batch_size=4", "output_dir=one"]))
-    proc = torchrun(spec.parent, spec, [*COMMON, "train.batch_size=2", "output_dir=two"])
+    proc = torchrun(
+        spec.parent, spec, [*COMMON, "train.batch_size=2", "output_dir=two"], cli=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = spec.parent / "two"
 
@@ -120,8 +126,8 @@ def test_two_process_run_resumes_from_checkpoint(persona_yaml):
 
 def test_fsdp_under_accelerate_launch_matches_one_process(persona_yaml):
     """Guards against training that only works under DDP: FSDP (v2, decoder layers
-    sharded) through ``accelerate launch`` must train the same adapter, and the main
-    process must gather and write it."""
+    sharded) through ``accelerate launch -m personatune train`` must train the same
+    adapter, and the main process must gather and write it."""
     spec = persona_yaml("  max_steps: 3\n")
     launcher = [
         sys.executable,
@@ -146,7 +152,11 @@ def test_fsdp_under_accelerate_launch_matches_one_process(persona_yaml):
         "FULL_STATE_DICT",
     ]
     proc = torchrun(
-        spec.parent, spec, [*COMMON, "train.batch_size=2", "output_dir=fsdp"], launcher=launcher
+        spec.parent,
+        spec,
+        [*COMMON, "train.batch_size=2", "output_dir=fsdp"],
+        launcher=launcher,
+        cli=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = train(load_spec(spec, [*COMMON, "train.batch_size=4", "output_dir=one"]))

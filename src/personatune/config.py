@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -267,9 +268,10 @@ class PersonaSpec(_Section):
         return v
 
     def resolve(self, path: str) -> Path:
-        """Resolve ``path`` against the YAML's folder (absolute paths are kept)."""
+        """Resolve ``path`` against the YAML's folder (absolute paths are kept); ``..`` parts
+        are folded so that messages show a plain path."""
         p = Path(path).expanduser()
-        return p if p.is_absolute() else self.base_dir / p
+        return p if p.is_absolute() else Path(os.path.normpath(self.base_dir / p))
 
     @property
     def output_path(self) -> Path:

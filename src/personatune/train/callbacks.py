@@ -72,20 +72,21 @@ class RichProgressCallback(TrainerCallback):
         self.start, self.first_step = time.time(), state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.progress:
+        if self.progress:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The step's loss arrives here, after on_step_end, so the plain line prints here.
+        if not self.progress or not logs or "loss" not in logs:
             return
-        self.progress.update(self.task, completed=state.global_step)
+        self.loss = logs["loss"]
+        self.progress.update(self.task, loss=f"{self.loss:.3f}")
         tenth = max(1, state.max_steps // 10)
         if not self.console.is_terminal and state.global_step % tenth == 0:
             done = state.global_step - self.first_step
             eta = (time.time() - self.start) / max(done, 1) * (state.max_steps - state.global_step)
             self.console.print(f"step {state.global_step}/{state.max_steps} "
                                f"loss {self.loss:.3f} ETA {eta:.0f}s", soft_wrap=True)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress and logs and "loss" in logs:
-            self.loss = logs["loss"]
-            self.progress.update(self.task, loss=f"{logs['loss']:.3f}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress:
