@@ -160,7 +160,8 @@ class TrainSettings(_Section):
     """Compile the model with ``torch.compile`` (inductor) before training. Off by default:
     measured on an H200 it was slower than without (0.82x on the 0.5B shape) and, with
     Liger kernels, crashed or diverged (benchmarks/results/gpu_train_speed.md); on the
-    2-core CPU the first step had not finished compiling after 12 minutes."""
+    2-core CPU (busy with other jobs) the first step had not finished compiling after
+    12 minutes."""
 
 
 class GuardSettings(_Section):
