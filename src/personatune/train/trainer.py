@@ -302,7 +302,10 @@ def train(
             data, an unreachable model or impossible settings.
     """
     console = console or Console(stderr=True)
-    state = PartialState()
+    # On CPU, accelerate joins the launcher's process group (gloo) only when asked with
+    # cpu=True; without it every rank believed it was the main one and all of them emptied
+    # and created the work folder at once (an intermittent FileExistsError under torchrun).
+    state = PartialState(cpu=pick_device().type == "cpu")
     output = spec.output_path
     check_output(output, overwrite, resume)  # refuse before any slow work
 
