@@ -86,13 +86,17 @@ def resolve_ref(name: str, revision: str | None = None, base_dir: Path | None = 
     return ModelRef(name, "hub", name, revision=revision)
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Base model files do not change while a process runs; adapters do, so they use sha256_file.
+_sha256 = functools.lru_cache(maxsize=8)(sha256_file)
 
 
 def _dir_hash(path: Path) -> str:

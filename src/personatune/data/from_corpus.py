@@ -35,6 +35,7 @@ from personatune.data.corpus import (
     split_by_chapter,
     to_records,
 )
+from personatune.data.loaders import jsonl_records
 from personatune.errors import PersonatuneError
 from personatune.train.output import publish
 
@@ -96,17 +97,11 @@ def read_labels(path: str | Path, character: str) -> list[dict]:
     path = Path(path)
     key = f"speaker_is_{character.lower().replace(' ', '_')}"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PersonatuneError(f"{path}: no such labels file") from None
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PersonatuneError(f"{path}:line {n}: invalid JSON ({e.msg})") from None
+    for n, r in jsonl_records(path, text):
         label = r.get("is_character", r.get(key)) if isinstance(r, dict) else None
         if (not isinstance(label, bool) or not isinstance(r.get("book"), str)
                 or not isinstance(r.get("quote"), str) or not r["quote"]):

@@ -94,15 +94,28 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict]]:
         raise PersonatuneError(f"{path}: line {reader.line_num}: unreadable CSV ({e})") from None
 
 
+def jsonl_records(path: Path, text: str | None = None) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed value)`` for each non-blank line of a JSONL file, numbered
+    from 1. ``text`` is the file's contents when already read (default: read as UTF-8).
+
+    Raises:
+        PersonatuneError: ``PATH:line N: invalid JSON (reason)``.
+    """
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _row_error(f"{path}:line {n}", f"invalid JSON ({e.msg})") from None
+        yield n, value
+
+
 def _json_records(path: Path, text: str, jsonl: bool) -> Iterator[tuple[str, dict]]:
     if jsonl:
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _row_error(f"{path}:line {n}", f"invalid JSON ({e.msg})") from None
+        for n, rec in jsonl_records(path, text):
             if not isinstance(rec, dict):
                 raise _row_error(f"{path}:line {n}", "expected a JSON object")
             yield f"{path}:line {n}", rec

@@ -9,7 +9,6 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -184,12 +183,3 @@ def cached_answers(
         cache.entries.update(zip(missing, new))
         cache.save()
     return [cache.entries[k] for k in keys]
-
-
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes (an adapter's identity for the answer cache)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

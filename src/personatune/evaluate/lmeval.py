@@ -10,6 +10,7 @@ import logging
 import math
 from pathlib import Path
 
+from personatune.data.loaders import jsonl_records
 from personatune.errors import PersonatuneError
 
 #: The prompt of the generic format, as in lm-eval's ARC tasks.
@@ -19,13 +20,7 @@ _DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet
 
 def _first_row(path: Path) -> dict:
     if path.suffix == ".jsonl":
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    return json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PersonatuneError(f"{path}: line {i} is not JSON ({e.msg})") from None
-        return {}
+        return next((row for _, row in jsonl_records(path)), {})
     if path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         return data[0] if isinstance(data, list) and data else {}
@@ -41,13 +36,7 @@ def check_generic(path: Path) -> int:
         PersonatuneError: naming the line and the key to fix.
     """
     n = 0
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PersonatuneError(f"{path}: line {i} is not JSON ({e.msg})") from None
+    for i, row in jsonl_records(path):
         choices, label = row.get("choices"), row.get("label")
         if not isinstance(row.get("question"), str):
             raise PersonatuneError(f"{path}: line {i}: 'question' must be a string")

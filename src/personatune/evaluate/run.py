@@ -19,7 +19,7 @@ from personatune.data.dataset import load_examples, persona_system_prompt, split
 from personatune.data.loaders import Example
 from personatune.errors import PersonatuneError
 from personatune.evaluate import metrics as M
-from personatune.evaluate.answers import Answer, cached_answers, file_hash, inference_copy
+from personatune.evaluate.answers import Answer, cached_answers, inference_copy
 from personatune.evaluate.classifier import PersonaClassifier, fit_classifier
 from personatune.evaluate.perplexity import conditional_perplexity
 from personatune.evaluate.probe import (
@@ -31,6 +31,7 @@ from personatune.evaluate.probe import (
     score_stress,
     unseen,
 )
+from personatune.models import sha256_file
 
 REPORT_FILES = ("report.json", "report.html", "report_loss.png", "report_metrics.png")
 
@@ -250,7 +251,7 @@ def evaluate(
                                "to evaluate; set train.eval_split above 0")
     ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
     base_fp = ref.fingerprint()
-    tuned_fp = f"{base_fp}+adapter:{file_hash(persona_dir / 'adapter_model.safetensors')}"
+    tuned_fp = f"{base_fp}+adapter:{sha256_file(persona_dir / 'adapter_model.safetensors')}"
     base_m = inference_copy(persona.model, merge=False)
     tuned_m = inference_copy(persona.model, merge=True)
     persona.model = None  # the fp32 model is no longer needed

@@ -33,12 +33,12 @@ from personatune.errors import PersonatuneError
 from personatune.evaluate.answers import (
     Answer,
     cached_answers,
-    file_hash,
     generate_answers,
     inference_copy,
 )
 from personatune.evaluate.classifier import PersonaClassifier
 from personatune.evaluate.probe import drift_ratio, general_split, score_probe, stratified
+from personatune.models import sha256_file
 from personatune.train.output import write_json
 from personatune.evaluate.run import (
     EvalData,
@@ -342,7 +342,7 @@ class Guard:
                 adapter = ckpts[step] / "adapter_model.safetensors"
                 set_peft_model_state_dict(model, load_file(str(adapter)))
                 tuned = inference_copy(model, merge=True)
-                fp = f"{self.fingerprint}+adapter:{file_hash(adapter)}"
+                fp = f"{self.fingerprint}+adapter:{sha256_file(adapter)}"
                 with phase(bar, f"gate: checkpoint-{step}, whole probe", n_probe) as adv:
                     m = self.full_metrics(tuned, fp, drift_convs, adv)
                 return {"probe_accuracy": m["probe_accuracy"], "drift_ppl": m["drift_ppl"],
