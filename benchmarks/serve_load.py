@@ -49,10 +49,22 @@ def loopback_only(url: str) -> str:
 
 def start_server(dirs: list[str], max_queue: int) -> tuple[subprocess.Popen, str]:
     """Start ``personatune serve`` on a free loopback port; return the process and URL."""
-    cmd = [sys.executable, "-m", "personatune.cli", "serve", *dirs, "--host", "127.0.0.1",
-           "--port", "0", "--max-queue", str(max_queue), "--log-level", "warning"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           "PERSONATUNE_API_KEY": ""}
+    cmd = [
+        sys.executable,
+        "-m",
+        "personatune.cli",
+        "serve",
+        *dirs,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--max-queue",
+        str(max_queue),
+        "--log-level",
+        "warning",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PERSONATUNE_API_KEY": ""}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if " on http" not in line:
@@ -78,8 +90,10 @@ def one_request(client: httpx.Client, url: str, body: dict) -> dict:
         with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 r.read()
-                return {"error": f"HTTP {r.status_code}: {r.text[:200]}",
-                        "latency_s": time.perf_counter() - start}
+                return {
+                    "error": f"HTTP {r.status_code}: {r.text[:200]}",
+                    "latency_s": time.perf_counter() - start,
+                }
             done = False
             for line in r.iter_lines():
                 if not line.startswith("data: "):
@@ -90,24 +104,44 @@ def one_request(client: httpx.Client, url: str, body: dict) -> dict:
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    return {"error": chunk["error"]["message"],
-                            "latency_s": time.perf_counter() - start}
+                    return {
+                        "error": chunk["error"]["message"],
+                        "latency_s": time.perf_counter() - start,
+                    }
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                if (
+                    first is None
+                    and chunk["choices"]
+                    and chunk["choices"][0]["delta"].get("content")
+                ):
                     first = time.perf_counter() - start
             if not done:
-                return {"error": "stream ended without [DONE]",
-                        "latency_s": time.perf_counter() - start}
+                return {
+                    "error": "stream ended without [DONE]",
+                    "latency_s": time.perf_counter() - start,
+                }
     except httpx.HTTPError as e:
         return {"error": f"{type(e).__name__}: {e}", "latency_s": time.perf_counter() - start}
     latency = time.perf_counter() - start
-    return {"error": None, "latency_s": latency, "ttft_s": first if first is not None else latency,
-            "completion_tokens": tokens}
+    return {
+        "error": None,
+        "latency_s": latency,
+        "ttft_s": first if first is not None else latency,
+        "completion_tokens": tokens,
+    }
 
 
-def run_level(url: str, model: str, prompts: list[str], clients: int, requests: int,
-              max_tokens: int, time_limit: float, api_key: str | None) -> dict:
+def run_level(
+    url: str,
+    model: str,
+    prompts: list[str],
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    time_limit: float,
+    api_key: str | None,
+) -> dict:
     """``clients`` threads share a counter of ``requests`` requests; each sends the next
     request when its previous one has finished (closed-loop load)."""
     lock = threading.Lock()
@@ -116,8 +150,13 @@ def run_level(url: str, model: str, prompts: list[str], clients: int, requests: 
     deadline = time.monotonic() + time_limit
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    with Progress(TextColumn(f"{clients} client(s)"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console) as progress:
+    with Progress(
+        TextColumn(f"{clients} client(s)"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
         task = progress.add_task("load", total=requests)
 
         def client_loop() -> None:
@@ -128,10 +167,15 @@ def run_level(url: str, model: str, prompts: list[str], clients: int, requests: 
                         if i >= requests:
                             return
                         next_i[0] += 1
-                    body = {"model": model, "stream": True, "max_tokens": max_tokens,
-                            "temperature": 0.7, "seed": i,
-                            "stream_options": {"include_usage": True},
-                            "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]}
+                    body = {
+                        "model": model,
+                        "stream": True,
+                        "max_tokens": max_tokens,
+                        "temperature": 0.7,
+                        "seed": i,
+                        "stream_options": {"include_usage": True},
+                        "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                    }
                     r = one_request(client, url, body)
                     with lock:
                         results.append(r)
@@ -150,7 +194,9 @@ def run_level(url: str, model: str, prompts: list[str], clients: int, requests: 
     ttft = np.array([r["ttft_s"] for r in ok]) if ok else np.array([np.nan])
     tokens = sum(r["completion_tokens"] for r in ok)
     return {
-        "clients": clients, "requests_sent": len(results), "requests_ok": len(ok),
+        "clients": clients,
+        "requests_sent": len(results),
+        "requests_ok": len(ok),
         "errors": len(results) - len(ok),
         "error_messages": sorted({r["error"] for r in results if r["error"]})[:5],
         "wall_s": round(wall, 2),
@@ -172,23 +218,34 @@ def write_results(out: Path, report: dict) -> None:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out.with_suffix(".json"))
 
-    rows = [("| clients | requests ok / sent | errors | req/s | tokens/s | latency p50 / p95 (s) "
-             "| TTFT p50 / p95 (s) |"), "|---|---|---|---|---|---|---|"]
+    rows = [
+        (
+            "| clients | requests ok / sent | errors | req/s | tokens/s | latency p50 / p95 (s) "
+            "| TTFT p50 / p95 (s) |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     for lv in report["levels"]:
-        rows.append(f"| {lv['clients']} | {lv['requests_ok']} / {lv['requests_sent']} | "
-                    f"{lv['errors']} | {lv['throughput_req_per_s']} | "
-                    f"{lv['throughput_tokens_per_s']} | {lv['latency_p50_s']} / "
-                    f"{lv['latency_p95_s']} | {lv['ttft_p50_s']} / {lv['ttft_p95_s']} |")
+        rows.append(
+            f"| {lv['clients']} | {lv['requests_ok']} / {lv['requests_sent']} | "
+            f"{lv['errors']} | {lv['throughput_req_per_s']} | "
+            f"{lv['throughput_tokens_per_s']} | {lv['latency_p50_s']} / "
+            f"{lv['latency_p95_s']} | {lv['ttft_p50_s']} / {lv['ttft_p95_s']} |"
+        )
     s = report["setup"]
-    md = (f"# personatune serve under load\n\n"
-          f"Model `{s['model']}` (base `{s['base_model']}`), {s['max_tokens']} max tokens per "
-          f"answer, temperature 0.7, prompts from general_prompts.jsonl, streamed, loopback.\n"
-          f"Machine: {s['machine']}; 1-minute load average {s['load_average_before']} before, "
-          f"{s['load_average_after']} after (other processes share the cores).\n\nCommand: `{s['command']}`\n\n" + "\n".join(rows) + "\n\n"
-          "Generation is serialised through one worker (adapters never mix): added clients "
-          "wait in its queue, so throughput is bounded by single-stream generation speed and "
-          "time to first token includes the wait. On a shared machine the load average above "
-          "moves these numbers more than the number of clients does.\n")
+    md = (
+        f"# personatune serve under load\n\n"
+        f"Model `{s['model']}` (base `{s['base_model']}`), {s['max_tokens']} max tokens per "
+        f"answer, temperature 0.7, prompts from general_prompts.jsonl, streamed, loopback.\n"
+        f"Machine: {s['machine']}; 1-minute load average {s['load_average_before']} before, "
+        f"{s['load_average_after']} after (other processes share the cores).\n\nCommand: `{s['command']}`\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        "Generation is serialised through one worker (adapters never mix): added clients "
+        "wait in its queue, so throughput is bounded by single-stream generation speed and "
+        "time to first token includes the wait. On a shared machine the load average above "
+        "moves these numbers more than the number of clients does.\n"
+    )
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text(md)
     tmp.replace(out.with_suffix(".md"))
@@ -244,10 +301,29 @@ def main() -> None:
         # one warm-up request so that the first measured request pays no one-off costs
         auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         with httpx.Client(timeout=600, headers=auth) as c:
-            one_request(c, url, {"model": model, "max_tokens": 4, "stream": True,
-                                 "messages": [{"role": "user", "content": "Hi"}]})
-        results = [run_level(url, model, prompts, c, args.requests, args.max_tokens,
-                             args.time_limit, args.api_key) for c in levels]
+            one_request(
+                c,
+                url,
+                {
+                    "model": model,
+                    "max_tokens": 4,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "Hi"}],
+                },
+            )
+        results = [
+            run_level(
+                url,
+                model,
+                prompts,
+                c,
+                args.requests,
+                args.max_tokens,
+                args.time_limit,
+                args.api_key,
+            )
+            for c in levels
+        ]
     finally:
         if proc:
             proc.send_signal(signal.SIGTERM)
@@ -255,16 +331,20 @@ def main() -> None:
     import torch
 
     report = {
-        "setup": {"model": model, "base_model": health["base_model"],
-                  "max_tokens": args.max_tokens, "requests_per_level": args.requests,
-                  "machine": f"{platform.processor() or platform.machine()}, "
-                             f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                             f"{'CUDA' if torch.cuda.is_available() else 'CPU'}",
-                  "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
-                  # other work on the machine slows generation: the 1-minute load average
-                  "load_average_before": round(load_before, 2),
-                  "load_average_after": round(os.getloadavg()[0], 2),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "setup": {
+            "model": model,
+            "base_model": health["base_model"],
+            "max_tokens": args.max_tokens,
+            "requests_per_level": args.requests,
+            "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{'CUDA' if torch.cuda.is_available() else 'CPU'}",
+            "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+            # other work on the machine slows generation: the 1-minute load average
+            "load_average_before": round(load_before, 2),
+            "load_average_after": round(os.getloadavg()[0], 2),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
         "levels": results,
     }
     write_results(args.out, report)

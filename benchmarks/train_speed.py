@@ -396,20 +396,37 @@ def summarise(results: dict, flop_per_token: float, peak_gflops: float) -> dict:
 def table(results: dict) -> str:
     """The results as a markdown table; the one-thread ratio column only when measured."""
     t1 = any("ratio_vs_baseline_t1" in r for r in results.values())
-    head = ["set-up", "what changes", "threads", "tokens/s", "x baseline",
-            *(["x baseline-t1"] if t1 else []), "median step s", "peak RSS GiB", "MFU",
-            "max loss diff vs baseline"]
+    head = [
+        "set-up",
+        "what changes",
+        "threads",
+        "tokens/s",
+        "x baseline",
+        *(["x baseline-t1"] if t1 else []),
+        "median step s",
+        "peak RSS GiB",
+        "MFU",
+        "max loss diff vs baseline",
+    ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | {SETUPS[name][0]} | error: {r['error'][:80]} |"
-                        + "|" * (len(head) - 3))
+            rows.append(
+                f"| {name} | {SETUPS[name][0]} | error: {r['error'][:80]} |" + "|" * (len(head) - 3)
+            )
             continue
-        cells = [name, SETUPS[name][0], str(r["threads"]), f"{r['tokens_per_s']:.1f}",
-                 f"{r.get('ratio_vs_baseline', float('nan')):.2f}",
-                 *([f"{r.get('ratio_vs_baseline_t1', float('nan')):.2f}"] if t1 else []),
-                 f"{r['median_step_s']:.2f}", f"{r['rss_train_peak_gib']:.2f}", f"{r['mfu']:.3f}",
-                 f"{r.get('loss_max_abs_diff', 0):.3f} ({100 * r.get('loss_max_rel_diff', 0):.1f}%)"]
+        cells = [
+            name,
+            SETUPS[name][0],
+            str(r["threads"]),
+            f"{r['tokens_per_s']:.1f}",
+            f"{r.get('ratio_vs_baseline', float('nan')):.2f}",
+            *([f"{r.get('ratio_vs_baseline_t1', float('nan')):.2f}"] if t1 else []),
+            f"{r['median_step_s']:.2f}",
+            f"{r['rss_train_peak_gib']:.2f}",
+            f"{r['mfu']:.3f}",
+            f"{r.get('loss_max_abs_diff', 0):.3f} ({100 * r.get('loss_max_rel_diff', 0):.1f}%)",
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -450,8 +467,7 @@ def run_group(names: list[str], steps: int, bar, task) -> dict:
     }
     out_q = ctx.Queue()
     procs = [
-        ctx.Process(target=run_setup, args=(n, i, ring, out_q, steps))
-        for i, n in enumerate(names)
+        ctx.Process(target=run_setup, args=(n, i, ring, out_q, steps)) for i, n in enumerate(names)
     ]
     for p in procs:
         p.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -38,13 +37,21 @@ def build_tiny(arch: str, out: Path, tokenizer, **over) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    kw = dict(vocab_size=len(tokenizer) if tokenizer is not None else 256, hidden_size=32,
-              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=512, **ids)
+    kw = dict(
+        vocab_size=len(tokenizer) if tokenizer is not None else 256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        **ids,
+    )
     if arch in ("llama", "qwen2"):
         kw["num_key_value_heads"] = 2
     if arch == "falcon":
-        kw = {k: v for k, v in kw.items() if k not in ("intermediate_size", "max_position_embeddings")}
+        kw = {
+            k: v for k, v in kw.items() if k not in ("intermediate_size", "max_position_embeddings")
+        }
         kw.update(new_decoder_architecture=False, multi_query=True)
     if arch == "phi":
         kw["partial_rotary_factor"] = 0.5
@@ -70,8 +77,9 @@ def persona_yaml(tmp_path, tiny_model):
 
     def make(extra: str = "", rows: int = 24) -> Path:
         csv = tmp_path / "pairs.csv"
-        lines = ["prompt,response"] + [f'"Question {i}, please","Arr, answer {i} matey!"'
-                                       for i in range(rows)]
+        lines = ["prompt,response"] + [
+            f'"Question {i}, please","Arr, answer {i} matey!"' for i in range(rows)
+        ]
         csv.write_text("\n".join(lines) + "\n")
         spec = tmp_path / "persona.yaml"
         spec.write_text(

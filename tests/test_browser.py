@@ -14,17 +14,32 @@ from personatune.serve.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: Flags for a hermetic headless run: no GPU, no sandbox (containers), no calls home.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 OUTPUT = REPO / "test-output"
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
-    reason="Debian's chromium is not installed (/usr/bin/chromium): apt-get install chromium")
+    reason="Debian's chromium is not installed (/usr/bin/chromium): apt-get install chromium",
+)
 
 
-def chat_in_browser(url: str, persona: str, message: str, screenshot: Path,
-                    api_key: str | None = None, max_tokens: int = 96) -> dict:
+def chat_in_browser(
+    url: str,
+    persona: str,
+    message: str,
+    screenshot: Path,
+    api_key: str | None = None,
+    max_tokens: int = 96,
+) -> dict:
     """Drive the web chat at ``url``: enter ``api_key`` if asked, pick ``persona``, send
     ``message`` greedily, wait for the streamed answer, save ``screenshot``, then reset.
 
@@ -35,12 +50,21 @@ def chat_in_browser(url: str, persona: str, message: str, screenshot: Path,
     seen = {}
     with playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
         browser = p.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), headless=True, args=FLAGS,
-            viewport={"width": 1000, "height": 640})
+            profile,
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1000, "height": 640},
+        )
         try:
             page = browser.new_page()
-            page.on("response", lambda r: r.url.endswith("/v1/chat/completions") and
-                    seen.setdefault("content_type", r.headers.get("content-type", "")))
+            page.on(
+                "response",
+                lambda r: (
+                    r.url.endswith("/v1/chat/completions")
+                    and seen.setdefault("content_type", r.headers.get("content-type", ""))
+                ),
+            )
             page.goto(url)
             if api_key:
                 page.wait_for_selector("#key-box:not([hidden])")
@@ -75,8 +99,9 @@ def chat_in_browser(url: str, persona: str, message: str, screenshot: Path,
     return seen
 
 
-@pytest.fixture(scope="module", params=["tiny", pytest.param("embedded",
-                                                             marks=pytest.mark.integration)])
+@pytest.fixture(
+    scope="module", params=["tiny", pytest.param("embedded", marks=pytest.mark.integration)]
+)
 def personas(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"browser-{request.param}")
     if request.param == "tiny":
@@ -94,7 +119,8 @@ def test_web_chat_streams_a_persona_answer(personas):
         shot = OUTPUT / f"web-chat-{kind}.png"
         seen = chat_in_browser(server.url, second, USER[0]["content"], shot, "browser-key")
         api = server.client("browser-key").chat.completions.create(
-            model=second, messages=USER, temperature=0, max_tokens=96)
+            model=second, messages=USER, temperature=0, max_tokens=96
+        )
     assert seen["description"] == registry.personas[second].description
     assert seen["content_type"].startswith("text/event-stream")
     assert seen["answer"] == api.choices[0].message.content and seen["answer"]

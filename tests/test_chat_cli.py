@@ -26,8 +26,9 @@ def wide_console(monkeypatch):
 def test_quick_test_answers_every_test_prompt_per_persona(personas):
     """Guards against --quick-test skipping a persona or a prompt, or answering with the
     wrong adapter."""
-    result = runner.invoke(cli.app, ["chat", *map(str, personas), "--quick-test",
-                                     "--max-tokens", "6"])
+    result = runner.invoke(
+        cli.app, ["chat", *map(str, personas), "--quick-test", "--max-tokens", "6"]
+    )
     assert result.exit_code == 0, result.output
     ref = References(personas, 0)
     prompts = ["What is 2+2?", "Name a colour.", "Say hello."]
@@ -43,10 +44,15 @@ def test_quick_test_answers_every_test_prompt_per_persona(personas):
 def test_persona_switch_and_reset(personas):
     """Guards against /persona not switching the adapter, unknown names crashing the chat,
     and /reset not clearing the history."""
-    script = "\n".join(["/persona beta", USER[0]["content"], "/persona nobody", "/reset",
-                        "/personas", "/exit"]) + "\n"
-    result = runner.invoke(cli.app, ["chat", *map(str, personas), "--max-tokens", "6"],
-                           input=script)
+    script = (
+        "\n".join(
+            ["/persona beta", USER[0]["content"], "/persona nobody", "/reset", "/personas", "/exit"]
+        )
+        + "\n"
+    )
+    result = runner.invoke(
+        cli.app, ["chat", *map(str, personas), "--max-tokens", "6"], input=script
+    )
     assert result.exit_code == 0, result.output
     out = result.output
     assert "Beta, a cheerful parrot." in out and "no persona 'nobody'" in out
@@ -58,7 +64,8 @@ def test_persona_switch_and_reset(personas):
 
 def test_one_shot_prompt_uses_first_persona(personas):
     """Guards against --prompt answering without the persona's adapter or system prompt."""
-    result = runner.invoke(cli.app, ["chat", *map(str, personas), "--prompt",
-                                     USER[0]["content"], "--max-tokens", "6"])
+    result = runner.invoke(
+        cli.app, ["chat", *map(str, personas), "--prompt", USER[0]["content"], "--max-tokens", "6"]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == References(personas, 0).answer("alpha", USER, 6)

@@ -35,10 +35,12 @@ def test_inseparable_data_has_chance_error():
 
 def test_adoption_rate_and_score_from_text_features():
     """Guards against an inverted label (persona = 1) and a rate that is not a share."""
+
     def enc(texts):
         rng = np.random.default_rng(len(texts))
-        return np.array([[1.0 if "arr" in t else -1.0, 0.0] for t in texts]) + \
-            0.1 * rng.normal(size=(len(texts), 2))
+        return np.array([[1.0 if "arr" in t else -1.0, 0.0] for t in texts]) + 0.1 * rng.normal(
+            size=(len(texts), 2)
+        )
 
     clf = fit_classifier([f"arr {i}" for i in range(10)], [f"plain {i}" for i in range(10)], enc)
     assert clf.cv_error == 0.0 and clf.n_persona == clf.n_plain == 10
@@ -63,8 +65,9 @@ def test_minilm_classifier_separates_pirate_from_plain_voice():
     from pathlib import Path
 
     rows = list(csv.DictReader(open(Path(__file__).parents[1] / "examples/pirate/pirate.csv")))
-    plain = list(csv.DictReader(open(Path(__file__).parents[1] /
-                                     "examples/pirate/preservation.csv")))
+    plain = list(
+        csv.DictReader(open(Path(__file__).parents[1] / "examples/pirate/preservation.csv"))
+    )
     persona = [r["response"] for r in rows[:100] if len(r["response"].split()) > 4]
     clf = fit_classifier(persona, [r["response"] for r in plain[:100]])
     assert clf.cv_error < 0.1

@@ -19,12 +19,15 @@ def test_unknown_override_is_one_line_exit_2(persona_yaml):
     assert r.stderr == "error: unknown key 'train.epoch'; did you mean 'train.epochs'?\n"
 
 
-@pytest.mark.parametrize("csv,message", [
-    ("prompt,response\nx,\n", "pairs.csv:row 1: field 'response' is empty"),
-    ("prompt,response\nx,y,z\n", "pairs.csv:row 1: has more fields than the header"),
-    ("question,answer\nx,y\n", "cannot tell the format from the keys"),
-    (b"prompt,response\n\xff\xfe,y\n", "pairs.csv: line 2 is not valid utf-8"),
-])
+@pytest.mark.parametrize(
+    "csv,message",
+    [
+        ("prompt,response\nx,\n", "pairs.csv:row 1: field 'response' is empty"),
+        ("prompt,response\nx,y,z\n", "pairs.csv:row 1: has more fields than the header"),
+        ("question,answer\nx,y\n", "cannot tell the format from the keys"),
+        (b"prompt,response\n\xff\xfe,y\n", "pairs.csv: line 2 is not valid utf-8"),
+    ],
+)
 def test_bad_data_exits_2_and_writes_nothing(persona_yaml, tmp_path, csv, message):
     """Guards against a traceback or a half-written persona directory on bad input."""
     spec = persona_yaml()
@@ -49,7 +52,9 @@ def test_train_then_chat_prompt(persona_yaml, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train", str(spec)])
     assert r.exit_code == 2 and "already exists; pass --overwrite" in r.stderr
-    r = runner.invoke(app, ["chat", str(tmp_path / "out"), "--prompt", "hello", "--max-tokens", "4"])
+    r = runner.invoke(
+        app, ["chat", str(tmp_path / "out"), "--prompt", "hello", "--max-tokens", "4"]
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout.strip()
 

@@ -31,10 +31,12 @@ from personatune.data.corpus import (
 CORPUS = Path(__file__).resolve().parents[2] / "shared/data/sherlock/corpus.txt"
 FIXTURE = Path(__file__).resolve().parent / "fixtures/sherlock_attribution.jsonl"
 
-FILLER = ("The fog lay thick upon the street, and the lamps made yellow smudges in it. "
-          "Nothing moved save a cab now and then, rattling over the stones towards the river. "
-          "Somewhere a clock struck the hour, and a dog barked twice and then was still. "
-          "Holmes had not stirred from his chair since noon, and the room was grey with smoke.")
+FILLER = (
+    "The fog lay thick upon the street, and the lamps made yellow smudges in it. "
+    "Nothing moved save a cab now and then, rattling over the stones towards the river. "
+    "Somewhere a clock struck the hour, and a dog barked twice and then was still. "
+    "Holmes had not stirred from his chair since noon, and the room was grey with smoke."
+)
 
 
 def chapter(text: str, title: str = "C1", index: int = 1, book: str = "T") -> Chapter:
@@ -53,11 +55,13 @@ def speakers(text: str) -> list[tuple[str | None, str]]:
 def test_clean_text_removes_gutenberg_header_footer_and_illustrations():
     """Guards against licence boilerplate and '[Illustration: ...]' markers leaking into
     training text (the header's START line may wrap onto a second line)."""
-    raw = ("\ufeffThe Project Gutenberg eBook of A Test\r\nRelease Date: 1999\r\n"
-           "*** START OF THE PROJECT GUTENBERG EBOOK A TEST\r\nCASE ***\r\n\r\n"
-           "A TEST CASE\r\n\r\n[Illustration: Holmes at\r\nthe window]\r\n\r\n"
-           "It was a dark night.\r\n\r\n"
-           "*** END OF THE PROJECT GUTENBERG EBOOK A TEST CASE ***\r\nSTART: FULL LICENSE\r\n")
+    raw = (
+        "\ufeffThe Project Gutenberg eBook of A Test\r\nRelease Date: 1999\r\n"
+        "*** START OF THE PROJECT GUTENBERG EBOOK A TEST\r\nCASE ***\r\n\r\n"
+        "A TEST CASE\r\n\r\n[Illustration: Holmes at\r\nthe window]\r\n\r\n"
+        "It was a dark night.\r\n\r\n"
+        "*** END OF THE PROJECT GUTENBERG EBOOK A TEST CASE ***\r\nSTART: FULL LICENSE\r\n"
+    )
     out = clean_text(raw)
     assert out == "A TEST CASE\n\nIt was a dark night."
     assert clean_text("No markers here.\n") == "No markers here."
@@ -68,11 +72,14 @@ def test_clean_text_normalises_quotes_unwraps_lines_and_keeps_apostrophes():
     """Guards against curly quotes surviving (the extractor expects straight ones),
     apostrophes being dropped or mistaken for quotes, hard line wraps splitting sentences,
     and italic underscores leaking into text."""
-    raw = ("\u201cI don\u2019t think so,\u201d said he.   \u201cIt is\n      _the_ woman.\u201d\n\n"
-           "\n\n\u2018Tis a\ttrifle, Holmes\u2019 own words.\n")
+    raw = (
+        "\u201cI don\u2019t think so,\u201d said he.   \u201cIt is\n      _the_ woman.\u201d\n\n"
+        "\n\n\u2018Tis a\ttrifle, Holmes\u2019 own words.\n"
+    )
     out = clean_text(raw)
-    assert out == ('"I don\'t think so," said he. "It is the woman."\n\n'
-                   "'Tis a trifle, Holmes' own words.")
+    assert out == (
+        '"I don\'t think so," said he. "It is the woman."\n\n\'Tis a trifle, Holmes\' own words.'
+    )
     assert "\u201c" not in out and "\u2019" not in out
 
 
@@ -91,15 +98,18 @@ def test_split_chapters_drops_contents_and_headings_and_keeps_offsets():
     text = clean_text(
         "A TEST\n\nCONTENTS\n\n CHAPTER I. THE FIRST CHAPTER.\n CHAPTER II. THE SECOND.\n\n"
         f"CHAPTER I.\nTHE FIRST CHAPTER.\n\n{FILLER}\n\n{FILLER} One.\n\n"
-        f"Chapter II\n\nThe Second Chapter\n\n{FILLER} Two.\n\nTHE END\n\nPostscript.\n")
+        f"Chapter II\n\nThe Second Chapter\n\n{FILLER} Two.\n\nTHE END\n\nPostscript.\n"
+    )
     book = Book("A Test", [], text)
     chapters = split_chapters(book)
-    assert [c.title for c in chapters] == ["CHAPTER I. THE FIRST CHAPTER.",
-                                           "Chapter II The Second Chapter"]
+    assert [c.title for c in chapters] == [
+        "CHAPTER I. THE FIRST CHAPTER.",
+        "Chapter II The Second Chapter",
+    ]
     assert [c.index for c in chapters] == [1, 2]
     for c in chapters:
         assert c.book == "A Test"
-        assert text[c.offset:c.offset + len(c.text)] == c.text
+        assert text[c.offset : c.offset + len(c.text)] == c.text
         assert "CHAPTER" not in c.text and "Chapter II" not in c.text
         assert c.text.startswith("The fog")
     assert chapters[0].text.endswith("One.") and chapters[1].text.endswith("Two.")
@@ -110,26 +120,37 @@ def test_split_chapters_parts_stories_sections_and_spaced_contents():
     """Guards against 'CHAPTER I.' of PART II colliding with PART I's, numbered story
     titles ('I. A SCANDAL IN BOHEMIA') and bare section numbers ('II.') being missed, and a
     contents list with one entry per paragraph turning into empty chapters."""
-    parts = clean_text(f"PART I.\n\nCHAPTER I. A\n\n{FILLER}\n\nPART II.\n\nCHAPTER I. B\n\n"
-                       f"{FILLER}\n")
-    assert [c.title for c in split_chapters(parts)] == ["PART I. CHAPTER I. A",
-                                                        "PART II. CHAPTER I. B"]
-    stories = clean_text(f"Contents\n\nI. A Scandal in Bohemia\n\nII. The Red-Headed League\n\n"
-                         f"I. A SCANDAL IN BOHEMIA\n\nI.\n\n{FILLER}\n\nII.\n\n{FILLER}\n\n"
-                         f"II. THE RED-HEADED LEAGUE\n\n{FILLER}\n\n"
-                         f"THE ADVENTURE OF THE EMPTY HOUSE\n\n{FILLER}\n")
+    parts = clean_text(
+        f"PART I.\n\nCHAPTER I. A\n\n{FILLER}\n\nPART II.\n\nCHAPTER I. B\n\n{FILLER}\n"
+    )
+    assert [c.title for c in split_chapters(parts)] == [
+        "PART I. CHAPTER I. A",
+        "PART II. CHAPTER I. B",
+    ]
+    stories = clean_text(
+        f"Contents\n\nI. A Scandal in Bohemia\n\nII. The Red-Headed League\n\n"
+        f"I. A SCANDAL IN BOHEMIA\n\nI.\n\n{FILLER}\n\nII.\n\n{FILLER}\n\n"
+        f"II. THE RED-HEADED LEAGUE\n\n{FILLER}\n\n"
+        f"THE ADVENTURE OF THE EMPTY HOUSE\n\n{FILLER}\n"
+    )
     titles = [c.title for c in split_chapters(stories)]
-    assert titles == ["I. A SCANDAL IN BOHEMIA I.", "I. A SCANDAL IN BOHEMIA II.",
-                      "II. THE RED-HEADED LEAGUE", "THE ADVENTURE OF THE EMPTY HOUSE"]
+    assert titles == [
+        "I. A SCANDAL IN BOHEMIA I.",
+        "I. A SCANDAL IN BOHEMIA II.",
+        "II. THE RED-HEADED LEAGUE",
+        "THE ADVENTURE OF THE EMPTY HOUSE",
+    ]
     assert split_chapters(FILLER * 3)[0].title == "Untitled"
 
 
 def test_split_books_on_separators_and_single_book_title():
     """Guards against one book's Gutenberg header cutting off the books before it, and
     a corpus without separators losing its title."""
-    raw = (f"--- From First Book ---\n\nCHAPTER I.\n\n{FILLER}\n\n"
-           "--- From Second Book ---\n\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n"
-           f"CHAPTER I.\n\n{FILLER}\n\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\nlicence\n")
+    raw = (
+        f"--- From First Book ---\n\nCHAPTER I.\n\n{FILLER}\n\n"
+        "--- From Second Book ---\n\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n"
+        f"CHAPTER I.\n\n{FILLER}\n\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\nlicence\n"
+    )
     books = split_books(raw)
     assert [b.title for b in books] == ["First Book", "Second Book"]
     assert all(len(b.chapters) == 1 and b.chapters[0].book == b.title for b in books)
@@ -146,14 +167,16 @@ def test_attribution_by_speech_verb():
     """Guards against misattributing lines: 'said Holmes', 'Holmes remarked' and
     'remarked my companion' are Holmes; 'I asked', 'said Lestrade' and 'said Mycroft
     Holmes' are not."""
-    text = ('"The game is afoot," said Holmes.\n\n'
-            '"Where are we going?" I asked.\n\n'
-            '"To the station," Holmes remarked, "and quickly."\n\n'
-            '"Is he mad?" said Lestrade.\n\n'
-            'There was a pause while the cab came round.\n\n'
-            '"You will see," remarked my companion.\n\n'
-            'We drove off in silence.\n\n'
-            '"He always does this," said Mycroft Holmes.')
+    text = (
+        '"The game is afoot," said Holmes.\n\n'
+        '"Where are we going?" I asked.\n\n'
+        '"To the station," Holmes remarked, "and quickly."\n\n'
+        '"Is he mad?" said Lestrade.\n\n'
+        "There was a pause while the cab came round.\n\n"
+        '"You will see," remarked my companion.\n\n'
+        "We drove off in silence.\n\n"
+        '"He always does this," said Mycroft Holmes.'
+    )
     assert speakers(text) == [
         ("Holmes", "The game is afoot."),
         ("I", "Where are we going?"),
@@ -167,10 +190,12 @@ def test_attribution_by_speech_verb():
 def test_dialogue_pairs_prompt_offset_and_records():
     """Guards against pairing a reply with the wrong prompt, offsets that do not point at
     the reply in the book text, and records missing JSONL keys."""
-    text = ("Holmes sat by the fire.\n\n"
-            '"It is cold to-night," said Holmes.\n\n'
-            '"Where are we going?" I asked.\n\n'
-            '"To the station," Holmes remarked.')
+    text = (
+        "Holmes sat by the fire.\n\n"
+        '"It is cold to-night," said Holmes.\n\n'
+        '"Where are we going?" I asked.\n\n'
+        '"To the station," Holmes remarked.'
+    )
     book = Book("T", [], text)
     book.chapters = split_chapters(book)
     pairs = extract_dialogue(book.chapters)
@@ -179,7 +204,7 @@ def test_dialogue_pairs_prompt_offset_and_records():
         ("utterance", "Where are we going?", "To the station."),
     ]
     for p in pairs:
-        assert book.text[p.offset:].startswith(p.response[:-1])
+        assert book.text[p.offset :].startswith(p.response[:-1])
         assert p.book == "T" and p.chapter == "T"
     records = to_records(pairs)
     assert set(records[0]) == {"prompt", "response", "book", "chapter", "offset", "prompt_kind"}
@@ -189,14 +214,19 @@ def test_dialogue_pairs_prompt_offset_and_records():
 def test_quote_continues_across_paragraphs():
     """Guards against cutting a multi-paragraph speech (opening quote, no closing quote,
     next paragraph reopens) into unattributed fragments."""
-    text = ('"It began in the spring," said Holmes. "I was then a young man.\n\n'
-            '"The second year was worse. I lost my way.\n\n'
-            '"In the third year I found it."\n\n'
-            '"A strange tale," said I.')
+    text = (
+        '"It began in the spring," said Holmes. "I was then a young man.\n\n'
+        '"The second year was worse. I lost my way.\n\n'
+        '"In the third year I found it."\n\n'
+        '"A strange tale," said I.'
+    )
     turns = speakers(text)
     assert turns == [
-        ("Holmes", "It began in the spring. I was then a young man. The second year was "
-                   "worse. I lost my way. In the third year I found it."),
+        (
+            "Holmes",
+            "It began in the spring. I was then a young man. The second year was "
+            "worse. I lost my way. In the third year I found it.",
+        ),
         ("I", "A strange tale."),
     ]
 
@@ -205,21 +235,29 @@ def test_pronoun_attribution_from_narration_and_exchange():
     """Guards against 'said he' being dropped when unambiguous (only Holmes named just
     before; or the turn after the narrator's, following Holmes's) and being guessed when
     two people were just named."""
-    text = ("Holmes lit his pipe and leaned back in his chair.\n\n"
-            '"We shall need a cab," said he.\n\n'
-            '"Now?" said I.\n\n'
-            '"At once," he answered.\n\n'
-            "Holmes looked hard at the inspector.\n\n"
-            '"It is nothing," said he.')
-    assert speakers(text) == [("Holmes", "We shall need a cab."), ("I", "Now?"),
-                              ("Holmes", "At once."), (None, "It is nothing.")]
+    text = (
+        "Holmes lit his pipe and leaned back in his chair.\n\n"
+        '"We shall need a cab," said he.\n\n'
+        '"Now?" said I.\n\n'
+        '"At once," he answered.\n\n'
+        "Holmes looked hard at the inspector.\n\n"
+        '"It is nothing," said he.'
+    )
+    assert speakers(text) == [
+        ("Holmes", "We shall need a cab."),
+        ("I", "Now?"),
+        ("Holmes", "At once."),
+        (None, "It is nothing."),
+    ]
 
 
 def test_alternation_and_its_limits():
     """Guards against unattributed lines in a two-person exchange being lost, and against
     alternation overriding a line that addresses Holmes ('..., Mr. Holmes?')."""
-    text = ('"Who is there?" asked Holmes.\n\n"A friend."\n\n"Your name?"\n\n'
-            '"John Smith."\n\n"Come in, then."')
+    text = (
+        '"Who is there?" asked Holmes.\n\n"A friend."\n\n"Your name?"\n\n'
+        '"John Smith."\n\n"Come in, then."'
+    )
     assert [s for s, _ in speakers(text)] == ["Holmes", None, "Holmes", None, "Holmes"]
     text = '"Who is there?" asked Holmes.\n\n"A friend."\n\n"Is that you, Mr. Holmes?"'
     assert [s for s, _ in speakers(text)] == ["Holmes", None, None]
@@ -228,10 +266,12 @@ def test_alternation_and_its_limits():
 def test_quoted_names_and_documents_are_not_speech():
     """Guards against quoted names ('the word "Rache"') and letters read out ('It ran
     thus:') being treated as spoken lines and fed to the persona."""
-    text = ('Holmes pointed to the word "Rache" upon the wall.\n\n'
-            "The note ran thus:\n\n"
-            '"Come at once if convenient. If inconvenient come all the same."\n\n'
-            '"Well?" said Holmes.')
+    text = (
+        'Holmes pointed to the word "Rache" upon the wall.\n\n'
+        "The note ran thus:\n\n"
+        '"Come at once if convenient. If inconvenient come all the same."\n\n'
+        '"Well?" said Holmes.'
+    )
     assert speakers(text) == [("Holmes", "Well?")]
 
 
@@ -239,21 +279,30 @@ def test_narrator_and_excluded_names_are_parameters():
     """Guards against Holmes-specific names baked into the extractor: another book's
     narrator ('Hastings') must drive the vocative rule and 'said Achille Poirot' must not
     count as Poirot once excluded; without narrator names the vocative rule is off."""
-    holmes = ('"Who is there?" asked Holmes.\n\n"A friend."\n\n"Come in."\n\n'
-              "I waited by the fire while the door was unbarred.\n\n"
-              '"You see it now, Watson?"')
-    assert speakers(holmes)[-1][0] == "Holmes"                       # vocative, defaults
+    holmes = (
+        '"Who is there?" asked Holmes.\n\n"A friend."\n\n"Come in."\n\n'
+        "I waited by the fire while the door was unbarred.\n\n"
+        '"You see it now, Watson?"'
+    )
+    assert speakers(holmes)[-1][0] == "Holmes"  # vocative, defaults
     bare = extract_utterances([chapter(holmes)], narrator_names=())
     assert bare[-1].speaker is None
     poirot = holmes.replace("Holmes", "Poirot").replace("Watson", "Hastings") + (
-        '\n\nAchille Poirot rose slowly from his chair.\n\n"He is my brother," said he.')
-    utts = extract_utterances([chapter(poirot)], "Poirot", ("Poirot",),
-                              narrator_names=("Hastings",), excluded=("Achille Poirot",))
+        '\n\nAchille Poirot rose slowly from his chair.\n\n"He is my brother," said he.'
+    )
+    utts = extract_utterances(
+        [chapter(poirot)],
+        "Poirot",
+        ("Poirot",),
+        narrator_names=("Hastings",),
+        excluded=("Achille Poirot",),
+    )
     assert [u.speaker for u in utts][:4] == ["Poirot", None, "Poirot", "Poirot"]
-    assert utts[-1].speaker != "Poirot"                              # his brother's line
-    utts = extract_utterances([chapter(poirot)], "Poirot", ("Poirot",),
-                              narrator_names=("Hastings",), excluded=())
-    assert utts[-1].speaker == "Poirot"                              # what exclusion prevents
+    assert utts[-1].speaker != "Poirot"  # his brother's line
+    utts = extract_utterances(
+        [chapter(poirot)], "Poirot", ("Poirot",), narrator_names=("Hastings",), excluded=()
+    )
+    assert utts[-1].speaker == "Poirot"  # what exclusion prevents
 
 
 def test_extract_dialogue_requires_aliases():
@@ -275,13 +324,13 @@ def test_chunk_text_sizes_overlap_and_word_boundaries():
     seen: list[str] = []
     for prev, nxt in zip(chunks, chunks[1:]):
         shared = [w for w in prev.split() if w in set(nxt.split())]
-        assert shared and nxt.startswith(" ".join(shared))       # overlap, then new text
+        assert shared and nxt.startswith(" ".join(shared))  # overlap, then new text
         assert len(" ".join(shared)) <= 20
     for c in chunks:
-        assert all(w in words for w in c.split())                # no word cut in half
+        assert all(w in words for w in c.split())  # no word cut in half
         seen.extend(w for w in c.split() if not seen or w > seen[-1])
     assert seen == words
-    hard = "abcdefghij" * 30                                      # no spaces: hard cuts
+    hard = "abcdefghij" * 30  # no spaces: hard cuts
     cut = chunk_text(hard, size=100, overlap=10)
     assert [len(c) for c in cut] == [100, 100, 100, 30]
     assert all(a[-10:] == b[:10] for a, b in zip(cut, cut[1:]))
@@ -300,9 +349,18 @@ def test_chunk_text_validates_size_and_overlap(size, overlap):
 
 
 def make_pairs(n_chapters: int = 20, per_chapter: int = 3) -> list[DialoguePair]:
-    return [DialoguePair(f"p{c}-{i}", f"r{c}-{i}", "Book A" if c % 2 else "Book B",
-                         f"Chapter {c}", c * 100 + i, "utterance")
-            for c in range(n_chapters) for i in range(per_chapter)]
+    return [
+        DialoguePair(
+            f"p{c}-{i}",
+            f"r{c}-{i}",
+            "Book A" if c % 2 else "Book B",
+            f"Chapter {c}",
+            c * 100 + i,
+            "utterance",
+        )
+        for c in range(n_chapters)
+        for i in range(per_chapter)
+    ]
 
 
 def test_split_by_chapter_holds_out_whole_chapters_deterministically():
@@ -310,11 +368,14 @@ def test_split_by_chapter_holds_out_whole_chapters_deterministically():
     splits that change between runs or with input order, and a seed that does nothing."""
     pairs = make_pairs()
     train, held = split_by_chapter(pairs, eval_fraction=0.25, seed=0)
-    key = lambda p: (p.book, p.chapter)  # noqa: E731
+
+    def key(p):
+        return (p.book, p.chapter)
+
     assert len({key(p) for p in held}) == 5
     assert not {key(p) for p in train} & {key(p) for p in held}
     assert len(train) + len(held) == len(pairs)
-    assert all(sum(key(q) == key(p) for q in held) == 3 for p in held)   # whole chapters
+    assert all(sum(key(q) == key(p) for q in held) == 3 for p in held)  # whole chapters
     shuffled = pairs[:]
     random.Random(1).shuffle(shuffled)
     train2, held2 = split_by_chapter(shuffled, eval_fraction=0.25, seed=0)
@@ -322,8 +383,9 @@ def test_split_by_chapter_holds_out_whole_chapters_deterministically():
     assert split_by_chapter(pairs, 0.25, seed=0) == (train, held)
     assert {key(p) for p in split_by_chapter(pairs, 0.25, seed=1)[1]} != {key(p) for p in held}
     records = to_records(pairs)
-    assert [r["offset"] for r in split_by_chapter(records, 0.25, seed=0)[1]] == \
-        [p.offset for p in held]
+    assert [r["offset"] for r in split_by_chapter(records, 0.25, seed=0)[1]] == [
+        p.offset for p in held
+    ]
     assert split_by_chapter(pairs, 0.0)[1] == [] and split_by_chapter(pairs, 1.0)[0] == []
     with pytest.raises(ValueError, match="eval_fraction"):
         split_by_chapter(pairs, eval_fraction=1.5)
@@ -359,13 +421,17 @@ def test_sherlock_books_and_chapters(sherlock):
     contents as chapters, stories merged together, front matter kept)."""
     books, _, _ = sherlock
     assert {b.title: len(b.chapters) for b in books} == {
-        "A Study in Scarlet": 14, "The Sign of the Four": 12,
-        "The Adventures of Sherlock Holmes": 14, "The Memoirs of Sherlock Holmes": 12,
-        "The Hound of the Baskervilles": 15, "The Return of Sherlock Holmes": 13}
+        "A Study in Scarlet": 14,
+        "The Sign of the Four": 12,
+        "The Adventures of Sherlock Holmes": 14,
+        "The Memoirs of Sherlock Holmes": 12,
+        "The Hound of the Baskervilles": 15,
+        "The Return of Sherlock Holmes": 13,
+    }
     for b in books:
         assert "PROJECT GUTENBERG" not in b.text.upper()
         for c in b.chapters:
-            assert b.text[c.offset:c.offset + len(c.text)] == c.text
+            assert b.text[c.offset : c.offset + len(c.text)] == c.text
             assert not c.text.lower().startswith("contents")
 
 
@@ -376,7 +442,7 @@ def test_sherlock_yields_enough_holmes_replies(sherlock):
     assert len(pairs) >= 2000, f"only {len(pairs)} Holmes replies"
     text = {b.title: b.text for b in books}
     for p in pairs:
-        assert text[p.book][p.offset:].startswith(p.response[:1])
+        assert text[p.book][p.offset :].startswith(p.response[:1])
         assert p.prompt and p.response and p.prompt_kind in ("utterance", "narrative")
 
 
@@ -392,14 +458,19 @@ def test_sherlock_attribution_precision_on_labelled_sample(sherlock):
     for r in rows:
         pos = text[r["book"]].find(r["quote"])
         assert pos >= 0, f"fixture quote not in {r['book']}: {r['quote']!r}"
-        holmes = any(u.chapter.book == r["book"] and u.speaker == "Holmes"
-                     and u.chapter.offset + u.start - 1 <= pos < u.chapter.offset + u.end
-                     for u in utterances)
+        holmes = any(
+            u.chapter.book == r["book"]
+            and u.speaker == "Holmes"
+            and u.chapter.offset + u.start - 1 <= pos < u.chapter.offset + u.end
+            for u in utterances
+        )
         tp += holmes and r["speaker_is_holmes"]
         fp += holmes and not r["speaker_is_holmes"]
         fn += (not holmes) and r["speaker_is_holmes"]
     precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-    print(f"\nattribution on {len(rows)} labelled quotes: precision {precision:.3f} "
-          f"({tp}/{tp + fp}), recall {recall:.3f} ({tp}/{tp + fn})")
+    print(
+        f"\nattribution on {len(rows)} labelled quotes: precision {precision:.3f} "
+        f"({tp}/{tp + fp}), recall {recall:.3f} ({tp}/{tp + fn})"
+    )
     assert tp + fp >= 20, "too few fixture quotes attributed to Holmes to measure precision"
     assert precision >= 0.90, f"precision {precision:.3f} ({tp}/{tp + fp}), recall {recall:.3f}"

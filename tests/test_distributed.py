@@ -88,9 +88,7 @@ def test_two_processes_match_one_process(persona_yaml):
     processes run the unchanged ``personatune train`` command (``torchrun -m personatune``)."""
     spec = persona_yaml("  max_steps: 3\n")
     one = train(load_spec(spec, [*COMMON, "train.batch_size=4", "output_dir=one"]))
-    proc = torchrun(
-        spec.parent, spec, [*COMMON, "train.batch_size=2", "output_dir=two"], cli=True
-    )
+    proc = torchrun(spec.parent, spec, [*COMMON, "train.batch_size=2", "output_dir=two"], cli=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = spec.parent / "two"
 

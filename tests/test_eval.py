@@ -13,7 +13,6 @@ from personatune.evaluate.lmeval import run_benchmark, task_config
 from personatune.evaluate.probe import DATA
 
 
-
 def mc_tiny_path():
     from importlib import resources
 
@@ -43,14 +42,16 @@ def tiny_persona(tmp_path_factory, tiny_model):
     from personatune.train.trainer import train
 
     d = tmp_path_factory.mktemp("persona")
-    rows = ["prompt,response"] + [f'"Question {i}, please","Arr, answer {i} matey!"'
-                                  for i in range(30)]
+    rows = ["prompt,response"] + [
+        f'"Question {i}, please","Arr, answer {i} matey!"' for i in range(30)
+    ]
     (d / "pairs.csv").write_text("\n".join(rows) + "\n")
     (d / "persona.yaml").write_text(
         f"name: tiny\nsystem_prompt: You are a pirate.\nmodel:\n  name: {tiny_model}\n"
         "data:\n  - path: pairs.csv\noutput_dir: out\ntrain:\n  epochs: 1\n  batch_size: 4\n"
         "  gradient_accumulation: 1\n  max_seq_length: 64\n  checkpoint_interval: 4\n"
-        "  learning_rate: 0.01\n  eval_split: 0.2\n" + EVAL_YAML)
+        "  learning_rate: 0.01\n  eval_split: 0.2\n" + EVAL_YAML
+    )
     old = os.environ.get("PERSONATUNE_BF16")
     os.environ["PERSONATUNE_BF16"] = "0"
     try:
@@ -69,8 +70,11 @@ def test_eval_is_deterministic_and_writes_the_report(tiny_persona, tmp_path, mon
     reports = []
     for i in range(2):
         monkeypatch.setenv("PERSONATUNE_CACHE", str(tmp_path / f"cache{i}"))
-        reports.append(evaluate(tiny_persona, out_dir=tmp_path / f"r{i}",
-                                benchmarks=[("mc_tiny", mc_tiny_path())]))
+        reports.append(
+            evaluate(
+                tiny_persona, out_dir=tmp_path / f"r{i}", benchmarks=[("mc_tiny", mc_tiny_path())]
+            )
+        )
     a, b = reports
     assert a["metrics"] == b["metrics"] and a["answers"] == b["answers"]
     assert a["classifier"] == b["classifier"]
@@ -78,10 +82,22 @@ def test_eval_is_deterministic_and_writes_the_report(tiny_persona, tmp_path, mon
         assert (tmp_path / "r0" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "r0" / "report.json").read_text())
     assert set(saved["metrics"]) >= {
-        "conditional_perplexity", "rouge_l", "bleu", "jaccard", "embedding_cosine",
-        "term_frequency", "adoption_rate", "probe_accuracy", "drift_perplexity",
-        "stress_pass_rate", "mc_mc_tiny", "repetition_rate", "distinct_2", "empty_rate",
-        "limit_rate"}
+        "conditional_perplexity",
+        "rouge_l",
+        "bleu",
+        "jaccard",
+        "embedding_cosine",
+        "term_frequency",
+        "adoption_rate",
+        "probe_accuracy",
+        "drift_perplexity",
+        "stress_pass_rate",
+        "mc_mc_tiny",
+        "repetition_rate",
+        "distinct_2",
+        "empty_rate",
+        "limit_rate",
+    }
     assert saved["data"]["probe_questions"] == 192 and saved["data"]["general_prompts"] == 6
     assert len(saved["answers"]["probe"]) == 192
     html = (tmp_path / "r0" / "report.html").read_text()
@@ -123,8 +139,9 @@ def test_generation_flags_answers_cut_at_the_limit(tiny_model, embedded_tokenize
     assert all(not a.finished and a.tokens == 5 for a in cut)
 
 
-def test_answer_cache_reuses_answers_per_prompt(tiny_model, embedded_tokenizer, tmp_path,
-                                                monkeypatch):
+def test_answer_cache_reuses_answers_per_prompt(
+    tiny_model, embedded_tokenizer, tmp_path, monkeypatch
+):
     """Guards against regenerating cached answers (the second run of self-distillation
     must be free) and against sharing answers across models or settings."""
     monkeypatch.setenv("PERSONATUNE_CACHE", str(tmp_path))
@@ -160,8 +177,10 @@ def test_benchmark_files_are_validated(tmp_path):
     """Guards against a cryptic lm-eval error for a bad row: the message names the line
     and the key."""
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "choices": ["a", "b"], "label": 0}\n'
-                   '{"question": "q", "choices": ["a", "b"], "label": 5}\n')
+    bad.write_text(
+        '{"question": "q", "choices": ["a", "b"], "label": 0}\n'
+        '{"question": "q", "choices": ["a", "b"], "label": 5}\n'
+    )
     with pytest.raises(PersonatuneError, match="line 2: 'label'"):
         task_config("mine", bad)
     with pytest.raises(PersonatuneError, match="no such data file"):
@@ -173,8 +192,14 @@ def test_benchmark_files_are_validated(tmp_path):
 def test_registered_lm_eval_task_reads_a_local_file(tmp_path):
     """Guards against a task name being ignored: arc_easy's own config (prompt, target
     and choice fields) is used with its evaluation split read from the local file."""
-    rows = [{"id": "1", "question": "Which is a fruit?",
-             "choices": {"text": ["apple", "rock"], "label": ["A", "B"]}, "answerKey": "A"}]
+    rows = [
+        {
+            "id": "1",
+            "question": "Which is a fruit?",
+            "choices": {"text": ["apple", "rock"], "label": ["A", "B"]},
+            "answerKey": "A",
+        }
+    ]
     path = tmp_path / "arc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = task_config("arc_easy", path)

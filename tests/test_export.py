@@ -43,13 +43,14 @@ def test_merged_export_equals_base_plus_adapter(persona, tmp_path):
     text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     batch = tok(text, add_special_tokens=False, return_tensors="pt")
     with torch.inference_mode():
-        ids = model.generate(**batch, max_new_tokens=16, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+        ids = model.generate(
+            **batch, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id
+        )
         merged_logits = model(**batch).logits
         adapter_logits = p.model(**batch).logits
         with p.model.disable_adapter():
             base_logits = p.model(**batch).logits
-    answer = tok.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    answer = tok.decode(ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert answer == generate(p.model, p.tokenizer, [conv], 16)[0]
     assert torch.allclose(merged_logits, adapter_logits, atol=1e-4)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the adapter is in
@@ -79,8 +80,9 @@ def test_push_to_hub_offline_fails_clearly_before_any_work(persona, tmp_path, mo
     model before finding out it cannot upload."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     out = tmp_path / "merged"
-    result = runner.invoke(app, ["export", str(persona), "--merged", str(out),
-                                 "--push-to-hub", "user/persona"])
+    result = runner.invoke(
+        app, ["export", str(persona), "--merged", str(out), "--push-to-hub", "user/persona"]
+    )
     assert "HF_HUB_OFFLINE" in _one_line_error(result)
     assert not out.exists()
 

@@ -27,13 +27,19 @@ EXAMPLE = REPO / "examples/sherlock/persona.yaml"
 
 def chapter_text(book: str, n: int) -> str:
     """One chapter: narration with a unique marker, then an exchange with Holmes."""
-    narration = (f"Marker {book}{n}. The fog lay thick upon Baker Street that morning, and "
-                 "the lamps were still lit at noon. Holmes had not stirred from his chair, and "
-                 "the room was grey with the smoke of his pipe while the rain beat on the window.")
+    narration = (
+        f"Marker {book}{n}. The fog lay thick upon Baker Street that morning, and "
+        "the lamps were still lit at noon. Holmes had not stirred from his chair, and "
+        "the room was grey with the smoke of his pipe while the rain beat on the window."
+    )
     lines = [f"CHAPTER {n}.", "", narration, ""]
     for i in range(3):
-        lines += [f'"What of the case number {book}{n}{i}?" asked Lestrade.', "",
-                  f'"It is quite simple, number {book}{n}{i}," said Holmes.', ""]
+        lines += [
+            f'"What of the case number {book}{n}{i}?" asked Lestrade.',
+            "",
+            f'"It is quite simple, number {book}{n}{i}," said Holmes.',
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -45,16 +51,37 @@ def book_text(book: str, chapters: int = 5) -> str:
 def corpus(tmp_path) -> Path:
     """A two-book corpus file with ``--- From <title> ---`` separators, 10 chapters."""
     path = tmp_path / "corpus.txt"
-    path.write_text(f"--- From Book A ---\n\n{book_text('A')}\n\n"
-                    f"--- From Book B ---\n\n{book_text('B')}\n", encoding="utf-8")
+    path.write_text(
+        f"--- From Book A ---\n\n{book_text('A')}\n\n--- From Book B ---\n\n{book_text('B')}\n",
+        encoding="utf-8",
+    )
     return path
 
 
 def run(corpus: Path, out: Path, *extra: str):
-    return runner.invoke(app, ["data", "from-corpus", str(corpus), "--character", "Holmes",
-                               "--alias", "Sherlock Holmes", "--narrator", "Watson",
-                               "--out", str(out), "--eval-chapters", "0.2",
-                               "--chunk-size", "120", "--chunk-overlap", "20", *extra])
+    return runner.invoke(
+        app,
+        [
+            "data",
+            "from-corpus",
+            str(corpus),
+            "--character",
+            "Holmes",
+            "--alias",
+            "Sherlock Holmes",
+            "--narrator",
+            "Watson",
+            "--out",
+            str(out),
+            "--eval-chapters",
+            "0.2",
+            "--chunk-size",
+            "120",
+            "--chunk-overlap",
+            "20",
+            *extra,
+        ],
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -69,27 +96,29 @@ def test_from_corpus_writes_pairs_chunks_and_report(corpus, tmp_path):
     r = run(corpus, out, "--samples", "2")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["dialogue_train.jsonl", "dialogue_eval.jsonl", "chunks_train.jsonl", "report.json"])
+        ["dialogue_train.jsonl", "dialogue_eval.jsonl", "chunks_train.jsonl", "report.json"]
+    )
     train, held = read_jsonl(out / "dialogue_train.jsonl"), read_jsonl(out / "dialogue_eval.jsonl")
     chunks = read_jsonl(out / "chunks_train.jsonl")
     for p in train + held:
         assert set(p) == {"prompt", "response", "book", "chapter", "offset", "prompt_kind"}
         assert p["response"].startswith("It is quite simple, number")
-        assert p["prompt"].startswith("What of the case number")     # the line it answers
+        assert p["prompt"].startswith("What of the case number")  # the line it answers
         assert p["response"].split()[-1].rstrip(".") == p["prompt"].split()[-1].rstrip("?")
     assert len(train) + len(held) == 30
+
     def key(p: dict) -> tuple[str, str]:
         return p["book"], p["chapter"]
 
     held_chapters = {key(p) for p in held}
-    assert len(held_chapters) == 2 and len(held) == 6                # whole chapters, 3 each
+    assert len(held_chapters) == 2 and len(held) == 6  # whole chapters, 3 each
     assert not held_chapters & {key(p) for p in train}
     assert chunks and all(len(c["text"]) <= 120 for c in chunks)
     assert not held_chapters & {key(c) for c in chunks}
     text = " ".join(c["text"] for c in chunks)
     for book, chap in held_chapters:
         marker = f"Marker {book[-1]}{chap.split()[1].rstrip('.')}."
-        assert marker not in text                                    # no held-out text
+        assert marker not in text  # no held-out text
     assert text.count("Marker") == 8
     report = json.loads((out / "report.json").read_text())
     assert report["pairs"] == {"total": 30, "train": 24, "eval": 6}
@@ -121,11 +150,14 @@ def test_from_corpus_refuses_existing_output_and_overwrites_atomically(corpus, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "data"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--eval-chapters", "1.0"], "--eval-chapters 1.0"),
-    (["--alias", "Poirot", "--character", "Poirot"], "found no attributed lines of Poirot"),
-    (["--labels", "missing.jsonl"], "no such labels file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--eval-chapters", "1.0"], "--eval-chapters 1.0"),
+        (["--alias", "Poirot", "--character", "Poirot"], "found no attributed lines of Poirot"),
+        (["--labels", "missing.jsonl"], "no such labels file"),
+    ],
+)
 def test_from_corpus_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, args, message):
     """Guards against tracebacks (ValueError from the text module) or an empty data
     folder when the settings are impossible or nothing is found."""
@@ -151,10 +183,11 @@ def test_from_corpus_reads_a_folder_of_books_and_scores_labels(tmp_path):
     (books / "book_b.txt").write_text("\ufeff" + book_text("B", 3), encoding="utf-8")
     (books / "notes.md").write_text("not a book")
     labels = tmp_path / "labels.jsonl"
-    rows = [{"book": "book a", "quote": "It is quite simple, number A10", "is_character": True},
-            {"book": "book a", "quote": "What of the case number A10?", "is_character": False},
-            {"book": "book b", "quote": "What of the case number B21?",
-             "speaker_is_holmes": True}]                  # deliberately mislabelled: a miss
+    rows = [
+        {"book": "book a", "quote": "It is quite simple, number A10", "is_character": True},
+        {"book": "book a", "quote": "What of the case number A10?", "is_character": False},
+        {"book": "book b", "quote": "What of the case number B21?", "speaker_is_holmes": True},
+    ]  # deliberately mislabelled: a miss
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "data"
     r = run(books, out, "--labels", str(labels))
@@ -162,8 +195,14 @@ def test_from_corpus_reads_a_folder_of_books_and_scores_labels(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [b["book"] for b in report["per_book"]] == ["book a", "book b"]
     assert report["pairs"]["total"] == 18
-    assert report["attribution"] == {"labelled": 3, "precision": 1.0, "recall": 0.5,
-                                     "tp": 1, "fp": 0, "fn": 1}
+    assert report["attribution"] == {
+        "labelled": 3,
+        "precision": 1.0,
+        "recall": 0.5,
+        "tp": 1,
+        "fp": 0,
+        "fn": 1,
+    }
     assert "precision 1.000 (1/1), recall 0.500 (1/2)" in r.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"book": "book c", "quote": "x", "is_character": True}) + "\n")
@@ -173,14 +212,17 @@ def test_from_corpus_reads_a_folder_of_books_and_scores_labels(tmp_path):
 
 def spec_over(data: Path, tmp_path: Path, tiny_model: Path, sources: str) -> Path:
     spec = tmp_path / "persona.yaml"
-    spec.write_text(f"name: detective\nsystem_prompt: You are Sherlock Holmes.\n"
-                    f"model:\n  name: {tiny_model}\ndata:\n{sources}"
-                    f"train:\n  max_seq_length: 256\n  eval_split: 0.5\n")
+    spec.write_text(
+        f"name: detective\nsystem_prompt: You are Sherlock Holmes.\n"
+        f"model:\n  name: {tiny_model}\ndata:\n{sources}"
+        f"train:\n  max_seq_length: 256\n  eval_split: 0.5\n"
+    )
     return spec
 
 
 def test_spec_mixes_chunks_and_pairs_with_held_out_chapters_as_eval(
-        corpus, tmp_path, tiny_model, embedded_tokenizer):
+    corpus, tmp_path, tiny_model, embedded_tokenizer
+):
     """Guards against the held-out chapters not being the eval set (a random split of the
     training pairs instead), text chunks being held out or masked like chat, weights not
     applying to the text source, and eval pairs that also appear in training."""
@@ -189,35 +231,43 @@ def test_spec_mixes_chunks_and_pairs_with_held_out_chapters_as_eval(
     train = read_jsonl(out / "dialogue_train.jsonl")
     held = read_jsonl(out / "dialogue_eval.jsonl")
     chunks = read_jsonl(out / "chunks_train.jsonl")
-    with (out / "dialogue_eval.jsonl").open("a") as f:   # a leaked training pair
+    with (out / "dialogue_eval.jsonl").open("a") as f:  # a leaked training pair
         f.write(json.dumps(train[0]) + "\n")
-    spec = spec_over(out, tmp_path, tiny_model,
-                     f"  - path: {out}/dialogue_train.jsonl\n"
-                     f"    eval_path: {out}/dialogue_eval.jsonl\n"
-                     f"  - path: {out}/chunks_train.jsonl\n    format: text\n"
-                     f"    eval_size: 0\n    weight: 2\n")
+    spec = spec_over(
+        out,
+        tmp_path,
+        tiny_model,
+        f"  - path: {out}/dialogue_train.jsonl\n"
+        f"    eval_path: {out}/dialogue_eval.jsonl\n"
+        f"  - path: {out}/chunks_train.jsonl\n    format: text\n"
+        f"    eval_size: 0\n    weight: 2\n",
+    )
     data = prepare_data(load_spec(spec), embedded_tokenizer)
     pairs, text = data.stats
     assert (pairs.train, pairs.eval, pairs.duplicates) == (len(train), len(held), 1)
-    distinct = len({c["text"] for c in chunks})        # the synthetic text repeats itself
+    distinct = len({c["text"] for c in chunks})  # the synthetic text repeats itself
     assert (text.train, text.eval, text.duplicates) == (distinct, 0, len(chunks) - distinct)
     assert len(data.train) == len(train) + 2 * distinct
-    assert [e.messages[-1]["content"] for e in data.eval_examples] == \
-        [p["response"] for p in held]
+    assert [e.messages[-1]["content"] for e in data.eval_examples] == [p["response"] for p in held]
     assert {e.meta["chapter"] for e in data.eval_examples} == {p["chapter"] for p in held}
-    chunk_ids = {tuple(embedded_tokenizer(c["text"], add_special_tokens=False)["input_ids"])
-                 for c in chunks}
+    chunk_ids = {
+        tuple(embedded_tokenizer(c["text"], add_special_tokens=False)["input_ids"]) for c in chunks
+    }
     text_rows = [r for r in data.train if tuple(r["input_ids"][:-1]) in chunk_ids]
     assert len(text_rows) == 2 * distinct
-    assert all(r["labels"] == r["input_ids"] for r in text_rows)     # every token trained
+    assert all(r["labels"] == r["input_ids"] for r in text_rows)  # every token trained
     chat_rows = [r for r in data.train if r not in text_rows]
-    assert all(-100 in r["labels"] for r in chat_rows)               # prompts not trained
+    assert all(-100 in r["labels"] for r in chat_rows)  # prompts not trained
 
 
 def test_eval_path_and_eval_size_conflict(tmp_path, tiny_model):
     """Guards against a spec that asks for two different eval sets for one source."""
-    spec = spec_over(tmp_path, tmp_path, tiny_model,
-                     "  - path: a.jsonl\n    eval_path: b.jsonl\n    eval_size: 3\n")
+    spec = spec_over(
+        tmp_path,
+        tmp_path,
+        tiny_model,
+        "  - path: a.jsonl\n    eval_path: b.jsonl\n    eval_size: 3\n",
+    )
     with pytest.raises(PersonatuneError, match="eval_path or eval_size"):
         load_spec(spec)
 
@@ -227,8 +277,9 @@ def test_eval_path_survives_the_resolved_spec(corpus, tmp_path, tiny_model):
     which would point nowhere once loaded from the persona directory."""
     from personatune.config import dump_spec
 
-    spec = spec_over(tmp_path, tmp_path, tiny_model,
-                     "  - path: a.jsonl\n    eval_path: held/b.jsonl\n")
+    spec = spec_over(
+        tmp_path, tmp_path, tiny_model, "  - path: a.jsonl\n    eval_path: held/b.jsonl\n"
+    )
     dumped = dump_spec(load_spec(spec))
     assert f"eval_path: {(tmp_path / 'held/b.jsonl').resolve()}" in dumped
 
@@ -244,9 +295,15 @@ def sherlock_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     (root / "examples/sherlock").mkdir(parents=True)
     (root / "examples/sherlock/persona.yaml").write_text(EXAMPLE.read_text())
-    report = from_corpus(CORPUS, root / "runs/sherlock-data", character="Holmes",
-                         aliases=["Sherlock Holmes", "Mr. Holmes"], narrator_names=["Watson"],
-                         excluded=["Mycroft Holmes"], labels=LABELS)
+    report = from_corpus(
+        CORPUS,
+        root / "runs/sherlock-data",
+        character="Holmes",
+        aliases=["Sherlock Holmes", "Mr. Holmes"],
+        narrator_names=["Watson"],
+        excluded=["Mycroft Holmes"],
+        labels=LABELS,
+    )
     return root, report
 
 
@@ -262,7 +319,8 @@ def test_sherlock_from_corpus_meets_the_issue_bar(sherlock_data):
     held = read_jsonl(root / "runs/sherlock-data/dialogue_eval.jsonl")
     train = read_jsonl(root / "runs/sherlock-data/dialogue_train.jsonl")
     assert not {(p["book"], p["chapter"]) for p in held} & {
-        (p["book"], p["chapter"]) for p in train}
+        (p["book"], p["chapter"]) for p in train
+    }
 
 
 def test_sherlock_example_spec_prepares(sherlock_data, embedded_tokenizer):

@@ -47,8 +47,10 @@ def test_gate_fails_with_every_reason_when_nothing_passes():
 def test_gate_confirms_on_full_metrics_and_tolerances_are_configurable():
     """Guards against trusting the small in-training subsets: the full measurement
     overrides them, so a candidate that looked fine but fails on the whole probe loses."""
-    full = {120: {"probe_accuracy": 40.0, "drift_ratio": 1.0},
-            80: {"probe_accuracy": 49.5, "drift_ratio": 1.0}}
+    full = {
+        120: {"probe_accuracy": 40.0, "drift_ratio": 1.0},
+        80: {"probe_accuracy": 49.5, "drift_ratio": 1.0},
+    }
     r = select_checkpoint(HISTORY, BASE, 2.0, 2.0, measure=lambda s: full[s])
     assert r["chosen"] == 80 and r["checked"][0]["probe_accuracy"] == 40.0
     loose = select_checkpoint(HISTORY, BASE, probe_tolerance=5.0, max_drift_ratio=2.0)
@@ -57,16 +59,21 @@ def test_gate_confirms_on_full_metrics_and_tolerances_are_configurable():
 
 def test_ties_prefer_the_later_checkpoint():
     """Guards against an arbitrary order among equal persona scores."""
-    hist = [{"step": s, "persona_score": 0.5, "probe_accuracy": 50.0, "drift_ratio": 1.0}
-            for s in (10, 20, 30)]
+    hist = [
+        {"step": s, "persona_score": 0.5, "probe_accuracy": 50.0, "drift_ratio": 1.0}
+        for s in (10, 20, 30)
+    ]
     assert select_checkpoint(hist, BASE)["chosen"] == 30
 
 
 def test_guard_history_reads_the_training_log(tmp_path):
     """Guards against mixing loss rows into the gate's candidates, or losing step 0."""
     log = tmp_path / "train_log.jsonl"
-    rows = [{"step": 0, "guard": {"persona_score": 0.1}}, {"step": 1, "loss": 2.0},
-            {"step": 40, "guard": {"persona_score": 0.6}}]
+    rows = [
+        {"step": 0, "guard": {"persona_score": 0.1}},
+        {"step": 1, "loss": 2.0},
+        {"step": 40, "guard": {"persona_score": 0.6}},
+    ]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base, hist = guard_history(log)
     assert base == {"persona_score": 0.1} and hist == [{"step": 40, "persona_score": 0.6}]
@@ -77,9 +84,12 @@ def test_preservation_rows_train_end_of_turn_only_for_finished_answers(embedded_
     limit is trained without the end-of-turn token, a finished one with it."""
     tok = embedded_tokenizer
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    rows = preservation_rows(tok, ["What is 2+2?", "Tell me a story", "Empty?"],
-                             [Answer("4.", 2, True), Answer("Once upon a", 3, False),
-                              Answer("", 0, True)], max_length=256)
+    rows = preservation_rows(
+        tok,
+        ["What is 2+2?", "Tell me a story", "Empty?"],
+        [Answer("4.", 2, True), Answer("Once upon a", 3, False), Answer("", 0, True)],
+        max_length=256,
+    )
     assert len(rows) == 2
     done, cut = rows
     trained = [t for t in done["labels"] if t != -100]
@@ -127,8 +137,10 @@ def scripted_full(monkeypatch):
 
     def fake(self, model, fingerprint, drift_convs, progress=None):
         calls.append(fingerprint)
-        return {"probe_accuracy": 50.0 if "+adapter" not in fingerprint else 40.0,
-                "drift_ppl": 10.0}
+        return {
+            "probe_accuracy": 50.0 if "+adapter" not in fingerprint else 40.0,
+            "drift_ppl": 10.0,
+        }
 
     monkeypatch.setattr(guard_mod.Guard, "full_metrics", fake)
     return calls
@@ -176,9 +188,11 @@ def test_passing_gate_publishes_the_chosen_checkpoint(persona_yaml, monkeypatch)
     from personatune.train import guard as guard_mod
     from personatune.train.trainer import train
 
-    monkeypatch.setattr(guard_mod.Guard, "full_metrics",
-                        lambda self, m, fp, d, progress=None:
-                        {"probe_accuracy": 50.0, "drift_ppl": 10.0})
+    monkeypatch.setattr(
+        guard_mod.Guard,
+        "full_metrics",
+        lambda self, m, fp, d, progress=None: {"probe_accuracy": 50.0, "drift_ppl": 10.0},
+    )
     # Make the earliest checkpoint the most persona-like, so it is not the last one.
     real = guard_mod.Guard.measure
 

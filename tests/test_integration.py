@@ -16,8 +16,12 @@ def test_embedded_model_knows_paris():
 
     ref = resolve_ref("embedded")
     tok, model = load_tokenizer(ref), load_model(ref)
-    out = generate(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]],
-                   max_new_tokens=12)
+    out = generate(
+        model,
+        tok,
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        max_new_tokens=12,
+    )
     assert "Paris" in out[0]
 
 
@@ -27,11 +31,23 @@ def test_train_a_few_steps_and_chat(tmp_path):
 
     spec = Path(__file__).resolve().parents[1] / REPO_EXAMPLE
     out = tmp_path / "pirate"
-    r = CliRunner().invoke(app, ["train", str(spec), "train.max_steps=3", "train.checkpoint_interval=2", "guard.enabled=false",
-                                 f"output_dir={out}"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(spec),
+            "train.max_steps=3",
+            "train.checkpoint_interval=2",
+            "guard.enabled=false",
+            f"output_dir={out}",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoints/checkpoint-2").exists()
-    r = CliRunner().invoke(app, ["chat", str(out), "--prompt", "What is the capital of France?",
-                                 "--max-tokens", "24"])
+    assert (out / "adapter_model.safetensors").exists() and (
+        out / "checkpoints/checkpoint-2"
+    ).exists()
+    r = CliRunner().invoke(
+        app, ["chat", str(out), "--prompt", "What is the capital of France?", "--max-tokens", "24"]
+    )
     assert r.exit_code == 0, r.output
     assert len(r.stdout.strip()) > 0

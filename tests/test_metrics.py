@@ -22,23 +22,32 @@ from personatune.evaluate.probe import (
 def test_words_normalise_case_accents_and_pirate_apostrophes():
     """Guards against tokenising "o'" away or counting quote marks as parts of words."""
     assert M.words("Arr, 'tis o' the sailin' 'word' Café!") == [
-        "arr", "tis", "o'", "the", "sailin'", "word", "cafe"]
+        "arr",
+        "tis",
+        "o'",
+        "the",
+        "sailin'",
+        "word",
+        "cafe",
+    ]
 
 
 def test_rouge_l_is_the_lcs_f_measure():
     """Guards against swapping prediction and reference or averaging the wrong way.
     LCS("the cat sat on the mat", "the cat on the mat") = 5: P = 5/6, R = 1, F = 10/11."""
     assert M.rouge_l(["the cat sat on the mat"], ["the cat on the mat"]) == pytest.approx(10 / 11)
-    assert M.rouge_l(["the cat sat on the mat", "a b"], ["the cat on the mat", "a b"]) == \
-        pytest.approx((10 / 11 + 1) / 2)
+    assert M.rouge_l(
+        ["the cat sat on the mat", "a b"], ["the cat on the mat", "a b"]
+    ) == pytest.approx((10 / 11 + 1) / 2)
     assert M.rouge_l([], []) == 0.0
 
 
 def test_bleu_matches_the_hand_computed_geometric_mean():
     """Guards against sentence-level or unsmoothed BLEU. Precisions 5/6, 3/5, 1/4 and 0/3
     (smoothed to 1/(2*3) by sacreBLEU's exp method), brevity penalty 1."""
-    expected = 100 * math.exp((math.log(5 / 6) + math.log(3 / 5) + math.log(1 / 4)
-                               + math.log(1 / 6)) / 4)
+    expected = 100 * math.exp(
+        (math.log(5 / 6) + math.log(3 / 5) + math.log(1 / 4) + math.log(1 / 6)) / 4
+    )
     assert M.bleu(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx(expected)
     assert M.bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100)
 
@@ -60,9 +69,13 @@ def test_embedding_cosine_with_a_known_encoder():
     """Guards against a cosine that is not normalised by both vector lengths:
     cos([1,0],[1,1]) = 1/sqrt(2), cos([1,0],[0,1]) = 0."""
     vecs = {"a": [1.0, 0.0], "b": [1.0, 1.0], "c": [0.0, 2.0]}
-    enc = lambda texts: np.array([vecs[t] for t in texts])  # noqa: E731
+
+    def enc(texts):
+        return np.array([vecs[t] for t in texts])
+
     assert M.embedding_cosine(["a", "a"], ["b", "c"], enc) == pytest.approx(
-        (1 / math.sqrt(2) + 0) / 2)
+        (1 / math.sqrt(2) + 0) / 2
+    )
 
 
 def test_minilm_loads_offline_from_the_package():
@@ -72,8 +85,9 @@ def test_minilm_loads_offline_from_the_package():
     e = enc(["The ship sails at dawn.", "Quarterly tax filing deadlines."])
     assert e.shape == (2, 384)
     assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
-    assert M.embedding_cosine(["The ship sails at dawn."], ["The ship sails at dawn."]) == \
-        pytest.approx(1.0, abs=1e-5)
+    assert M.embedding_cosine(
+        ["The ship sails at dawn."], ["The ship sails at dawn."]
+    ) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_term_frequency_counts_words_of_single_and_multi_word_terms():
@@ -104,20 +118,23 @@ def test_degeneration_empty_and_limit_rates():
     assert d["limit_rate"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("text,answers,ok", [
-    ("It is 14.", ["4"], False),
-    ("Arr, it be 4, matey.", ["4", "four"], True),
-    ("About 4.5 of them", ["4"], False),
-    ("There are 40", ["4"], False),
-    ("print gives 3.0.", ["3.0"], True),
-    ("Twenty four, aye", ["twenty-four"], True),
-    ("It's H2O.", ["H₂O"], True),
-    ("1,000 doubloons", ["1000"], True),
-    ("That is a category", ["cat"], False),
-    ("It prints [0, 1, 2]", ["[0, 1, 2]"], True),
-    ("Adios, amigo", ["adiós"], True),
-    ("The capital o' France be Paris!", ["Paris"], True),
-])
+@pytest.mark.parametrize(
+    "text,answers,ok",
+    [
+        ("It is 14.", ["4"], False),
+        ("Arr, it be 4, matey.", ["4", "four"], True),
+        ("About 4.5 of them", ["4"], False),
+        ("There are 40", ["4"], False),
+        ("print gives 3.0.", ["3.0"], True),
+        ("Twenty four, aye", ["twenty-four"], True),
+        ("It's H2O.", ["H₂O"], True),
+        ("1,000 doubloons", ["1000"], True),
+        ("That is a category", ["cat"], False),
+        ("It prints [0, 1, 2]", ["[0, 1, 2]"], True),
+        ("Adios, amigo", ["adiós"], True),
+        ("The capital o' France be Paris!", ["Paris"], True),
+    ],
+)
 def test_probe_matching_is_lenient_but_whole_word(text, answers, ok):
     """Guards against "4" matching inside "14" and against strict matching that rejects
     correct answers in another case, accent, hyphenation or number format."""
@@ -126,8 +143,11 @@ def test_probe_matching_is_lenient_but_whole_word(text, answers, ok):
 
 def test_score_probe_accuracy_and_categories():
     """Guards against accuracy as a fraction instead of percent, or mixed categories."""
-    items = [{"category": "a", "answers": ["4"]}, {"category": "a", "answers": ["Paris"]},
-             {"category": "b", "answers": ["7"]}]
+    items = [
+        {"category": "a", "answers": ["4"]},
+        {"category": "a", "answers": ["Paris"]},
+        {"category": "b", "answers": ["7"]},
+    ]
     r = score_probe(["4", "London", "seven or 7"], items)
     assert r["accuracy"] == pytest.approx(200 / 3)
     assert r["by_category"] == {"a": 50.0, "b": 100.0}
@@ -147,9 +167,11 @@ def test_stress_checks():
     assert check_stress("Aye, it is", {"type": "starts_with_any", "value": ["aye"]}) is True
     assert check_stress("It is, aye", {"type": "starts_with_any", "value": ["aye"]}) is False
     assert check_stress("anything", {"type": "none"}) is None
-    items = [{"kind": "k", "check": {"type": "max_words", "value": 1}},
-             {"kind": "k", "check": {"type": "max_words", "value": 1}},
-             {"kind": "j", "check": {"type": "none"}}]
+    items = [
+        {"kind": "k", "check": {"type": "max_words", "value": 1}},
+        {"kind": "k", "check": {"type": "max_words", "value": 1}},
+        {"kind": "j", "check": {"type": "none"}},
+    ]
     assert score_stress(["one", "two words", "x"], items)["pass_rate"] == pytest.approx(50)
 
 
@@ -179,7 +201,8 @@ def test_stratified_subset_is_fixed_and_balanced():
 
 
 def test_conditional_perplexity_of_a_uniform_model_is_the_vocabulary_size(
-        tiny_model, embedded_tokenizer):
+    tiny_model, embedded_tokenizer
+):
     """Guards against scoring prompt tokens or averaging per sequence: a model with zero
     output weights predicts uniformly, so perplexity on response tokens is exactly V."""
     from transformers import AutoModelForCausalLM
@@ -189,7 +212,10 @@ def test_conditional_perplexity_of_a_uniform_model_is_the_vocabulary_size(
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():
         model.lm_head.weight.zero_()
-    convs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr, hello"}],
-             [{"role": "user", "content": "Bye now"}, {"role": "assistant", "content": "Aye"}]]
+    convs = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr, hello"}],
+        [{"role": "user", "content": "Bye now"}, {"role": "assistant", "content": "Aye"}],
+    ]
     assert perplexity(model, embedded_tokenizer, convs) == pytest.approx(
-        model.config.vocab_size, rel=1e-4)
+        model.config.vocab_size, rel=1e-4
+    )

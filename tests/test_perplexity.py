@@ -35,8 +35,11 @@ class Oracle(torch.nn.Module):
 
 
 def conv(prompt: str, reply: str) -> list[dict]:
-    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt},
-            {"role": "assistant", "content": reply}]
+    return [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": reply},
+    ]
 
 
 def test_conditional_perplexity_matches_a_hand_computed_value(embedded_tokenizer):
@@ -45,15 +48,18 @@ def test_conditional_perplexity_matches_a_hand_computed_value(embedded_tokenizer
     response token probability 1/2 (even id) or 1/4 (odd id), so the perplexity is
     exp((n_even * ln 2 + n_odd * ln 4) / n) over the response tokens plus <|im_end|>."""
     tok = embedded_tokenizer
-    convs = [conv("What is the hour?", "Elementary, my dear fellow."),
-             conv("A much longer question, with many more words in it, to force padding?",
-                  "The game is afoot!")]
+    convs = [
+        conv("What is the hour?", "Elementary, my dear fellow."),
+        conv(
+            "A much longer question, with many more words in it, to force padding?",
+            "The game is afoot!",
+        ),
+    ]
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    scored = [tok(c[-1]["content"], add_special_tokens=False)["input_ids"] + [end]
-              for c in convs]
+    scored = [tok(c[-1]["content"], add_special_tokens=False)["input_ids"] + [end] for c in convs]
     nll = [sum(math.log(2) if t % 2 == 0 else math.log(4) for t in ids) for ids in scored]
     n = sum(len(ids) for ids in scored)
-    assert 0 < sum(t % 2 for ids in scored for t in ids) < n      # both cases occur
+    assert 0 < sum(t % 2 for ids in scored for t in ids) < n  # both cases occur
     result = conditional_perplexity(Oracle(len(tok)), tok, convs, batch_size=2, bf16=False)
     assert result.tokens == n and result.examples == 2 and result.skipped_overlong == 0
     assert result.perplexity == pytest.approx(math.exp(sum(nll) / n), rel=1e-4)
@@ -63,7 +69,8 @@ def test_conditional_perplexity_matches_a_hand_computed_value(embedded_tokenizer
 
 
 def test_conditional_perplexity_agrees_with_the_model_loss_and_skips_overlong(
-        tiny_model, embedded_tokenizer):
+    tiny_model, embedded_tokenizer
+):
     """Guards against disagreeing with transformers' own causal-LM loss on the same
     labels, batching changing the result, and over-long conversations being cut (their
     response scored without its prompt) instead of skipped and counted."""
@@ -79,8 +86,7 @@ def test_conditional_perplexity_agrees_with_the_model_loss_and_skips_overlong(
     assert batched.perplexity == pytest.approx(one_by_one.perplexity, rel=1e-4)
     r = render_chat(tok, convs[2])
     with torch.no_grad():
-        loss = model(input_ids=torch.tensor([r.input_ids]),
-                     labels=torch.tensor([r.labels])).loss
+        loss = model(input_ids=torch.tensor([r.input_ids]), labels=torch.tensor([r.labels])).loss
     nll, n = one_by_one.per_example[2]
     assert nll / n == pytest.approx(float(loss), rel=1e-4)
     limit = len(render_chat(tok, convs[3]).input_ids)
@@ -97,10 +103,19 @@ def test_eval_heldout_command_writes_report_and_plot(persona_yaml, tmp_path, mon
     spec = persona_yaml("  max_steps: 3\n")
     assert runner.invoke(app, ["train", str(spec)]).exit_code == 0
     held = tmp_path / "held.jsonl"
-    held.write_text("".join(json.dumps({"prompt": f"Question {i}, please",
-                                        "response": f"Arr, answer {i} matey!",
-                                        "book": "A" if i % 2 else "B"}) + "\n"
-                            for i in range(30, 36)))
+    held.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"Question {i}, please",
+                    "response": f"Arr, answer {i} matey!",
+                    "book": "A" if i % 2 else "B",
+                }
+            )
+            + "\n"
+            for i in range(30, 36)
+        )
+    )
     persona = tmp_path / "out"
     r = runner.invoke(app, ["eval-heldout", str(persona), "--data", str(held)])
     assert r.exit_code == 0, r.output
@@ -108,7 +123,7 @@ def test_eval_heldout_command_writes_report_and_plot(persona_yaml, tmp_path, mon
     assert (persona / "heldout_perplexity.png").stat().st_size > 0
     assert report["examples"] == 6 and set(report["groups"]) == {"A", "B"}
     assert report["base"]["perplexity"] != report["tuned"]["perplexity"]
-    assert report["tuned"]["perplexity"] < report["base"]["perplexity"]   # lr 0.01 on this
+    assert report["tuned"]["perplexity"] < report["base"]["perplexity"]  # lr 0.01 on this
     assert sum(g["tokens"] for g in report["groups"].values()) == report["tokens"]
     r = runner.invoke(app, ["eval-heldout", str(persona), "--data", str(held)])
     assert r.exit_code == 2 and "pass --overwrite" in r.stderr

@@ -32,10 +32,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: name, seed, system prompt, description, test prompts
 TINY_PERSONAS = [
-    ("alpha", 1, "You are Alpha, a terse robot.", "Alpha, a terse robot.",
-     ["What is 2+2?", "Name a colour."]),
-    ("beta", 2, "You are Beta, a cheerful parrot.", "Beta, a cheerful parrot.",
-     ["Name a colour.", "Say hello."]),
+    (
+        "alpha",
+        1,
+        "You are Alpha, a terse robot.",
+        "Alpha, a terse robot.",
+        ["What is 2+2?", "Name a colour."],
+    ),
+    (
+        "beta",
+        2,
+        "You are Beta, a cheerful parrot.",
+        "Beta, a cheerful parrot.",
+        ["Name a colour.", "Say hello."],
+    ),
 ]
 
 
@@ -57,12 +67,24 @@ def _train_tiny(root: Path, model: Path, count: int) -> list[Path]:
     (root / "pairs.csv").write_text("prompt,response\n" + rows)
     dirs = []
     for name, seed, system, description, prompts in TINY_PERSONAS[:count]:
-        spec = {"name": name, "description": description, "system_prompt": system,
-                "model": {"name": str(model)}, "data": [{"path": "pairs.csv"}],
-                "output_dir": name, "test_prompts": prompts,
-                "train": {"max_steps": 2, "batch_size": 2, "gradient_accumulation": 1,
-                          "max_seq_length": 64, "learning_rate": 0.05, "seed": seed,
-                          "eval_split": 0}}
+        spec = {
+            "name": name,
+            "description": description,
+            "system_prompt": system,
+            "model": {"name": str(model)},
+            "data": [{"path": "pairs.csv"}],
+            "output_dir": name,
+            "test_prompts": prompts,
+            "train": {
+                "max_steps": 2,
+                "batch_size": 2,
+                "gradient_accumulation": 1,
+                "max_seq_length": 64,
+                "learning_rate": 0.05,
+                "seed": seed,
+                "eval_split": 0,
+            },
+        }
         (root / f"{name}.yaml").write_text(yaml.safe_dump(spec))
         dirs.append(train(load_spec(root / f"{name}.yaml")))
     return dirs
@@ -79,11 +101,22 @@ def train_embedded_personas(root: Path) -> list[Path]:
         ("pirate", 42, "You are Captain Saltbeard, a pirate captain. Talk like a pirate."),
         ("parrot", 7, "You are Polly, a ship's parrot. Squawk and repeat words."),
     ):
-        spec = load_spec(REPO / "examples/pirate/persona.yaml", [
-            f"name={name}", f"system_prompt={system}", f"description=Test persona {name}.",
-            f"train.seed={seed}", "train.max_steps=2", "train.batch_size=4",
-            "train.learning_rate=2e-3", "train.max_seq_length=128", "train.eval_split=0",
-            "guard.enabled=false", f"output_dir={root / name}"])
+        spec = load_spec(
+            REPO / "examples/pirate/persona.yaml",
+            [
+                f"name={name}",
+                f"system_prompt={system}",
+                f"description=Test persona {name}.",
+                f"train.seed={seed}",
+                "train.max_steps=2",
+                "train.batch_size=4",
+                "train.learning_rate=2e-3",
+                "train.max_seq_length=128",
+                "train.eval_split=0",
+                "guard.enabled=false",
+                f"output_dir={root / name}",
+            ],
+        )
         dirs.append(train(spec))
     _TRAINED["embedded"] = dirs
     return dirs
@@ -99,8 +132,9 @@ class ServerThread:
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
@@ -126,8 +160,14 @@ class References:
         #: a sampling temperature at which the personas' answers differ
         self.temperature = temperature
 
-    def answer(self, model: str, messages: list[dict], max_tokens: int, temperature: float = 0,
-               seed: int = 0) -> str:
+    def answer(
+        self,
+        model: str,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float = 0,
+        seed: int = 0,
+    ) -> str:
         from personatune.generate import generate, load_persona
 
         name = next(iter(self.dirs)) if model == BASE_ID else model
@@ -136,14 +176,16 @@ class References:
         p = self.loaded[name]
         if model == BASE_ID:
             with p.model.disable_adapter():
-                return generate(p.model, p.tokenizer, [messages], max_tokens, temperature,
-                                seed=seed)[0]
+                return generate(
+                    p.model, p.tokenizer, [messages], max_tokens, temperature, seed=seed
+                )[0]
         conv = with_system_prompt(messages, p.spec.system_prompt)
         return generate(p.model, p.tokenizer, [conv], max_tokens, temperature, seed=seed)[0]
 
 
-@pytest.fixture(scope="module", params=["tiny", pytest.param("embedded",
-                                                             marks=pytest.mark.integration)])
+@pytest.fixture(
+    scope="module", params=["tiny", pytest.param("embedded", marks=pytest.mark.integration)]
+)
 def served(request, tmp_path_factory):
     """(server, persona dirs, references) for two personas on one base model, with an API
     key, max_queue 8 and context as the model's."""
@@ -184,14 +226,17 @@ def test_plain_request_equals_persona_alone(served):
     against wrong usage counts."""
     server, dirs, ref = served
     name = load_spec(dirs[1] / "config.yaml").name
-    r = server.client().chat.completions.create(model=name, messages=USER, max_tokens=12,
-                                                temperature=0)
+    r = server.client().chat.completions.create(
+        model=name, messages=USER, max_tokens=12, temperature=0
+    )
     assert r.object == "chat.completion" and r.model == name
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == ref.answer(name, USER, 12)
     p = ref.loaded[name]
-    prompt = p.tokenizer(render_prompt(p.tokenizer, with_system_prompt(USER, p.spec.system_prompt)),
-                         add_special_tokens=False)["input_ids"]
+    prompt = p.tokenizer(
+        render_prompt(p.tokenizer, with_system_prompt(USER, p.spec.system_prompt)),
+        add_special_tokens=False,
+    )["input_ids"]
     assert r.usage.prompt_tokens == len(prompt)
     assert 1 <= r.usage.completion_tokens <= 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -206,18 +251,26 @@ def test_streamed_request_equals_plain_one(served):
     client = server.client()
     kw = {"model": name, "messages": USER, "max_tokens": 16, "temperature": 0.8, "seed": 11}
     plain = client.chat.completions.create(**kw)
-    chunks = list(client.chat.completions.create(**kw, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
     assert text == plain.choices[0].message.content
-    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finals == [plain.choices[0].finish_reason]
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     # the raw wire format ends with [DONE]
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**kw, "stream": True},
-                      headers={"Authorization": "Bearer test-key"}, timeout=120) as resp:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        json={**kw, "stream": True},
+        headers={"Authorization": "Bearer test-key"},
+        timeout=120,
+    ) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
@@ -235,13 +288,15 @@ def test_concurrent_mixed_personas_never_cross(served):
     # Precondition: every two models answer differently for some seed, so crossing shows.
     for a in names:
         for b in names[names.index(a) + 1 :]:
-            assert any(expected[a, s] != expected[b, s] for n, s in jobs
-                       if n == a and (b, s) in expected), f"{a} and {b} answer alike"
+            assert any(
+                expected[a, s] != expected[b, s] for n, s in jobs if n == a and (b, s) in expected
+            ), f"{a} and {b} answer alike"
     client = server.client()
 
     def ask(job):
-        r = client.chat.completions.create(model=job[0], messages=ask_sea, max_tokens=16,
-                                           temperature=t, seed=job[1])
+        r = client.chat.completions.create(
+            model=job[0], messages=ask_sea, max_tokens=16, temperature=t, seed=job[1]
+        )
         return r.choices[0].message.content
 
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -259,12 +314,14 @@ def test_stop_sequences_cut_the_answer(served):
     stop = next(w for w in words[1:] if w not in words[0])  # cut after the first word
     expected = full[: full.index(stop)].rstrip()
     client = server.client()
-    r = client.chat.completions.create(model=name, messages=USER, max_tokens=16, temperature=0,
-                                       stop=[stop, "\u0000never"])
+    r = client.chat.completions.create(
+        model=name, messages=USER, max_tokens=16, temperature=0, stop=[stop, "\u0000never"]
+    )
     assert r.choices[0].message.content == expected
     assert r.choices[0].finish_reason == "stop"
-    chunks = client.chat.completions.create(model=name, messages=USER, max_tokens=16,
-                                            temperature=0, stop=stop, stream=True)
+    chunks = client.chat.completions.create(
+        model=name, messages=USER, max_tokens=16, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
 
 
@@ -281,16 +338,19 @@ def test_system_prompt_policy(policy, served):
     conv = conversation(msgs, persona_prompt, policy)
     if policy == "request-wins":
         assert conv == own
-        assert conversation([Message(**m) for m in USER], persona_prompt, policy)[0] == \
-            {"role": "system", "content": persona_prompt}
+        assert conversation([Message(**m) for m in USER], persona_prompt, policy)[0] == {
+            "role": "system",
+            "content": persona_prompt,
+        }
     else:
         assert conv[0] == {"role": "system", "content": persona_prompt + "\n\nAnswer in French."}
     # The server applies the default policy (request-wins): the prompt it rendered has the
     # request's system message only.
     r = server.client().chat.completions.create(model=name, messages=own, max_tokens=1)
     expected = conversation(msgs, persona_prompt, "request-wins")
-    assert r.usage.prompt_tokens == len(tok(render_prompt(tok, expected),
-                                            add_special_tokens=False)["input_ids"])
+    assert r.usage.prompt_tokens == len(
+        tok(render_prompt(tok, expected), add_special_tokens=False)["input_ids"]
+    )
 
 
 # ---------------------------------------------------------------- errors
@@ -302,12 +362,21 @@ def _error(exc_info) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize("bad", [
-    {"temperature": 2.5}, {"temperature": -0.1}, {"top_p": 0}, {"top_p": 1.5},
-    {"max_tokens": 0}, {"n": 2}, {"messages": []}, {"stop": ["a", "b", "c", "d", "e"]},
-    {"messages": [{"role": "wizard", "content": "hi"}]},
-    {"messages": [{"role": "system", "content": "only a system message"}]},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": 2.5},
+        {"temperature": -0.1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"max_tokens": 0},
+        {"n": 2},
+        {"messages": []},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": [{"role": "system", "content": "only a system message"}]},
+    ],
+)
 def test_bad_parameters_give_400(bad, served):
     """Guards against out-of-range or malformed parameters being accepted, answered with
     FastAPI's 422, or answered outside OpenAI's error format."""
@@ -324,9 +393,11 @@ def test_bad_parameters_give_400(bad, served):
 def test_malformed_json_gives_400(served):
     """Guards against a body that is not JSON crashing the handler or giving 422."""
     server, _, _ = served
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
-                   headers={"Authorization": "Bearer test-key",
-                            "Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": "Bearer test-key", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -412,10 +483,21 @@ def test_client_disconnect_mid_stream_stops_generation(served):
     server, dirs, _ = served
     name = load_spec(dirs[0] / "config.yaml").name
     before = httpx.get(server.url + "/health").json()["finished"].get("cancelled", 0)
-    body = {"model": name, "messages": USER, "max_tokens": 400, "temperature": 1.0, "seed": 1,
-            "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": "Bearer test-key"}) as resp:
+    body = {
+        "model": name,
+        "messages": USER,
+        "max_tokens": 400,
+        "temperature": 1.0,
+        "seed": 1,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"Authorization": "Bearer test-key"},
+    ) as resp:
         lines = resp.iter_lines()
         assert next(lines).startswith("data: ")
     # connection closed after the first chunk
@@ -447,9 +529,22 @@ def test_sigterm_finishes_in_flight_request(tmp_path, tiny_model):
     dirs = train_tiny_personas(tmp_path, tiny_model)
     env = {**os.environ, "PERSONATUNE_API_KEY": "env-key", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "personatune.cli", "serve", *map(str, dirs), "--port", "0",
-         "--host", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env)
+        [
+            sys.executable,
+            "-m",
+            "personatune.cli",
+            "serve",
+            *map(str, dirs),
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT ..."
         assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
@@ -463,10 +558,21 @@ def test_sigterm_finishes_in_flight_request(tmp_path, tiny_model):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert httpx.get(url + "/v1/models").status_code == 401
-        body = {"model": "alpha", "messages": USER, "max_tokens": 200, "temperature": 1.0,
-                "seed": 2, "stream": True}
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120,
-                          headers={"Authorization": "Bearer env-key"}) as resp:
+        body = {
+            "model": "alpha",
+            "messages": USER,
+            "max_tokens": 200,
+            "temperature": 1.0,
+            "seed": 2,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            json=body,
+            timeout=120,
+            headers={"Authorization": "Bearer env-key"},
+        ) as resp:
             lines = resp.iter_lines()
             first = next(lines)
             assert first.startswith("data: ")
@@ -488,8 +594,9 @@ def test_sigterm_finishes_in_flight_request(tmp_path, tiny_model):
 # ---------------------------------------------------------------- registry and helpers
 
 
-def test_registry_refuses_mixed_base_models_and_name_clashes(tmp_path, tiny_model,
-                                                             embedded_tokenizer):
+def test_registry_refuses_mixed_base_models_and_name_clashes(
+    tmp_path, tiny_model, embedded_tokenizer
+):
     """Guards against serving adapters on a base model they were not trained on, and
     against two personas answering to one name."""
     from conftest import build_tiny

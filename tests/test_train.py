@@ -60,11 +60,21 @@ def test_adapter_reloads_in_plain_peft_with_identical_logits(persona_yaml, tiny_
 def test_persona_directory_contents(persona_yaml):
     out = train(load_spec(persona_yaml()))
     names = {p.name for p in out.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "config.yaml",
-            "train_log.jsonl", "persona.json", "checkpoints"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "config.yaml",
+        "train_log.jsonl",
+        "persona.json",
+        "checkpoints",
+    } <= names
     manifest = json.loads((out / "persona.json").read_text())
-    assert manifest["name"] == "tiny" and manifest["base_model"]["fingerprint"].startswith("sha256:")
-    assert manifest["data"]["hash"].startswith("sha256:") and manifest["training"]["tokens_per_s"] > 0
+    assert manifest["name"] == "tiny" and manifest["base_model"]["fingerprint"].startswith(
+        "sha256:"
+    )
+    assert (
+        manifest["data"]["hash"].startswith("sha256:") and manifest["training"]["tokens_per_s"] > 0
+    )
     log = read_log(out / "train_log.jsonl")
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
     assert all({"loss", "learning_rate", "grad_norm"} <= r.keys() for r in log if "loss" in r)
@@ -95,7 +105,10 @@ def test_resume_matches_uninterrupted_run(persona_yaml, tmp_path):
     lb = [r["loss"] for r in read_log(resumed / "train_log.jsonl") if "loss" in r]
     assert len(lb) == 4
     assert la == pytest.approx(lb, rel=1e-5)
-    assert json.loads((resumed / "persona.json").read_text())["training"]["resumed_from"] == "checkpoint-2"
+    assert (
+        json.loads((resumed / "persona.json").read_text())["training"]["resumed_from"]
+        == "checkpoint-2"
+    )
 
 
 # Loss per step at seed 42 on the tiny Llama, fp32, padding collator and packing alike.
@@ -117,9 +130,16 @@ def test_batch_8x1_equals_1x8(persona_yaml):
     """Equivalent batch shapes give the same loss (token-weighted gradient accumulation)."""
     runs = []
     for bs, ga in ((8, 1), (1, 8)):
-        spec = load_spec(persona_yaml("  max_steps: 2\n"), [
-            f"train.batch_size={bs}", f"train.gradient_accumulation={ga}",
-            f"output_dir=o{bs}", "lora.dropout=0", "train.packing=false"])
+        spec = load_spec(
+            persona_yaml("  max_steps: 2\n"),
+            [
+                f"train.batch_size={bs}",
+                f"train.gradient_accumulation={ga}",
+                f"output_dir=o{bs}",
+                "lora.dropout=0",
+                "train.packing=false",
+            ],
+        )
         out = train(spec)
         runs.append([r["loss"] for r in read_log(out / "train_log.jsonl") if "loss" in r])
     assert runs[0] == pytest.approx(runs[1], rel=1e-4)
@@ -174,5 +194,5 @@ def test_packed_examples_do_not_attend_to_each_other(persona_yaml, tiny_model):
         for row in rows:
             n = len(row["input_ids"])
             alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
-            torch.testing.assert_close(logits[start:start + n], alone, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[start : start + n], alone, atol=1e-4, rtol=1e-4)
             start += n

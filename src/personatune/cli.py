@@ -14,13 +14,19 @@ from rich.text import Text
 
 from personatune.errors import PersonatuneError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Give a chat LLM a persona with LoRA, without losing what it knew.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Give a chat LLM a persona with LoRA, without losing what it knew.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Look at and build persona data.")
 app.add_typer(data_app, name="data")
 console = Console()
 
-Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=1")]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=1")
+]
 
 
 def friendly(fn):
@@ -44,9 +50,14 @@ def train(
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     resume: Annotated[bool, typer.Option(help="continue an unfinished run")] = False,
-    no_gate: Annotated[bool, typer.Option(
-        "--no-gate", help="publish the last checkpoint even if the retention gate fails "
-                          "(the verdict is still recorded)")] = False,
+    no_gate: Annotated[
+        bool,
+        typer.Option(
+            "--no-gate",
+            help="publish the last checkpoint even if the retention gate fails "
+            "(the verdict is still recorded)",
+        ),
+    ] = False,
 ):
     """Fine-tune a LoRA adapter for a persona and write the persona directory. The
     forgetting guard (``guard:`` in the YAML) mixes in self-distilled preservation data,
@@ -67,9 +78,9 @@ def inspect(
 ):
     """Show a rendered example with the trained tokens marked ⟦like this⟧, and counts."""
     from personatune.config import load_spec
+    from personatune.data.chat import ensure_chat_template
     from personatune.data.dataset import prepare_data
     from personatune.models import load_tokenizer, resolve_ref
-    from personatune.data.chat import ensure_chat_template
 
     s = load_spec(spec, overrides or [])
     tok = load_tokenizer(resolve_ref(s.model.name, s.model.revision, s.base_dir))
@@ -78,16 +89,40 @@ def inspect(
     if not 0 <= index < len(data.train):
         raise PersonatuneError(f"--index {index}: there are {len(data.train)} training examples")
     row = data.train[index]
-    console.print(marked_tokens(tok, row["input_ids"], [l != -100 for l in row["labels"]]))
-    table = Table("source", "loaded", "duplicates", "train", "eval", "tokens", "trained tokens",
-                  "truncated", "dropped", title="data")
+    console.print(marked_tokens(tok, row["input_ids"], [label != -100 for label in row["labels"]]))
+    table = Table(
+        "source",
+        "loaded",
+        "duplicates",
+        "train",
+        "eval",
+        "tokens",
+        "trained tokens",
+        "truncated",
+        "dropped",
+        title="data",
+    )
     for st in data.stats:
-        table.add_row(Path(st.path).name, *(str(v) for v in (
-            st.loaded, st.duplicates, st.train, st.eval, st.tokens, st.trained_tokens,
-            st.truncated, st.dropped_overlong)))
+        table.add_row(
+            Path(st.path).name,
+            *(
+                str(v)
+                for v in (
+                    st.loaded,
+                    st.duplicates,
+                    st.train,
+                    st.eval,
+                    st.tokens,
+                    st.trained_tokens,
+                    st.truncated,
+                    st.dropped_overlong,
+                )
+            ),
+        )
     console.print(table)
-    console.print(f"training rows after mixing: {len(data.train)} "
-                  f"({data.train_tokens} tokens per epoch)")
+    console.print(
+        f"training rows after mixing: {len(data.train)} ({data.train_tokens} tokens per epoch)"
+    )
 
 
 def marked_tokens(tokenizer, ids: list[int], mask: list[bool]) -> Text:
@@ -106,28 +141,48 @@ def marked_tokens(tokenizer, ids: list[int], mask: list[bool]) -> Text:
 @data_app.command("from-corpus")
 @friendly
 def from_corpus(
-    corpus: Annotated[Path, typer.Argument(
-        help="a .txt corpus (books split by '--- From <title> ---' lines) or a folder of "
-             "one .txt file per book")],
+    corpus: Annotated[
+        Path,
+        typer.Argument(
+            help="a .txt corpus (books split by '--- From <title> ---' lines) or a folder of "
+            "one .txt file per book"
+        ),
+    ],
     character: Annotated[str, typer.Option(help="the persona character, e.g. Holmes")],
     out: Annotated[Path, typer.Option(help="output folder for the data files")],
-    alias: Annotated[list[str] | None, typer.Option(
-        help="another name of the character in the text (repeatable)")] = None,
-    narrator: Annotated[list[str] | None, typer.Option(
-        help="name of the first-person narrator, e.g. Watson (repeatable)")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(
-        help="someone else whose name contains an alias, e.g. 'Mycroft Holmes' (repeatable)")
+    alias: Annotated[
+        list[str] | None,
+        typer.Option(help="another name of the character in the text (repeatable)"),
     ] = None,
-    companion: Annotated[list[str] | None, typer.Option(
-        help="the narrator's phrase for the character (repeatable; default: my companion, "
-             "my friend, my comrade)")] = None,
+    narrator: Annotated[
+        list[str] | None,
+        typer.Option(help="name of the first-person narrator, e.g. Watson (repeatable)"),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="someone else whose name contains an alias, e.g. 'Mycroft Holmes' (repeatable)"
+        ),
+    ] = None,
+    companion: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="the narrator's phrase for the character (repeatable; default: my companion, "
+            "my friend, my comrade)"
+        ),
+    ] = None,
     chunk_size: Annotated[int, typer.Option(help="characters per text chunk")] = 500,
     chunk_overlap: Annotated[int, typer.Option(help="characters shared by neighbour chunks")] = 50,
-    eval_chapters: Annotated[float, typer.Option(
-        help="share of the character's chapters held out whole for evaluation")] = 0.1,
+    eval_chapters: Annotated[
+        float, typer.Option(help="share of the character's chapters held out whole for evaluation")
+    ] = 0.1,
     seed: Annotated[int, typer.Option(help="seed of the held-out chapters and samples")] = 0,
-    labels: Annotated[Path | None, typer.Option(
-        help="hand-labelled attribution sample (JSONL) to measure precision and recall")] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="hand-labelled attribution sample (JSONL) to measure precision and recall"
+        ),
+    ] = None,
     samples: Annotated[int, typer.Option(help="random pairs to show and keep in the report")] = 5,
     encoding: Annotated[str, typer.Option(help="text encoding of the corpus")] = "utf-8",
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
@@ -139,12 +194,23 @@ def from_corpus(
 
     with console.status(f"cleaning {corpus.name} and attributing {character}'s lines"):
         try:
-            report = build(corpus, out, character=character, aliases=alias or [],
-                           narrator_names=narrator or [], excluded=exclude or [],
-                           companions=companion or DEFAULT_COMPANIONS, chunk_size=chunk_size,
-                           chunk_overlap=chunk_overlap, eval_chapters=eval_chapters, seed=seed,
-                           labels=labels, n_samples=samples, encoding=encoding,
-                           overwrite=overwrite)
+            report = build(
+                corpus,
+                out,
+                character=character,
+                aliases=alias or [],
+                narrator_names=narrator or [],
+                excluded=exclude or [],
+                companions=companion or DEFAULT_COMPANIONS,
+                chunk_size=chunk_size,
+                chunk_overlap=chunk_overlap,
+                eval_chapters=eval_chapters,
+                seed=seed,
+                labels=labels,
+                n_samples=samples,
+                encoding=encoding,
+                overwrite=overwrite,
+            )
         except ValueError as e:  # the text module's argument checks, as one line
             raise PersonatuneError(f"data from-corpus: {e}") from None
     print_corpus_report(report, out)
@@ -152,31 +218,60 @@ def from_corpus(
 
 def print_corpus_report(report: dict, out: Path) -> None:
     """Print the from-corpus summary: per-book counts, totals, attribution, samples."""
-    table = Table("book", "chapters", "held out", "pairs train", "pairs eval", "chunks",
-                  title=f"{report['settings']['character']}'s lines by book")
+    table = Table(
+        "book",
+        "chapters",
+        "held out",
+        "pairs train",
+        "pairs eval",
+        "chunks",
+        title=f"{report['settings']['character']}'s lines by book",
+    )
     for b in report["per_book"]:
-        table.add_row(Text(b["book"]), *(str(b[k]) for k in (
-            "chapters", "eval_chapters", "pairs_train", "pairs_eval", "chunks")))
+        table.add_row(
+            Text(b["book"]),
+            *(
+                str(b[k])
+                for k in ("chapters", "eval_chapters", "pairs_train", "pairs_eval", "chunks")
+            ),
+        )
     pairs, chunks = report["pairs"], report["chunks"]
-    table.add_row("[bold]total", str(report["chapters"]["total"]),
-                  str(report["chapters"]["eval"]), str(pairs["train"]), str(pairs["eval"]),
-                  str(chunks["count"]), style="bold")
+    table.add_row(
+        "[bold]total",
+        str(report["chapters"]["total"]),
+        str(report["chapters"]["eval"]),
+        str(pairs["train"]),
+        str(pairs["eval"]),
+        str(chunks["count"]),
+        style="bold",
+    )
     console.print(table)
     kinds = ", ".join(f"{k} {v}" for k, v in report["prompt_kinds"].items())
-    console.print(f"prompts: {kinds}; reply length median {report['response_chars']['median']}"
-                  f" characters; chunks: {chunks['count']} ({chunks['chars']:,} characters)")
+    console.print(
+        f"prompts: {kinds}; reply length median {report['response_chars']['median']}"
+        f" characters; chunks: {chunks['count']} ({chunks['chars']:,} characters)"
+    )
     att = report["attribution"]
     if att:
-        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        console.print(f"attribution on {att['labelled']} labelled quotes: precision "
-                      f"{fmt(att['precision'])} ({att['tp']}/{att['tp'] + att['fp']}), recall "
-                      f"{fmt(att['recall'])} ({att['tp']}/{att['tp'] + att['fn']})")
+
+        def fmt(v):
+            return "n/a" if v is None else f"{v:.3f}"
+
+        console.print(
+            f"attribution on {att['labelled']} labelled quotes: precision "
+            f"{fmt(att['precision'])} ({att['tp']}/{att['tp'] + att['fp']}), recall "
+            f"{fmt(att['recall'])} ({att['tp']}/{att['tp'] + att['fn']})"
+        )
     if not pairs["eval"]:
         console.print("[yellow]no held-out pairs: raise --eval-chapters or add chapters[/]")
     for s in report["samples"]:
         prompt = s["prompt"] if len(s["prompt"]) <= 240 else "..." + s["prompt"][-237:]
-        console.print(Text(f"\n[{s['book']} / {s['chapter']} @{s['offset']}, "
-                           f"{s['prompt_kind']} prompt]", style="dim"))
+        console.print(
+            Text(
+                f"\n[{s['book']} / {s['chapter']} @{s['offset']}, {s['prompt_kind']} prompt]",
+                style="dim",
+            )
+        )
         console.print(Text("prompt: ", style="bold cyan") + Text(prompt))
         console.print(Text("reply:  ", style="bold magenta") + Text(s["response"]))
     console.print(f"\n[green]wrote {', '.join(_corpus_files())} to {out}[/]")
@@ -191,13 +286,17 @@ def _corpus_files() -> tuple[str, ...]:
 @app.command()
 @friendly
 def chat(
-    persona_dirs: Annotated[list[Path], typer.Argument(
-        help="persona directories from personatune train (one base model)")],
+    persona_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="persona directories from personatune train (one base model)"),
+    ],
     prompt: Annotated[str | None, typer.Option(help="answer this once and exit")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
     max_tokens: Annotated[int, typer.Option(help="longest answer in tokens")] = 256,
-    quick_test: Annotated[bool, typer.Option(
-        "--quick-test", help="answer every persona's test_prompts and print a table")] = False,
+    quick_test: Annotated[
+        bool,
+        typer.Option("--quick-test", help="answer every persona's test_prompts and print a table"),
+    ] = False,
 ):
     """Chat with personas in the terminal (streamed): /persona NAME switches, /personas
     lists, /reset clears, /exit quits. All personas share one base model in memory."""
@@ -213,15 +312,23 @@ def chat(
     if quick_test:
         prompts = list(dict.fromkeys(q for n in names for q in reg.personas[n].test_prompts))
         if not prompts:
-            raise PersonatuneError("--quick-test: none of the personas lists test_prompts "
-                                   "(add test_prompts: to the persona YAML)")
-        table = Table("prompt", *names, show_lines=True,
-                      title=f"test prompts (greedy, at most {max_tokens} tokens)")
+            raise PersonatuneError(
+                "--quick-test: none of the personas lists test_prompts "
+                "(add test_prompts: to the persona YAML)"
+            )
+        table = Table(
+            "prompt",
+            *names,
+            show_lines=True,
+            title=f"test prompts (greedy, at most {max_tokens} tokens)",
+        )
         answers = {}
         for n in names:
             p = reg.personas[n]
-            convs = [with_system_prompt([{"role": "user", "content": q}], p.system_prompt)
-                     for q in prompts]
+            convs = [
+                with_system_prompt([{"role": "user", "content": q}], p.system_prompt)
+                for q in prompts
+            ]
             with console.status(f"answering as {n}"), use_adapter(reg.model, p.adapter):
                 answers[n] = generate(reg.model, p.tokenizer, convs, max_tokens, temperature)
         for i, q in enumerate(prompts):  # Text: model output is not rich markup
@@ -250,8 +357,9 @@ def chat(
         console.print(Text(current, style="bold") + f": {reg.personas[current].description}")
 
     introduce()
-    console.print(f"[dim]personas: {', '.join(reg.personas)}  "
-                  "(/persona NAME, /personas, /reset, /exit)[/]")
+    console.print(
+        f"[dim]personas: {', '.join(reg.personas)}  (/persona NAME, /personas, /reset, /exit)[/]"
+    )
     while True:
         try:
             text = console.input("[bold cyan]you> [/]").strip()
@@ -272,8 +380,9 @@ def chat(
                 current = name
                 introduce()
             else:
-                console.print(Text(f"no persona '{name}'; choose from "
-                                   f"{', '.join(reg.personas)}", style="red"))
+                console.print(
+                    Text(f"no persona '{name}'; choose from {', '.join(reg.personas)}", style="red")
+                )
         elif text.startswith("/"):
             console.print("[red]unknown command[/]: /persona NAME, /personas, /reset, /exit")
         elif text:
@@ -297,19 +406,28 @@ def compare(
     p = load_persona(persona_dir)
     held = []
     for (examples, _), source in zip(load_examples(p.spec), p.spec.data):
-        held += [e for e in split_source(p.spec, source, examples)[1]
-                 if e.messages and e.messages[0]["role"] == "user"]
+        held += [
+            e
+            for e in split_source(p.spec, source, examples)[1]
+            if e.messages and e.messages[0]["role"] == "user"
+        ]
     prompts = list(p.spec.test_prompts) + [e.messages[0]["content"] for e in held[:n_heldout]]
     if not prompts:
         raise PersonatuneError(f"{persona_dir}: no test_prompts and no held-out examples")
-    convs = [with_system_prompt([{"role": "user", "content": q}], p.spec.system_prompt)
-             for q in prompts]
+    convs = [
+        with_system_prompt([{"role": "user", "content": q}], p.spec.system_prompt) for q in prompts
+    ]
     with console.status("generating tuned answers"):
         tuned = generate(p.model, p.tokenizer, convs, max_tokens)
     with console.status("generating base answers"), p.model.disable_adapter():
         base = generate(p.model, p.tokenizer, convs, max_tokens)
-    table = Table("prompt", "base", f"tuned ({p.spec.name})", show_lines=True,
-                  title="base vs tuned (greedy, unseen prompts)")
+    table = Table(
+        "prompt",
+        "base",
+        f"tuned ({p.spec.name})",
+        show_lines=True,
+        title="base vs tuned (greedy, unseen prompts)",
+    )
     for q, b, t in zip(prompts, base, tuned):
         table.add_row(Text(q), Text(b), Text(t))  # answers are not rich markup
     console.print(table)
@@ -319,25 +437,37 @@ def compare(
 @friendly
 def eval_heldout(
     persona_dir: Annotated[Path, typer.Argument(help="persona directory")],
-    data: Annotated[list[Path] | None, typer.Option(
-        help="held-out prompt/response file (repeatable); default: the eval_path files of "
-             "the persona's data sources")] = None,
-    out: Annotated[Path | None, typer.Option(
-        help="JSON report (a PNG plot is written beside it); default: "
-             "PERSONA_DIR/heldout_perplexity.json")] = None,
-    max_length: Annotated[int, typer.Option(
-        help="skip (and count) conversations longer than this many tokens")] = 1024,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="held-out prompt/response file (repeatable); default: the eval_path files of "
+            "the persona's data sources"
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON report (a PNG plot is written beside it); default: "
+            "PERSONA_DIR/heldout_perplexity.json"
+        ),
+    ] = None,
+    max_length: Annotated[
+        int, typer.Option(help="skip (and count) conversations longer than this many tokens")
+    ] = 1024,
     batch_size: Annotated[int, typer.Option(help="conversations per forward pass")] = 4,
     limit: Annotated[int | None, typer.Option(help="score only the first N examples")] = None,
-    threads: Annotated[int, typer.Option(
-        help="CPU threads for PyTorch; 0 keeps its default (fewer can be faster on a busy "
-             "shared machine)")] = 0,
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="CPU threads for PyTorch; 0 keeps its default (fewer can be faster on a busy "
+            "shared machine)"
+        ),
+    ] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing report")] = False,
 ):
     """Conditional perplexity of held-out responses given their prompts, base model
     against the persona (response tokens only, exp of the mean NLL per token)."""
     import torch
-
     from rich.progress import MofNCompleteColumn, Progress
 
     from personatune.config import DataSource
@@ -351,14 +481,18 @@ def eval_heldout(
     if (out.exists() or plot.exists()) and not overwrite:
         raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
     if max_length < 8 or batch_size < 1 or (limit is not None and limit < 1) or threads < 0:
-        raise PersonatuneError("--max-length must be at least 8, --batch-size and --limit 1, "
-                               "--threads 0 or more")
+        raise PersonatuneError(
+            "--max-length must be at least 8, --batch-size and --limit 1, --threads 0 or more"
+        )
     if threads:
         torch.set_num_threads(threads)
     with console.status("loading the persona"):
         p = load_persona(persona_dir)
-    sources = ([DataSource(path=str(d)) for d in data] if data else
-               [s.model_copy(update={"path": s.eval_path}) for s in p.spec.data if s.eval_path])
+    sources = (
+        [DataSource(path=str(d)) for d in data]
+        if data
+        else [s.model_copy(update={"path": s.eval_path}) for s in p.spec.data if s.eval_path]
+    )
     if not sources:
         raise PersonatuneError(f"{persona_dir}: no data source has eval_path; pass --data FILE")
     examples = [ex for s in sources for ex in load_source(s, p.spec.base_dir)]
@@ -366,23 +500,42 @@ def eval_heldout(
     columns = (*Progress.get_default_columns(), MofNCompleteColumn())  # with ETA
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("scoring tuned, then base", total=2 * len(examples))
-        report = heldout_perplexity(p, examples, max_length, batch_size,
-                                    progress=lambda n: bar.advance(task, n))
+        report = heldout_perplexity(
+            p, examples, max_length, batch_size, progress=lambda n: bar.advance(task, n)
+        )
     report = {"persona": str(persona_dir), "data": [s.path for s in sources], **report}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     plot_heldout(report, plot, f"{p.spec.name}: held-out conditional perplexity")
-    table = Table("held-out set", "examples", "tokens", "base PPL", "tuned PPL",
-                  title="conditional perplexity of held-out responses (lower is better)")
-    table.add_row("[bold]all", str(report["examples"]), str(report["tokens"]),
-                  f"{report['base']['perplexity']:.2f}", f"{report['tuned']['perplexity']:.2f}")
+    table = Table(
+        "held-out set",
+        "examples",
+        "tokens",
+        "base PPL",
+        "tuned PPL",
+        title="conditional perplexity of held-out responses (lower is better)",
+    )
+    table.add_row(
+        "[bold]all",
+        str(report["examples"]),
+        str(report["tokens"]),
+        f"{report['base']['perplexity']:.2f}",
+        f"{report['tuned']['perplexity']:.2f}",
+    )
     for name, g in report["groups"].items():
-        table.add_row(Text(name), str(g["examples"]), str(g["tokens"]), f"{g['base']:.2f}",
-                      f"{g['tuned']:.2f}")
+        table.add_row(
+            Text(name),
+            str(g["examples"]),
+            str(g["tokens"]),
+            f"{g['base']:.2f}",
+            f"{g['tuned']:.2f}",
+        )
     console.print(table)
     if report["skipped_overlong"]:
-        console.print(f"[yellow]{report['skipped_overlong']} examples longer than "
-                      f"{max_length} tokens skipped[/]")
+        console.print(
+            f"[yellow]{report['skipped_overlong']} examples longer than "
+            f"{max_length} tokens skipped[/]"
+        )
     console.print(f"[green]wrote {out} and {plot}[/]")
 
 
@@ -390,14 +543,19 @@ def eval_heldout(
 @friendly
 def eval_(
     persona_dir: Annotated[Path, typer.Argument(help="persona directory from personatune train")],
-    benchmark: Annotated[list[str] | None, typer.Option(
-        help="multiple-choice benchmark TASK=PATH scored by log-likelihood with lm-eval "
-             "(repeatable): an lm-eval task name with a local data file in its schema, or "
-             "any name with a JSONL of {question, choices, label}")] = None,
+    benchmark: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="multiple-choice benchmark TASK=PATH scored by log-likelihood with lm-eval "
+            "(repeatable): an lm-eval task name with a local data file in its schema, or "
+            "any name with a JSONL of {question, choices, label}"
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="report folder; default PERSONA_DIR")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing report")] = False,
-    threads: Annotated[int, typer.Option(
-        help="CPU threads for PyTorch; 0 keeps its default (one per core)")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads for PyTorch; 0 keeps its default (one per core)")
+    ] = 0,
 ):
     """Report card: base against tuned on held-out persona data, general prompts, the
     factual probe, stress prompts and benchmarks. Writes report.json and report.html."""
@@ -414,19 +572,27 @@ def eval_(
     for item in benchmark or []:
         task, sep, path = item.partition("=")
         if not sep or not task or not path:
-            raise PersonatuneError(f"--benchmark '{item}' is not TASK=PATH "
-                                   "(e.g. mc_tiny=src/personatune/evaluate/data/mc_tiny.jsonl)")
+            raise PersonatuneError(
+                f"--benchmark '{item}' is not TASK=PATH "
+                "(e.g. mc_tiny=src/personatune/evaluate/data/mc_tiny.jsonl)"
+            )
         benches.append((task, path))
-    report = evaluate(persona_dir, out_dir=out, overwrite=overwrite, benchmarks=benches,
-                      console=console)
+    report = evaluate(
+        persona_dir, out_dir=out, overwrite=overwrite, benchmarks=benches, console=console
+    )
     print_report_summary(report, out or persona_dir)
 
 
 def print_report_summary(report: dict, out: Path) -> None:
     """The compact summary table of ``personatune eval``: each metric, base, tuned and
     the change, green where it moved the right way, then the targets."""
-    table = Table("metric", "base", "tuned", "change",
-                  title=f"{report['persona']}: base vs tuned (greedy, held-out)")
+    table = Table(
+        "metric",
+        "base",
+        "tuned",
+        "change",
+        title=f"{report['persona']}: base vs tuned (greedy, held-out)",
+    )
     group = None
     for m in report["metrics"].values():
         if m["group"] != group:
@@ -435,32 +601,50 @@ def print_report_summary(report: dict, out: Path) -> None:
         b, t, unit = m["base"], m["tuned"], m["unit"]
         delta = t - b
         good = m["higher_is_better"] is None or delta == 0 or (delta > 0) == m["higher_is_better"]
-        table.add_row(f"  {m['label']}", f"{b:.3g}{unit}", f"{t:.3g}{unit}",
-                      f"[{'green' if good else 'red'}]{delta:+.3g}[/]")
+        table.add_row(
+            f"  {m['label']}",
+            f"{b:.3g}{unit}",
+            f"{t:.3g}{unit}",
+            f"[{'green' if good else 'red'}]{delta:+.3g}[/]",
+        )
     console.print(table)
     clf = report["classifier"]
-    console.print(f"adoption classifier: {clf['cv_folds']}-fold CV error "
-                  f"{100 * clf['cv_error']:.1f}% ({clf['n_persona']} + {clf['n_plain']} answers); "
-                  f"probe drop {report['probe_drop_points']:+.1f} points, "
-                  f"drift ratio {report['drift_ratio']:.2f}")
+    console.print(
+        f"adoption classifier: {clf['cv_folds']}-fold CV error "
+        f"{100 * clf['cv_error']:.1f}% ({clf['n_persona']} + {clf['n_plain']} answers); "
+        f"probe drop {report['probe_drop_points']:+.1f} points, "
+        f"drift ratio {report['drift_ratio']:.2f}"
+    )
     for name, ok in report["targets"].items():
         console.print(f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'}  {name}")
-    console.print(f"[green]wrote {out / 'report.json'} and {out / 'report.html'}[/] "
-                  f"({report['timings_s']['total']:.0f} s)")
+    console.print(
+        f"[green]wrote {out / 'report.json'} and {out / 'report.html'}[/] "
+        f"({report['timings_s']['total']:.0f} s)"
+    )
 
 
 @app.command()
 @friendly
 def serve(
-    persona_dirs: Annotated[list[Path], typer.Argument(
-        help="persona directories from personatune train (one base model)")],
+    persona_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="persona directories from personatune train (one base model)"),
+    ],
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one")] = 8000,
-    api_key: Annotated[str | None, typer.Option(
-        envvar="PERSONATUNE_API_KEY", help="require 'Authorization: Bearer KEY' on /v1")] = None,
-    system_prompt_policy: Annotated[str, typer.Option(
-        help="request-wins: a request's own system message replaces the persona's; "
-             "persona: the persona's system prompt always comes first")] = "request-wins",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PERSONATUNE_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"
+        ),
+    ] = None,
+    system_prompt_policy: Annotated[
+        str,
+        typer.Option(
+            help="request-wins: a request's own system message replaces the persona's; "
+            "persona: the persona's system prompt always comes first"
+        ),
+    ] = "request-wins",
     max_queue: Annotated[int, typer.Option(help="requests that may wait; more get 429")] = 16,
     max_tokens: Annotated[int, typer.Option(help="answer length when a request sets none")] = 512,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
@@ -471,18 +655,27 @@ def serve(
     from personatune.serve.app import bind, create_app, run_server
 
     if system_prompt_policy not in ("request-wins", "persona"):
-        raise PersonatuneError(f"--system-prompt-policy {system_prompt_policy}: choose "
-                               "request-wins or persona")
+        raise PersonatuneError(
+            f"--system-prompt-policy {system_prompt_policy}: choose request-wins or persona"
+        )
     if max_queue < 1 or max_tokens < 1:
         raise PersonatuneError("--max-queue and --max-tokens must be at least 1")
     with console.status("loading the base model and adapters"):
         reg = load_registry(persona_dirs)
-    app_ = create_app(reg, api_key=api_key, system_prompt_policy=system_prompt_policy,
-                      max_queue=max_queue, max_tokens=max_tokens)
+    app_ = create_app(
+        reg,
+        api_key=api_key,
+        system_prompt_policy=system_prompt_policy,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+    )
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {', '.join(reg.personas)} (base model {reg.base_model}) on "
-          f"http://{shown}:{sock.getsockname()[1]}  (web chat at /, API at /v1)", flush=True)
+    print(
+        f"serving {', '.join(reg.personas)} (base model {reg.base_model}) on "
+        f"http://{shown}:{sock.getsockname()[1]}  (web chat at /, API at /v1)",
+        flush=True,
+    )
     run_server(app_, sock, log_level)
 
 
@@ -490,10 +683,16 @@ def serve(
 @friendly
 def export(
     persona_dir: Annotated[Path, typer.Argument(help="persona directory")],
-    merged: Annotated[Path | None, typer.Option(
-        help="write the adapter merged into the base weights here (plain transformers)")] = None,
-    push_to_hub: Annotated[str | None, typer.Option(
-        help="upload the merged model to this Hugging Face Hub repo (user/name)")] = None,
+    merged: Annotated[
+        Path | None,
+        typer.Option(
+            help="write the adapter merged into the base weights here (plain transformers)"
+        ),
+    ] = None,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(help="upload the merged model to this Hugging Face Hub repo (user/name)"),
+    ] = None,
     private: Annotated[bool, typer.Option(help="make the Hub repo private")] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="replace an existing --merged folder")] = False,

@@ -8,20 +8,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from personatune.errors import PersonatuneError
 
 DataFormat = Literal[
-    "auto", "csv", "jsonl", "json", "pairs", "alpaca", "messages", "sharegpt", "text",
-    "personachat",
+    "auto", "csv", "jsonl", "json", "pairs", "alpaca", "messages", "sharegpt", "text", "personachat"
 ]
 
 

@@ -45,8 +45,9 @@ print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:],
 """
 
 
-def export_merged(persona_dir: str | Path, out: str | Path, *, overwrite: bool = False,
-                  dtype: str = "float32") -> Path:
+def export_merged(
+    persona_dir: str | Path, out: str | Path, *, overwrite: bool = False, dtype: str = "float32"
+) -> Path:
     """Merge the persona's adapter into its base model and save a model directory.
 
     The base model is loaded unquantised on the CPU (merging into 4-bit weights would lose
@@ -71,10 +72,14 @@ def export_merged(persona_dir: str | Path, out: str | Path, *, overwrite: bool =
     from peft import PeftModel
 
     persona_dir, out = Path(persona_dir), Path(out)
-    if not (persona_dir / "adapter_config.json").exists() or not (
-            persona_dir / "config.yaml").exists():
-        raise PersonatuneError(f"{persona_dir}: not a persona directory (no adapter_config.json "
-                               "or config.yaml); train one with personatune train")
+    if (
+        not (persona_dir / "adapter_config.json").exists()
+        or not (persona_dir / "config.yaml").exists()
+    ):
+        raise PersonatuneError(
+            f"{persona_dir}: not a persona directory (no adapter_config.json "
+            "or config.yaml); train one with personatune train"
+        )
     if dtype not in DTYPES:
         raise PersonatuneError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if out.exists() and not overwrite:
@@ -95,9 +100,14 @@ def export_merged(persona_dir: str | Path, out: str | Path, *, overwrite: bool =
         tokenizer.save_pretrained(work)
         if (persona_dir / "persona.json").exists():
             shutil.copy(persona_dir / "persona.json", work / "persona.json")
-        (work / "README.md").write_text(CARD.format(
-            name=spec.name, description=spec.description, base=ref.name,
-            system_prompt=spec.system_prompt))
+        (work / "README.md").write_text(
+            CARD.format(
+                name=spec.name,
+                description=spec.description,
+                base=ref.name,
+                system_prompt=spec.system_prompt,
+            )
+        )
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -123,16 +133,21 @@ def check_hub(repo: str) -> str:
     except Exception:  # noqa: BLE001 (HFValidationError; any failure means a bad id)
         raise PersonatuneError(f"{where}: not a repo id; use the form user/name") from None
     if constants.HF_HUB_OFFLINE:
-        raise PersonatuneError(f"{where}: the Hugging Face Hub is off (HF_HUB_OFFLINE=1); "
-                               "unset HF_HUB_OFFLINE on a machine with internet access")
+        raise PersonatuneError(
+            f"{where}: the Hugging Face Hub is off (HF_HUB_OFFLINE=1); "
+            "unset HF_HUB_OFFLINE on a machine with internet access"
+        )
     if not get_token():
-        raise PersonatuneError(f"{where}: not logged in to the Hugging Face Hub; run "
-                               "`hf auth login` or set HF_TOKEN")
+        raise PersonatuneError(
+            f"{where}: not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN"
+        )
     try:
         return HfApi().whoami()["name"]
     except Exception as e:  # noqa: BLE001 (network errors come from httpx, requests, hub)
-        raise PersonatuneError(f"{where}: cannot reach the Hugging Face Hub "
-                               f"({type(e).__name__}); check the network and your token") from None
+        raise PersonatuneError(
+            f"{where}: cannot reach the Hugging Face Hub "
+            f"({type(e).__name__}); check the network and your token"
+        ) from None
 
 
 def push_to_hub(folder: str | Path, repo: str, private: bool = False) -> str:
@@ -147,9 +162,11 @@ def push_to_hub(folder: str | Path, repo: str, private: bool = False) -> str:
     api = HfApi()
     try:
         api.create_repo(repo, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=str(folder),
-                                 commit_message="personatune export (merged LoRA)")
+        info = api.upload_folder(
+            repo_id=repo, folder_path=str(folder), commit_message="personatune export (merged LoRA)"
+        )
     except Exception as e:  # noqa: BLE001 (shown as one line, whatever the library raised)
-        raise PersonatuneError(f"--push-to-hub {repo}: upload failed "
-                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise PersonatuneError(
+            f"--push-to-hub {repo}: upload failed ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     return info.commit_url

@@ -36,8 +36,10 @@ def load_persona(path: str | Path, device: torch.device | None = None) -> Person
 
     path = Path(path)
     if not (path / "adapter_config.json").exists() or not (path / "config.yaml").exists():
-        raise PersonatuneError(f"{path}: not a persona directory (no adapter_config.json or "
-                               "config.yaml); train one with personatune train")
+        raise PersonatuneError(
+            f"{path}: not a persona directory (no adapter_config.json or "
+            "config.yaml); train one with personatune train"
+        )
     spec = load_spec(path / "config.yaml")
     ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
     tokenizer = load_tokenizer(ref)
@@ -85,7 +87,8 @@ def generate(
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
-            top_p=None, top_k=None,
+            top_p=None,
+            top_k=None,
             pad_token_id=tokenizer.pad_token_id,
         )
         new = out[:, batch["input_ids"].shape[1] :]
@@ -95,22 +98,37 @@ def generate(
 
 def ask(persona: Persona, prompts: list[str], **kwargs) -> list[str]:
     """Answer single-turn ``prompts`` with the persona's system prompt."""
-    convs = [with_system_prompt([{"role": "user", "content": p}], persona.spec.system_prompt)
-             for p in prompts]
+    convs = [
+        with_system_prompt([{"role": "user", "content": p}], persona.spec.system_prompt)
+        for p in prompts
+    ]
     return generate(persona.model, persona.tokenizer, convs, **kwargs)
 
 
-def stream(model, tokenizer, conversation: list[dict], max_new_tokens: int = 256,
-           temperature: float = 0.0, seed: int = 0) -> Iterator[str]:
+def stream(
+    model,
+    tokenizer,
+    conversation: list[dict],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> Iterator[str]:
     """Yield the answer to ``conversation`` piece by piece as it is generated."""
     from transformers import TextIteratorStreamer, set_seed
 
     batch = _inputs(tokenizer, [conversation], next(model.parameters()).device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     set_seed(seed)
-    kwargs = dict(**batch, streamer=streamer, max_new_tokens=max_new_tokens,
-                  do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                  top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(
+        **batch,
+        streamer=streamer,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     thread = threading.Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs))
     thread.start()
     yield from streamer

@@ -211,11 +211,7 @@ def _falcon_linear_as_nn_linear(active: bool):
         modeling_falcon.FalconLinear = original
 
 
-def load_model(
-    ref: ModelRef,
-    quantization: str = "none",
-    device: torch.device | None = None,
-):
+def load_model(ref: ModelRef, quantization: str = "none", device: torch.device | None = None):
     """Load the causal LM of ``ref`` for training or inference.
 
     Weights stay fp32 on CPU (bf16 autocast does the matmuls) and load as bf16 on CUDA.
@@ -262,7 +258,10 @@ def load_model(
 
 #: Attention implementation used for padding-free (packed) training; see :func:`varlen_attention`.
 VARLEN_ATTENTION = "personatune_varlen"
-_BOUNDS: list = [None, None]  # (cu_seq_lens tensor, its values as a list): one host sync per forward
+_BOUNDS: list = [
+    None,
+    None,
+]  # (cu_seq_lens tensor, its values as a list): one host sync per forward
 
 
 def _segments(cu_seq_lens: torch.Tensor) -> list[int]:
@@ -290,8 +289,9 @@ def _torch_varlen():
     return varlen_attn, causal, "enable_gqa" in params
 
 
-def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                     is_causal=None, **kwargs):
+def varlen_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """Causal attention over a packed row, each example attending only to itself.
 
     A packed micro-batch is one row of ``T`` tokens holding several examples. transformers
@@ -326,10 +326,23 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux", "sinks"))
     )
     if not plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
     p = dropout if module.training else 0.0
-    flash = _torch_varlen() if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) else None
+    flash = (
+        _torch_varlen()
+        if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+        else None
+    )
     if flash and p == 0.0 and query.shape[-1] <= 256:
         varlen_attn, causal, gqa_arg = flash
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
@@ -355,8 +368,14 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     gqa = query.shape[1] != key.shape[1]
     out = [
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p, is_causal=True,
-            scale=scaling, enable_gqa=gqa)
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            dropout_p=p,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
         for s, e in itertools.pairwise(bounds)
     ]
     return torch.cat(out, dim=2).to(dtype).transpose(1, 2).contiguous(), None

@@ -43,50 +43,115 @@ if TYPE_CHECKING:
 DEFAULT_ALIASES = ("Holmes", "Sherlock Holmes", "Mr. Holmes")
 DEFAULT_COMPANIONS = ("my companion", "my friend", "my comrade")
 NARRATOR = "I"
-DEFAULT_NARRATOR_NAMES = ("Watson",)   # a line naming the narrator is not the narrator's
+DEFAULT_NARRATOR_NAMES = ("Watson",)  # a line naming the narrator is not the narrator's
 DEFAULT_EXCLUDED = ("Mycroft Holmes",)  # other people whose names contain an alias
-MAX_TAIL = 150                    # characters of narration after a turn that end a run
-COMPANION_TURNS = 12              # "my companion" = the character up to this many turns early
+MAX_TAIL = 150  # characters of narration after a turn that end a run
+COMPANION_TURNS = 12  # "my companion" = the character up to this many turns early
 
 SPEECH_VERBS = (
-    "said", "says", "asked", "asks", "answered", "replied", "cried", "remarked", "observed",
-    "continued", "exclaimed", "whispered", "shouted", "muttered", "murmured", "added",
-    "returned", "repeated", "interrupted", "inquired", "enquired", "explained", "began",
-    "went on", "resumed", "retorted", "responded", "broke in", "groaned", "laughed",
-    "chuckled", "sighed", "gasped", "snarled", "growled", "roared", "screamed", "sobbed",
-    "stammered", "protested", "suggested", "insisted", "urged", "ejaculated", "thundered",
-    "panted", "shrieked", "yelled", "called", "whined", "persisted", "pursued", "concluded",
-    "demanded", "declared", "grumbled", "snapped", "sneered", "drawled", "mused", "hazarded",
+    "said",
+    "says",
+    "asked",
+    "asks",
+    "answered",
+    "replied",
+    "cried",
+    "remarked",
+    "observed",
+    "continued",
+    "exclaimed",
+    "whispered",
+    "shouted",
+    "muttered",
+    "murmured",
+    "added",
+    "returned",
+    "repeated",
+    "interrupted",
+    "inquired",
+    "enquired",
+    "explained",
+    "began",
+    "went on",
+    "resumed",
+    "retorted",
+    "responded",
+    "broke in",
+    "groaned",
+    "laughed",
+    "chuckled",
+    "sighed",
+    "gasped",
+    "snarled",
+    "growled",
+    "roared",
+    "screamed",
+    "sobbed",
+    "stammered",
+    "protested",
+    "suggested",
+    "insisted",
+    "urged",
+    "ejaculated",
+    "thundered",
+    "panted",
+    "shrieked",
+    "yelled",
+    "called",
+    "whined",
+    "persisted",
+    "pursued",
+    "concluded",
+    "demanded",
+    "declared",
+    "grumbled",
+    "snapped",
+    "sneered",
+    "drawled",
+    "mused",
+    "hazarded",
     "reflected",
 )
 _VERB = "(?:" + "|".join(sorted({re.escape(v) for v in SPEECH_VERBS}, key=len, reverse=True)) + ")"
-_VERB_ING = ("(?:asking|saying|answering|replying|crying|remarking|observing|exclaiming|"
-             "continuing|adding|whispering|muttering|murmuring|shouting|interrupting|inquiring)")
-_TITLES = (r"(?:Mr|Mrs|Dr|Sir|Lord|Lady|Miss|Colonel|Col|Inspector|Captain|Major|Professor"
-           r"|Sergeant|Constable|Madame|Mister|Master|Count|Baron|Duke|Mme)\.?")
-_NOT_NAMES = (r"(?:Then|And|But|So|When|As|At|Here|There|Now|It|This|That|The|He|She|I|We|"
-              r"They|You|His|Her|My|Our|Well|Yes|No|Oh|Ah|What|Why|How|Presently|Again|Suddenly|"
-              r"Instantly|Finally|Still|Yet|If|In|On|With|For|From|After|Before|While|"
-              r"Once|Only|Even|Just|Sherlock)\b")
+_VERB_ING = (
+    "(?:asking|saying|answering|replying|crying|remarking|observing|exclaiming|"
+    "continuing|adding|whispering|muttering|murmuring|shouting|interrupting|inquiring)"
+)
+_TITLES = (
+    r"(?:Mr|Mrs|Dr|Sir|Lord|Lady|Miss|Colonel|Col|Inspector|Captain|Major|Professor"
+    r"|Sergeant|Constable|Madame|Mister|Master|Count|Baron|Duke|Mme)\.?"
+)
+_NOT_NAMES = (
+    r"(?:Then|And|But|So|When|As|At|Here|There|Now|It|This|That|The|He|She|I|We|"
+    r"They|You|His|Her|My|Our|Well|Yes|No|Oh|Ah|What|Why|How|Presently|Again|Suddenly|"
+    r"Instantly|Finally|Still|Yet|If|In|On|With|For|From|After|Before|While|"
+    r"Once|Only|Even|Just|Sherlock)\b"
+)
 _NAME = rf"(?:{_TITLES}\s+)?(?!{_NOT_NAMES})[A-Z][a-zA-Z'-]+(?:\s+[A-Z][a-zA-Z'-]+){{0,2}}"
 _NP_WORD = r"(?!(?:and|or|but|who|which|that|then|had|was|has|is|as|to)\b)[a-z][a-z'-]*"
 _NP_HEAD = r"(?!(?:and|or|but|who|which|that|then|had|was|has|is|as|to)\b)[A-Za-z][a-z'-]*"
 _NP = rf"(?:[Tt]he|[Oo]ur|[Hh]is|[Hh]er|[Mm]y|[Tt]heir)\s+(?:{_NP_WORD}\s+){{0,2}}?{_NP_HEAD}"
 _VAGUE = re.compile(r"(?i)^the (?:other|latter|former|first|second|one|voice)$")
-_PERSON_NOUNS = (r"(?:man|fellow|gentleman|visitor|client|stranger|inspector|detective|officer|"
-                 r"constable|sergeant|doctor|colonel|major|captain|baronet|banker|landlord|butler|"
-                 r"coachman|lad|youth|prisoner|manager|clerk|porter|official|statesman|king|duke|"
-                 r"professor|student|tutor|secretary|servant|groom|cabman|agent|premier|minister|"
-                 r"nobleman|lord|prince|count|baron|squire|farmer|keeper|waiter|sailor|boy)")
+_PERSON_NOUNS = (
+    r"(?:man|fellow|gentleman|visitor|client|stranger|inspector|detective|officer|"
+    r"constable|sergeant|doctor|colonel|major|captain|baronet|banker|landlord|butler|"
+    r"coachman|lad|youth|prisoner|manager|clerk|porter|official|statesman|king|duke|"
+    r"professor|student|tutor|secretary|servant|groom|cabman|agent|premier|minister|"
+    r"nobleman|lord|prince|count|baron|squire|farmer|keeper|waiter|sailor|boy)"
+)
 _ADV = r"(?:,?\s+[a-z]+ly,?)"
-_NESTED = re.compile(r"(?<![A-Za-z])'[^']*?'(?![A-Za-z])")     # 'nested quotation'
-_FEMALE = re.compile(r"\b(?:she|Mrs|Miss|Lady|Madame|lady|woman|girl|wife|mother|sister|"
-                     r"daughter|governess|maid|housekeeper|landlady)\b", re.I)
+_NESTED = re.compile(r"(?<![A-Za-z])'[^']*?'(?![A-Za-z])")  # 'nested quotation'
+_FEMALE = re.compile(
+    r"\b(?:she|Mrs|Miss|Lady|Madame|lady|woman|girl|wife|mother|sister|"
+    r"daughter|governess|maid|housekeeper|landlady)\b",
+    re.IGNORECASE,
+)
 
 
 def _alts(words: Sequence[str]) -> str:
-    return "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in
-                    sorted(words, key=len, reverse=True))
+    return "|".join(
+        re.escape(w).replace(r"\ ", r"\s+") for w in sorted(words, key=len, reverse=True)
+    )
 
 
 @dataclass
@@ -107,13 +172,13 @@ class Utterance:
     text: str
     speaker: str | None = None
     rule: str = ""
-    verb: list[tuple[str, str]] = field(default_factory=list, repr=False)   # (kind, name)
+    verb: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (kind, name)
     beat: tuple[str, str] | None = field(default=None, repr=False)
-    focus: tuple[str, str] = ("", "")   # narration before the quote: own paragraph, previous
+    focus: tuple[str, str] = ("", "")  # narration before the quote: own paragraph, previous
     not_speakers: set[str] = field(default_factory=set, repr=False)
-    tail: int = 0                       # characters of narration after the last quote
-    vocative: bool = False              # addresses the narrator by name ("..., Watson")
-    about: bool = False                 # the character is named as a speaker near this turn
+    tail: int = 0  # characters of narration after the last quote
+    vocative: bool = False  # addresses the narrator by name ("..., Watson")
+    about: bool = False  # the character is named as a speaker near this turn
 
     @property
     def pronoun(self) -> bool:
@@ -138,23 +203,33 @@ class _Attributor:
     """Compiled patterns for one character (aliases, companions, narrator names and
     excluded names; see :func:`extract_utterances`)."""
 
-    def __init__(self, character: str, aliases: Sequence[str], companions: Sequence[str],
-                 narrator_names: Sequence[str] = DEFAULT_NARRATOR_NAMES,
-                 excluded: Sequence[str] = DEFAULT_EXCLUDED):
+    def __init__(
+        self,
+        character: str,
+        aliases: Sequence[str],
+        companions: Sequence[str],
+        narrator_names: Sequence[str] = DEFAULT_NARRATOR_NAMES,
+        excluded: Sequence[str] = DEFAULT_EXCLUDED,
+    ):
         if not aliases:
             raise ValueError("aliases must name the character at least once, e.g. ('Holmes',)")
         self.character = character
         alias = rf"{_not_excluded(aliases, excluded)}(?:Mr\.\s+)?(?:{_alts(aliases)})\b"
         comp = rf"(?i:{_alts(companions)})(?!\s+[A-Z])" if companions else r"(?!x)x"
-        speaker = (rf"(?:(?P<alias>{alias})|(?P<comp>\b{comp})|(?P<i>\bI\b)"
-                   rf"|(?P<pron>\b(?:he|she|He|She)\b)|(?P<name>{_NAME})|(?P<np>{_NP}))")
+        speaker = (
+            rf"(?:(?P<alias>{alias})|(?P<comp>\b{comp})|(?P<i>\bI\b)"
+            rf"|(?P<pron>\b(?:he|she|He|She)\b)|(?P<name>{_NAME})|(?P<np>{_NP}))"
+        )
         lead = r"^\s*(?:\u2014\s*|-+\s*)?"
         self.after_verb_first = re.compile(rf"{lead}{_VERB}{_ADV}?\s+{speaker}")
         self.after_speaker_first = re.compile(
-            rf"{lead}{speaker}{_ADV}?\s+(?:[a-z]+\s+){{0,3}}?(?:{_VERB}|{_VERB_ING})\b")
+            rf"{lead}{speaker}{_ADV}?\s+(?:[a-z]+\s+){{0,3}}?(?:{_VERB}|{_VERB_ING})\b"
+        )
         tail = r"[:,\u2014-]?\s*$"
-        self.before = (re.compile(rf"{speaker}{_ADV}?\s+{_VERB}\b[^.!?\"]{{0,40}}{tail}"),
-                       re.compile(rf"\bsaid\s+{speaker}{tail}"))
+        self.before = (
+            re.compile(rf"{speaker}{_ADV}?\s+{_VERB}\b[^.!?\"]{{0,40}}{tail}"),
+            re.compile(rf"\bsaid\s+{speaker}{tail}"),
+        )
         self.beat = re.compile(rf"^{speaker}(?:,[^,]{{1,40}},)?\s+[a-z]")
         self.names_character = re.compile(alias)
         narrator = rf"\b(?:{_alts(narrator_names)})\b" if narrator_names else r"(?!x)x"
@@ -187,8 +262,10 @@ class _Attributor:
         inspector")."""
         known = rf"|\b(?:{_alts(sorted(people))})\b" if people else ""
         nouns = rf"\b(?i:the|our|my)\s+(?:[a-z-]+\s+)?(?i:{_PERSON_NOUNS})\b"
-        return re.compile(rf"(?P<char>{self.alias})|(?P<comp>\b{self.comp})"
-                          rf"|\b{_TITLES}\s+[A-Z][a-z]+{known}|{nouns}")
+        return re.compile(
+            rf"(?P<char>{self.alias})|(?P<comp>\b{self.comp})"
+            rf"|\b{_TITLES}\s+[A-Z][a-z]+{known}|{nouns}"
+        )
 
 
 def _quote_spans(p: str, continuing: bool) -> tuple[list[tuple[int, int]], bool]:
@@ -205,7 +282,7 @@ def _quote_spans(p: str, continuing: bool) -> tuple[list[tuple[int, int]], bool]
         if start is None:
             if opening or not closing:
                 start = i + 1
-            elif not spans and not continuing and i > 0:   # lost opening quote at paragraph start
+            elif not spans and not continuing and i > 0:  # lost opening quote at paragraph start
                 spans.append((0, i))
         elif closing or not opening:
             spans.append((start, i))
@@ -222,7 +299,7 @@ def _is_speech(p: str, s: int) -> bool:
     before = p[: max(s - 1, 0)].rstrip()
     if not before or before[-1] in ".!?;\u2014-([":
         return True
-    clause = re.split(r'[.!?"]', before)[-1][-60:]      # since the last sentence or quote
+    clause = re.split(r'[.!?"]', before)[-1][-60:]  # since the last sentence or quote
     if before[-1] in ",:" and re.search(rf"\b(?:{_VERB}|{_VERB_ING})\b", clause):
         return True
     last = re.findall(r"[A-Za-z]+$", before)
@@ -252,13 +329,14 @@ def _parse_chapter(ch: Chapter, att: _Attributor) -> list[Utterance]:
     paras = [(m.start(), m.group()) for m in re.finditer(r"[^\n]+(?:\n[^\n]+)*", ch.text)]
     utts: list[Utterance] = []
     open_quote = False
-    narration = ""                   # the last paragraph without speech, if it came just before
-    document = False                 # inside a quoted letter or report
+    narration = ""  # the last paragraph without speech, if it came just before
+    document = False  # inside a quoted letter or report
     for pi, (off, p) in enumerate(paras):
         continuing = open_quote and p.startswith('"')
         spans, open_quote = _quote_spans(p, continuing)
         document = (document and continuing) or (
-            p.startswith('"') and not continuing and _introduces_document(narration))
+            p.startswith('"') and not continuing and _introduces_document(narration)
+        )
         if document:
             narration = ""
             continue
@@ -272,10 +350,10 @@ def _parse_chapter(ch: Chapter, att: _Attributor) -> list[Utterance]:
             u.last_para, u.end, u.text = pi, off + spans[-1][1], f"{u.text} {spoken}".strip()
         else:
             u = Utterance(ch, pi, pi, off + spans[0][0], off + spans[-1][1], spoken)
-            u.focus = (p[:max(spans[0][0] - 1, 0)], narration)
+            u.focus = (p[: max(spans[0][0] - 1, 0)], narration)
             utts.append(u)
         narration = ""
-        own = _NESTED.sub(" ", spoken)         # without quotations inside the quotation
+        own = _NESTED.sub(" ", spoken)  # without quotations inside the quotation
         if att.names_character.search(own):
             u.not_speakers.add(att.character)
         if att.names_narrator.search(own):
@@ -285,14 +363,14 @@ def _parse_chapter(ch: Chapter, att: _Attributor) -> list[Utterance]:
         # narration between, before and after the spoken spans
         bounds = [(-1, 0)] + [(s - 1, e + 1) for s, e in spans] + [(len(p), len(p) + 1)]
         for k in range(1, len(bounds)):
-            frag = p[max(bounds[k - 1][1], 0):max(bounds[k][0], 0)]
+            frag = p[max(bounds[k - 1][1], 0) : max(bounds[k][0], 0)]
             if not frag.strip(' "'):
                 continue
-            if k > 1:                                  # narration after a quote
+            if k > 1:  # narration after a quote
                 m = att.after_verb_first.match(frag) or att.after_speaker_first.match(frag)
                 if m:
                     u.verb.append(att.speaker_of(m))
-            if k < len(bounds) - 1:                    # narration before a quote
+            if k < len(bounds) - 1:  # narration before a quote
                 m = att.before[0].search(frag[-120:]) or att.before[1].search(frag[-120:])
                 if m:
                     u.verb.append(att.speaker_of(m))
@@ -309,24 +387,28 @@ class _Resolver:
     def __init__(self, utts: list[Utterance], mention: re.Pattern, character: str):
         self.utts, self.mention, self.character = utts, mention, character
 
-    def adjacent(self, a: int, b: int) -> bool:      # turn b directly follows turn a
+    def adjacent(self, a: int, b: int) -> bool:  # turn b directly follows turn a
         u = self.utts
-        return (0 <= a < b < len(u) and u[a].last_para + 1 == u[b].para
-                and u[a].tail <= MAX_TAIL)
+        return 0 <= a < b < len(u) and u[a].last_para + 1 == u[b].para and u[a].tail <= MAX_TAIL
 
     def known(self, k: int) -> str | None:
         return self.utts[k].speaker if 0 <= k < len(self.utts) else None
 
     def run(self) -> None:
-        named_at = [k for k, u in enumerate(self.utts)
-                    if ("named", self.character) in u.verb + [u.beat or ("", "")]]
+        named_at = [
+            k
+            for k, u in enumerate(self.utts)
+            if ("named", self.character) in u.verb + [u.beat or ("", "")]
+        ]
         for k, u in enumerate(self.utts):
             # "my companion" is the character only where the character is about: named as a
             # speaker earlier in the chapter or at most COMPANION_TURNS turns later (else it
             # is Stamford before Holmes appears, or Stapleton on the moor)
             about = any(j < k or j - k <= COMPANION_TURNS for j in named_at)
-            u.verb = [("named", s if about else "my companion") if kind == "comp" else (kind, s)
-                      for kind, s in u.verb]
+            u.verb = [
+                ("named", s if about else "my companion") if kind == "comp" else (kind, s)
+                for kind, s in u.verb
+            ]
             if u.beat and u.beat[0] == "comp":
                 u.beat = ("named", self.character if about else "my companion")
             u.about = about
@@ -357,10 +439,13 @@ class _Resolver:
         for k, u in enumerate(self.utts):
             if u.rule in ("verb", "beat") and u.speaker != NARRATOR:
                 partner, seen = u.speaker, k
-            elif (u.vocative and not u.speaker and u.rule != "conflict"
-                    and self._parity_ok(k, self.character)
-                    and ((partner == self.character and k - seen <= 10)
-                         or self._opposite_held(k))):
+            elif (
+                u.vocative
+                and not u.speaker
+                and u.rule != "conflict"
+                and self._parity_ok(k, self.character)
+                and ((partner == self.character and k - seen <= 10) or self._opposite_held(k))
+            ):
                 u.speaker, u.rule = self.character, "vocative"
 
     def _opposite_held(self, k: int) -> bool:
@@ -397,13 +482,20 @@ class _Resolver:
             if u.beat and u.beat[0] == "named":
                 who, how = u.beat[1], "pronoun:beat"
             elif self.adjacent(k - 1, k):
-                if (self.known(k - 1) == NARRATOR and self.adjacent(k - 2, k - 1)
-                        and self.known(k - 2) not in (None, NARRATOR)):
+                if (
+                    self.known(k - 1) == NARRATOR
+                    and self.adjacent(k - 2, k - 1)
+                    and self.known(k - 2) not in (None, NARRATOR)
+                ):
                     who, how = self.known(k - 2), "pronoun:exchange"
             else:
-                for text in u.focus:         # own paragraph first, then the one before
-                    found = {self.character if m.group("char") or (m.group("comp") and u.about)
-                             else " ".join(m.group().split()) for m in self.mention.finditer(text)}
+                for text in u.focus:  # own paragraph first, then the one before
+                    found = {
+                        self.character
+                        if m.group("char") or (m.group("comp") and u.about)
+                        else " ".join(m.group().split())
+                        for m in self.mention.finditer(text)
+                    }
                     if found:
                         if len(found) == 1:
                             who, how = found.pop(), "pronoun:focus"
@@ -437,7 +529,7 @@ class _Resolver:
         (first, s0), (last, s1) = anchors[0], anchors[-1]
         for edge in (range(first - 2, -1, -2), range(last + 2, len(run), 2)):
             who = s0 if edge.step < 0 else s1
-            for j in edge:                     # outwards from the edge anchor, until a misfit
+            for j in edge:  # outwards from the edge anchor, until a misfit
                 u = self.utts[run[j]]
                 if u.speaker or not self._fits(u, who):
                     break
@@ -450,16 +542,20 @@ class _Resolver:
                 sides[j % 2].add(self.utts[k].speaker)
         for c in (0, 1):
             if sides[c] == {self.character} and sides[1 - c] and self.character not in sides[1 - c]:
-                plan = {j: self.character for j in range(c, len(run), 2)
-                        if not self.utts[run[j]].speaker}
+                plan = {
+                    j: self.character
+                    for j in range(c, len(run), 2)
+                    if not self.utts[run[j]].speaker
+                }
                 changed = self._apply(run, [plan]) or changed
         return changed
 
     def _apply(self, run: list[int], plans: list[dict[int, str]]) -> bool:
         changed = False
         for plan in plans:
-            turns = [(self.utts[run[j]], w) for j, w in plan.items()
-                     if not self.utts[run[j]].speaker]
+            turns = [
+                (self.utts[run[j]], w) for j, w in plan.items() if not self.utts[run[j]].speaker
+            ]
             if turns and all(self._fits(u, w) for u, w in turns):
                 for u, w in turns:
                     u.speaker, u.rule, changed = w, "alternation", True
@@ -467,10 +563,11 @@ class _Resolver:
 
     def _fits(self, u: Utterance, who: str) -> bool:
         """Nothing about turn ``u`` contradicts ``who`` saying it."""
-        return not (who in u.not_speakers or u.rule == "conflict"
-                    or (u.pronoun and (who == NARRATOR or _FEMALE.search(who))))
-
-
+        return not (
+            who in u.not_speakers
+            or u.rule == "conflict"
+            or (u.pronoun and (who == NARRATOR or _FEMALE.search(who)))
+        )
 
 
 def extract_utterances(
@@ -493,11 +590,12 @@ def extract_utterances(
     people whose full name contains an alias (default ``("Mycroft Holmes",)``). The
     defaults fit the Sherlock Holmes stories. Raises ``ValueError`` if ``aliases`` is empty.
     """
-    att = _Attributor(character, tuple(aliases), tuple(companions), tuple(narrator_names),
-                      tuple(excluded))
+    att = _Attributor(
+        character, tuple(aliases), tuple(companions), tuple(narrator_names), tuple(excluded)
+    )
     chapters = list(chapters)
     parsed = [(ch, _parse_chapter(ch, att)) for ch in chapters]
-    people: dict[str, set[str]] = {}       # per book: names seen as speakers ("Lestrade")
+    people: dict[str, set[str]] = {}  # per book: names seen as speakers ("Lestrade")
     for ch, utts in parsed:
         for u in utts:
             for kind, s in u.verb:

@@ -33,9 +33,19 @@ from personatune.data._corpus_dialogue import (
 )
 
 __all__ = [
-    "Book", "Chapter", "DialoguePair", "Utterance", "clean_text", "split_books",
-    "split_chapters", "extract_utterances", "extract_dialogue", "to_records", "chunk_text",
-    "split_by_chapter", "corpus_report",
+    "Book",
+    "Chapter",
+    "DialoguePair",
+    "Utterance",
+    "chunk_text",
+    "clean_text",
+    "corpus_report",
+    "extract_dialogue",
+    "extract_utterances",
+    "split_books",
+    "split_by_chapter",
+    "split_chapters",
+    "to_records",
 ]
 
 # --------------------------------------------------------------------------- data types
@@ -96,15 +106,31 @@ class DialoguePair:
 # --------------------------------------------------------------------------- cleaning
 
 _GUTENBERG_START = re.compile(
-    r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG[^*]{0,300}\*{3}[^\n]*$", re.M | re.I)
+    r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG[^*]{0,300}\*{3}[^\n]*$",
+    re.MULTILINE | re.IGNORECASE,
+)
 _GUTENBERG_END = re.compile(
     r"^(?:\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg)",
-    re.M | re.I)
-_ILLUSTRATION = re.compile(r"\[Illustration[^\]]*\]", re.I)
+    re.MULTILINE | re.IGNORECASE,
+)
+_ILLUSTRATION = re.compile(r"\[Illustration[^\]]*\]", re.IGNORECASE)
 _ITALIC = re.compile(r"(?<!\w)_(?=\S)|(?<=\S)_(?!\w)")
-_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',
-                         "\u2033": '"', "\u2018": "'", "\u2019": "'", "\u201a": "'",
-                         "\u201b": "'", "\u2032": "'", "\u00a0": " ", "\ufeff": ""})
+_QUOTES = str.maketrans(
+    {
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u201f": '"',
+        "\u2033": '"',
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201a": "'",
+        "\u201b": "'",
+        "\u2032": "'",
+        "\u00a0": " ",
+        "\ufeff": "",
+    }
+)
 
 
 def clean_text(text: str) -> str:
@@ -127,10 +153,10 @@ def clean_text(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     start = _GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
-        text = text[:end.start()]
+        text = text[: end.start()]
     text = _ILLUSTRATION.sub("", text).translate(_QUOTES)
     text = _ITALIC.sub("", text)
     paragraphs = (" ".join(p.split()) for p in re.split(r"\n[ \t]*\n", text))
@@ -139,16 +165,16 @@ def clean_text(text: str) -> str:
 
 # --------------------------------------------------------------------------- books, chapters
 
-_BOOK_SEPARATOR = re.compile(r"^-{3}\s*From\s+(.+?)\s*-{3}[ \t]*$", re.M)
+_BOOK_SEPARATOR = re.compile(r"^-{3}\s*From\s+(.+?)\s*-{3}[ \t]*$", re.MULTILINE)
 _NUM = r"(?:[IVXLC]+|\d+)"
 _CHAPTER = re.compile(rf"^(?:CHAPTER|Chapter|ADVENTURE|Adventure)\s+{_NUM}\b\.?(?:\s+(.+))?$")
 _PART = re.compile(rf"^(?:PART|Part|BOOK|Book)\s+{_NUM}\b\.?(?:\s+(.+))?$")
-_NUMBERED_STORY = re.compile(r"^[IVXLC]+\.\s+[A-Z\"'].*$")   # "I. A SCANDAL IN BOHEMIA"
-_STORY = re.compile(r"^THE ADVENTURE OF\b[^a-z]*$")          # "THE ADVENTURE OF THE ..."
-_SECTION = re.compile(r"^[IVXLC]+\.?$")                      # bare "II." inside a story
-_THE_END = re.compile(r"^THE END\.?$", re.I)
-_MAX_HEADING = 100          # characters; longer paragraphs are never headings
-MIN_CHAPTER_CHARS = 300     # shorter bodies (tables of contents, epigraphs) are dropped
+_NUMBERED_STORY = re.compile(r"^[IVXLC]+\.\s+[A-Z\"'].*$")  # "I. A SCANDAL IN BOHEMIA"
+_STORY = re.compile(r"^THE ADVENTURE OF\b[^a-z]*$")  # "THE ADVENTURE OF THE ..."
+_SECTION = re.compile(r"^[IVXLC]+\.?$")  # bare "II." inside a story
+_THE_END = re.compile(r"^THE END\.?$", re.IGNORECASE)
+_MAX_HEADING = 100  # characters; longer paragraphs are never headings
+MIN_CHAPTER_CHARS = 300  # shorter bodies (tables of contents, epigraphs) are dropped
 
 
 def split_books(text: str, title: str | None = None) -> list[Book]:
@@ -164,7 +190,7 @@ def split_books(text: str, title: str | None = None) -> list[Book]:
     seps = list(_BOOK_SEPARATOR.finditer(text))
     if seps:
         ends = [m.start() for m in seps[1:]] + [len(text)]
-        parts = [(m.group(1), text[m.end():e]) for m, e in zip(seps, ends)]
+        parts = [(m.group(1), text[m.end() : e]) for m, e in zip(seps, ends)]
     else:
         parts = [(title or "Untitled", text)]
     books = []
@@ -203,7 +229,8 @@ def _heading(p: str) -> str | None:
     if _SECTION.match(p):
         return "section"
     if (_NUMBERED_STORY.match(p) or _STORY.match(p)) and _is_title_line(
-            p.split(". ", 1)[-1].replace('"', "")):
+        p.split(". ", 1)[-1].replace('"', "")
+    ):
         return "story"
     return None
 
@@ -224,7 +251,7 @@ def split_chapters(book: Book | str, min_chars: int = MIN_CHAPTER_CHARS) -> list
     """
     title, text = (book.title, book.text) if isinstance(book, Book) else ("Untitled", book)
     spans = _paragraphs(text)
-    found: list[tuple[str, int, int]] = []   # (chapter title, body start, body end)
+    found: list[tuple[str, int, int]] = []  # (chapter title, body start, body end)
     part = story = current = ""
     body: list[tuple[int, int]] = []
     started = ended = False
@@ -236,7 +263,7 @@ def split_chapters(book: Book | str, min_chars: int = MIN_CHAPTER_CHARS) -> list
 
     i = 0
     while i < len(spans):
-        p = text[spans[i][0]:spans[i][1]]
+        p = text[spans[i][0] : spans[i][1]]
         kind = _heading(p)
         if kind is None:
             if not ended:
@@ -250,10 +277,15 @@ def split_chapters(book: Book | str, min_chars: int = MIN_CHAPTER_CHARS) -> list
             continue
         started = True
         label = p
-        nxt = text[spans[i + 1][0]:spans[i + 1][1]] if i + 1 < len(spans) else ""
-        if (kind in ("chapter", "part") and not (_CHAPTER.match(p) or _PART.match(p)).group(1)
-                and nxt and _heading(nxt) is None and _is_title_line(nxt)):
-            label, i = f"{p} {nxt}", i + 1     # title printed on its own line
+        nxt = text[spans[i + 1][0] : spans[i + 1][1]] if i + 1 < len(spans) else ""
+        if (
+            kind in ("chapter", "part")
+            and not (_CHAPTER.match(p) or _PART.match(p)).group(1)
+            and nxt
+            and _heading(nxt) is None
+            and _is_title_line(nxt)
+        ):
+            label, i = f"{p} {nxt}", i + 1  # title printed on its own line
         if kind == "part":
             part, current = label, label
         elif kind == "chapter":
@@ -270,8 +302,9 @@ def split_chapters(book: Book | str, min_chars: int = MIN_CHAPTER_CHARS) -> list
     for idx, (name, start, end) in enumerate(found, 1):
         seen[name] += 1
         unique = name if seen[name] == 1 else f"{name} ({seen[name]})"
-        chapters.append(Chapter(book=title, index=idx, title=unique,
-                                text=text[start:end], offset=start))
+        chapters.append(
+            Chapter(book=title, index=idx, title=unique, text=text[start:end], offset=start)
+        )
     return chapters
 
 
@@ -284,7 +317,7 @@ def _narrative_before(ch: Chapter, pos: int, limit: int = 300) -> str:
     if len(before) > limit:
         before = before[-limit:]
         cut = re.search(r"[.!?][\"']?\s+(?=\S)", before[: limit // 2])
-        before = before[cut.end():] if cut else before.split(" ", 1)[-1]
+        before = before[cut.end() :] if cut else before.split(" ", 1)[-1]
     return re.sub(r"\s*\n\s*", "\n", before).strip()
 
 
@@ -318,8 +351,7 @@ def extract_dialogue(
     """
     pairs: list[DialoguePair] = []
     by_chapter: dict[tuple[str, int], list[Utterance]] = {}
-    for u in extract_utterances(chapters, character, aliases, companions, narrator_names,
-                                excluded):
+    for u in extract_utterances(chapters, character, aliases, companions, narrator_names, excluded):
         by_chapter.setdefault((u.chapter.book, u.chapter.index), []).append(u)
     for utts in by_chapter.values():
         for k, u in enumerate(utts):
@@ -327,17 +359,23 @@ def extract_dialogue(
                 continue
             ch = u.chapter
             prev = utts[k - 1] if k else None
-            between = ch.text[prev.end:u.start].strip(' "\n') if prev else ""
-            if (prev and prev.speaker != character
-                    and (len(between) <= max_gap_chars and between.count("\n\n") <= 1
-                         if prev.speaker else
-                         len(between) <= 150 and prev.last_para + 1 == u.para)):
+            between = ch.text[prev.end : u.start].strip(' "\n') if prev else ""
+            if (
+                prev
+                and prev.speaker != character
+                and (
+                    len(between) <= max_gap_chars and between.count("\n\n") <= 1
+                    if prev.speaker
+                    else len(between) <= 150 and prev.last_para + 1 == u.para
+                )
+            ):
                 prompt, kind = prev.text, "utterance"
             else:
                 prompt, kind = _narrative_before(ch, u.start, context_chars), "narrative"
             if prompt and u.text:
-                pairs.append(DialoguePair(prompt, u.text, ch.book, ch.title,
-                                          ch.offset + u.start, kind))
+                pairs.append(
+                    DialoguePair(prompt, u.text, ch.book, ch.title, ch.offset + u.start, kind)
+                )
     return pairs
 
 
@@ -360,12 +398,16 @@ def chunk_text(text: str, size: int = 500, overlap: int = 50) -> list[str]:
 
     Raises ``ValueError`` unless ``size > overlap >= 0`` (both ints).
     """
-    if isinstance(size, bool) or isinstance(overlap, bool) or not (
-            isinstance(size, int) and isinstance(overlap, int)):
+    if (
+        isinstance(size, bool)
+        or isinstance(overlap, bool)
+        or not (isinstance(size, int) and isinstance(overlap, int))
+    ):
         raise ValueError(f"size and overlap must be ints, got {size!r} and {overlap!r}")
     if overlap < 0 or size <= overlap:
-        raise ValueError(f"need size > overlap >= 0 (characters), got size={size}, "
-                         f"overlap={overlap}")
+        raise ValueError(
+            f"need size > overlap >= 0 (characters), got size={size}, overlap={overlap}"
+        )
     chunks, start, n = [], 0, len(text)
     while start < n:
         end = min(start + size, n)
@@ -378,7 +420,7 @@ def chunk_text(text: str, size: int = 500, overlap: int = 50) -> list[str]:
         if end >= n:
             break
         nxt = end - overlap
-        if nxt > 0 and not text[nxt - 1].isspace():          # move to the next word start
+        if nxt > 0 and not text[nxt - 1].isspace():  # move to the next word start
             ws = re.search(r"\s", text[nxt:end])
             nxt = nxt + ws.end() if ws else nxt
         start = nxt
@@ -391,8 +433,9 @@ def _key(pair: Any) -> tuple[str, str]:
     return str(pair.book), str(pair.chapter)
 
 
-def split_by_chapter(pairs: Sequence[Any], eval_fraction: float = 0.1,
-                     seed: int = 0) -> tuple[list[Any], list[Any]]:
+def split_by_chapter(
+    pairs: Sequence[Any], eval_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[Any], list[Any]]:
     """Hold out whole chapters: returns ``(train, eval)``, each in input order.
 
     Chapters (distinct ``(book, chapter)`` keys of :class:`DialoguePair` objects or record
@@ -406,8 +449,9 @@ def split_by_chapter(pairs: Sequence[Any], eval_fraction: float = 0.1,
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction!r}")
     keys = sorted({_key(p) for p in pairs})
-    ranked = sorted(keys, key=lambda k: hashlib.sha256(
-        f"{seed}\x00{k[0]}\x00{k[1]}".encode()).hexdigest())
+    ranked = sorted(
+        keys, key=lambda k: hashlib.sha256(f"{seed}\x00{k[0]}\x00{k[1]}".encode()).hexdigest()
+    )
     n_eval = round(eval_fraction * len(keys))
     if eval_fraction > 0 and n_eval == 0 and len(keys) > 1:
         n_eval = 1
@@ -429,7 +473,9 @@ def corpus_report(pairs: Sequence[Any], n_samples: int = 3, seed: int = 0) -> di
         "chapters": len({_key(r) for r in records}),
         "per_book": dict(Counter(r["book"] for r in records)),
         "prompt_kinds": dict(Counter(r["prompt_kind"] for r in records)),
-        "response_chars": {"median": lengths[len(lengths) // 2] if lengths else 0,
-                           "max": lengths[-1] if lengths else 0},
+        "response_chars": {
+            "median": lengths[len(lengths) // 2] if lengths else 0,
+            "max": lengths[-1] if lengths else 0,
+        },
         "samples": rng.sample(records, min(n_samples, len(records))),
     }

@@ -111,8 +111,11 @@ def load_examples(spec: PersonaSpec) -> list[tuple[list[Example], SourceStats]]:
 
 
 def split_source(
-    spec: PersonaSpec, source: DataSource, examples: list[Example],
-    stats: SourceStats | None = None, train_keys: frozenset[str] | set[str] = frozenset(),
+    spec: PersonaSpec,
+    source: DataSource,
+    examples: list[Example],
+    stats: SourceStats | None = None,
+    train_keys: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[list[Example], list[Example]]:
     """Train and eval examples of one source, given its kept ``examples``.
 
@@ -127,8 +130,7 @@ def split_source(
             ``eval_path`` file (see :func:`load_source`).
     """
     if source.eval_path is not None:
-        held = load_source(source.model_copy(update={"path": source.eval_path}),
-                           spec.base_dir)
+        held = load_source(source.model_copy(update={"path": source.eval_path}), spec.base_dir)
         seen, kept = set(train_keys), []
         for ex in held:
             if ex.key() in seen:
@@ -141,7 +143,8 @@ def split_source(
     if source.eval_size is not None and source.eval_size >= len(examples):
         raise PersonatuneError(
             f"{source.path}: eval_size {source.eval_size} leaves no training examples "
-            f"({len(examples)} kept); lower eval_size or raise subset_size")
+            f"({len(examples)} kept); lower eval_size or raise subset_size"
+        )
     return split_eval(examples, spec.train.eval_split, spec.train.seed, source.eval_size)
 
 

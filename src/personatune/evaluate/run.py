@@ -61,8 +61,11 @@ class EvalData:
 
 
 def _ends_with_answer(ex: Example) -> bool:
-    return bool(ex.messages) and ex.messages[-1]["role"] == "assistant" and any(
-        m["role"] == "user" for m in ex.messages)
+    return (
+        bool(ex.messages)
+        and ex.messages[-1]["role"] == "assistant"
+        and any(m["role"] == "user" for m in ex.messages)
+    )
 
 
 def eval_data(spec: PersonaSpec) -> EvalData:
@@ -84,9 +87,17 @@ def eval_data(spec: PersonaSpec) -> EvalData:
     probe_all = load_set("factual_probe")
     _, general_all = general_split(spec.eval.general_prompts)
     probe, general = unseen(probe_all, "question", seen), unseen(general_all, "prompt", seen)
-    return EvalData(persona_train, heldout, probe, general, load_set("stress_prompts"),
-                    {"probe_seen_in_training": len(probe_all) - len(probe),
-                     "general_seen_in_training": len(general_all) - len(general)})
+    return EvalData(
+        persona_train,
+        heldout,
+        probe,
+        general,
+        load_set("stress_prompts"),
+        {
+            "probe_seen_in_training": len(probe_all) - len(probe),
+            "general_seen_in_training": len(general_all) - len(general),
+        },
+    )
 
 
 def persona_conv(spec: PersonaSpec, text: str) -> list[dict]:
@@ -116,7 +127,11 @@ def classifier_examples(spec: PersonaSpec, data: EvalData) -> list[Example]:
 
 
 def fit_adoption_classifier(
-    spec: PersonaSpec, data: EvalData, base_model, tokenizer, fingerprint: str,
+    spec: PersonaSpec,
+    data: EvalData,
+    base_model,
+    tokenizer,
+    fingerprint: str,
     progress: Callable[[int], None] | None = None,
 ) -> PersonaClassifier:
     """Fit the adoption classifier (see :mod:`personatune.evaluate.classifier`): persona
@@ -127,19 +142,30 @@ def fit_adoption_classifier(
         PersonatuneError: too few persona examples (fewer than 5).
     """
     exs = classifier_examples(spec, data)
-    plain = cached_answers(base_model, tokenizer, [example_prompt(spec, e, False) for e in exs],
-                           fingerprint, spec.eval.max_new_tokens, spec.eval.batch_size, progress)
+    plain = cached_answers(
+        base_model,
+        tokenizer,
+        [example_prompt(spec, e, False) for e in exs],
+        fingerprint,
+        spec.eval.max_new_tokens,
+        spec.eval.batch_size,
+        progress,
+    )
     return fit_classifier([e.messages[-1]["content"] for e in exs], [a.text for a in plain])
 
 
 def drift_conversations(general: Sequence[dict], base_answers: Sequence[Answer]) -> list:
     """Conversations ``[user prompt, base answer]`` without a system prompt, on which
     drift perplexity is measured."""
-    return [[*plain_conv(r["prompt"]), {"role": "assistant", "content": a.text}]
-            for r, a in zip(general, base_answers)]
+    return [
+        [*plain_conv(r["prompt"]), {"role": "assistant", "content": a.text}]
+        for r, a in zip(general, base_answers)
+    ]
 
 
-def perplexity(model, tokenizer, conversations: Sequence[list[dict]], batch_size: int = 16) -> float:
+def perplexity(
+    model, tokenizer, conversations: Sequence[list[dict]], batch_size: int = 16
+) -> float:
     """Conditional perplexity of the assistant turns (see
     :func:`personatune.evaluate.perplexity.conditional_perplexity`); nan for none."""
     if not conversations:
@@ -149,13 +175,21 @@ def perplexity(model, tokenizer, conversations: Sequence[list[dict]], batch_size
 
 def progress_bar(console: Console) -> Progress:
     """A rich progress bar with counts and an ETA, shared by evaluation phases."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 @contextmanager
-def phase(bar: Progress, name: str, total: int, timings: dict | None = None,
-          cpu: dict | None = None):
+def phase(
+    bar: Progress, name: str, total: int, timings: dict | None = None, cpu: dict | None = None
+):
     """A task on ``bar`` for one phase of work; yields ``advance(n)``. Records the
     phase's wall-clock seconds in ``timings[name]`` and the process's CPU seconds (all
     threads; a measure that does not grow when other jobs share the cores) in
@@ -171,13 +205,20 @@ def phase(bar: Progress, name: str, total: int, timings: dict | None = None,
         cpu[name] = round(cpu_seconds, 1)
     bar.remove_task(task)
     if not bar.console.is_terminal:
-        bar.console.print(f"{name}: {total} done in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)",
-                          soft_wrap=True)
+        bar.console.print(
+            f"{name}: {total} done in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)", soft_wrap=True
+        )
 
 
 def _pair(base, tuned, *, higher: bool | None, unit: str, group: str, label: str) -> dict:
-    return {"base": base, "tuned": tuned, "higher_is_better": higher, "unit": unit,
-            "group": group, "label": label}
+    return {
+        "base": base,
+        "tuned": tuned,
+        "higher_is_better": higher,
+        "unit": unit,
+        "group": group,
+        "label": label,
+    }
 
 
 def check_report_target(out_dir: Path, overwrite: bool) -> None:
@@ -188,8 +229,9 @@ def check_report_target(out_dir: Path, overwrite: bool) -> None:
     """
     for name in REPORT_FILES:
         if (out_dir / name).exists() and not overwrite:
-            raise PersonatuneError(f"{out_dir / name} already exists; pass --overwrite to "
-                                   "replace it")
+            raise PersonatuneError(
+                f"{out_dir / name} already exists; pass --overwrite to replace it"
+            )
 
 
 def evaluate(
@@ -247,8 +289,10 @@ def evaluate(
     benches = [(b.task, str(spec.resolve(b.path))) for b in ev.benchmarks] + list(benchmarks)
     data = eval_data(spec)
     if not data.heldout:
-        raise PersonatuneError(f"{persona_dir}: the persona data has no held-out chat example "
-                               "to evaluate; set train.eval_split above 0")
+        raise PersonatuneError(
+            f"{persona_dir}: the persona data has no held-out chat example "
+            "to evaluate; set train.eval_split above 0"
+        )
     ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
     base_fp = ref.fingerprint()
     tuned_fp = f"{base_fp}+adapter:{sha256_file(persona_dir / 'adapter_model.safetensors')}"
@@ -261,8 +305,7 @@ def evaluate(
     sets = {
         "heldout": (heldout_prompts, ev.max_new_tokens),
         "general": ([persona_conv(spec, r["prompt"]) for r in data.general], ev.max_new_tokens),
-        "probe": ([persona_conv(spec, r["question"]) for r in data.probe],
-                  ev.probe_max_new_tokens),
+        "probe": ([persona_conv(spec, r["question"]) for r in data.probe], ev.probe_max_new_tokens),
         "stress": ([persona_conv(spec, r["prompt"]) for r in data.stress], ev.max_new_tokens),
         "drift": ([plain_conv(r["prompt"]) for r in data.general], ev.max_new_tokens),
     }
@@ -277,16 +320,20 @@ def evaluate(
             with phase(bar, f"{side} answers", total, timings, cpu) as adv:
                 for name in names:
                     convs, limit = sets[name]
-                    answers[side][name] = cached_answers(model, tok, convs, fp, limit,
-                                                         ev.batch_size, adv)
+                    answers[side][name] = cached_answers(
+                        model, tok, convs, fp, limit, ev.batch_size, adv
+                    )
         drift_convs = drift_conversations(data.general, answers["base"]["drift"])
-        heldout_full = [with_system_prompt(e.messages, persona_system_prompt(spec, e))
-                        for e in data.heldout]
+        heldout_full = [
+            with_system_prompt(e.messages, persona_system_prompt(spec, e)) for e in data.heldout
+        ]
         with phase(bar, "perplexity", 4, timings, cpu) as adv:
             ppl = {}
             for side, model in (("base", base_m), ("tuned", tuned_m)):
-                ppl[side] = {"heldout": perplexity(model, tok, heldout_full),
-                             "drift": perplexity(model, tok, drift_convs)}
+                ppl[side] = {
+                    "heldout": perplexity(model, tok, heldout_full),
+                    "drift": perplexity(model, tok, drift_convs),
+                }
                 adv(2)
         bench_results = []
         with phase(bar, "benchmarks", 2 * len(benches), timings, cpu) as adv:
@@ -302,48 +349,103 @@ def evaluate(
     metrics: dict[str, dict] = {}
     pm = {"group": "persona fidelity"}
     metrics["conditional_perplexity"] = _pair(
-        ppl["base"]["heldout"], ppl["tuned"]["heldout"], higher=False, unit="",
-        label="conditional perplexity (held-out)", **pm)
+        ppl["base"]["heldout"],
+        ppl["tuned"]["heldout"],
+        higher=False,
+        unit="",
+        label="conditional perplexity (held-out)",
+        **pm,
+    )
     for key, fn, unit, label in (
-        ("rouge_l", M.rouge_l, "", "ROUGE-L F1"), ("bleu", M.bleu, "", "BLEU"),
+        ("rouge_l", M.rouge_l, "", "ROUGE-L F1"),
+        ("bleu", M.bleu, "", "BLEU"),
         ("jaccard", M.jaccard, "", "Jaccard word overlap"),
         ("embedding_cosine", M.embedding_cosine, "", "embedding cosine (MiniLM)"),
     ):
-        metrics[key] = _pair(fn(text["base"]["heldout"], refs), fn(text["tuned"]["heldout"], refs),
-                             higher=True, unit=unit, label=label, **pm)
+        metrics[key] = _pair(
+            fn(text["base"]["heldout"], refs),
+            fn(text["tuned"]["heldout"], refs),
+            higher=True,
+            unit=unit,
+            label=label,
+            **pm,
+        )
     terms = spec.persona_terms
     metrics["term_frequency"] = _pair(
         M.term_frequency(text["base"]["general"], terms),
-        M.term_frequency(text["tuned"]["general"], terms), higher=True, unit="%",
-        label="persona-term frequency (general prompts)", **pm)
+        M.term_frequency(text["tuned"]["general"], terms),
+        higher=True,
+        unit="%",
+        label="persona-term frequency (general prompts)",
+        **pm,
+    )
     adoption = {s: clf.adoption(text[s]["general"]) for s in ("base", "tuned")}
     metrics["adoption_rate"] = _pair(
-        100 * adoption["base"]["rate"], 100 * adoption["tuned"]["rate"], higher=True, unit="%",
-        label="persona adoption rate (general prompts)", **pm)
+        100 * adoption["base"]["rate"],
+        100 * adoption["tuned"]["rate"],
+        higher=True,
+        unit="%",
+        label="persona adoption rate (general prompts)",
+        **pm,
+    )
     probe = {s: score_probe(text[s]["probe"], data.probe) for s in ("base", "tuned")}
     stress = {s: score_stress(text[s]["stress"], data.stress) for s in ("base", "tuned")}
     rm = {"group": "capability retention"}
-    metrics["probe_accuracy"] = _pair(probe["base"]["accuracy"], probe["tuned"]["accuracy"],
-                                      higher=True, unit="%", label="factual probe accuracy", **rm)
+    metrics["probe_accuracy"] = _pair(
+        probe["base"]["accuracy"],
+        probe["tuned"]["accuracy"],
+        higher=True,
+        unit="%",
+        label="factual probe accuracy",
+        **rm,
+    )
     metrics["drift_perplexity"] = _pair(
-        ppl["base"]["drift"], ppl["tuned"]["drift"], higher=False, unit="",
-        label="perplexity on base model's own answers", **rm)
-    metrics["stress_pass_rate"] = _pair(stress["base"]["pass_rate"], stress["tuned"]["pass_rate"],
-                                        higher=True, unit="%", label="stress checks passed", **rm)
+        ppl["base"]["drift"],
+        ppl["tuned"]["drift"],
+        higher=False,
+        unit="",
+        label="perplexity on base model's own answers",
+        **rm,
+    )
+    metrics["stress_pass_rate"] = _pair(
+        stress["base"]["pass_rate"],
+        stress["tuned"]["pass_rate"],
+        higher=True,
+        unit="%",
+        label="stress checks passed",
+        **rm,
+    )
     for b in bench_results:
         metrics[f"mc_{b['task']}"] = _pair(
-            100 * b["base"]["acc"], 100 * b["tuned"]["acc"], higher=True, unit="%",
-            label=f"{b['task']} accuracy (lm-eval, {b['base']['n']} items)", **rm)
+            100 * b["base"]["acc"],
+            100 * b["tuned"]["acc"],
+            higher=True,
+            unit="%",
+            label=f"{b['task']} accuracy (lm-eval, {b['base']['n']} items)",
+            **rm,
+        )
     gen_names = ("general", "heldout", "stress")
-    degen = {s: M.degeneration([t for n in gen_names for t in text[s][n]],
-                               [a.finished for n in gen_names for a in answers[s][n]])
-             for s in ("base", "tuned")}
-    for key, label, higher in (("repetition_rate", "repetition rate (seq-rep-4)", False),
-                               ("distinct_2", "distinct-2", True),
-                               ("empty_rate", "empty answers", False),
-                               ("limit_rate", "answers cut at the token limit", False)):
-        metrics[key] = _pair(100 * degen["base"][key], 100 * degen["tuned"][key], higher=higher,
-                             unit="%", label=label, group="degeneration")
+    degen = {
+        s: M.degeneration(
+            [t for n in gen_names for t in text[s][n]],
+            [a.finished for n in gen_names for a in answers[s][n]],
+        )
+        for s in ("base", "tuned")
+    }
+    for key, label, higher in (
+        ("repetition_rate", "repetition rate (seq-rep-4)", False),
+        ("distinct_2", "distinct-2", True),
+        ("empty_rate", "empty answers", False),
+        ("limit_rate", "answers cut at the token limit", False),
+    ):
+        metrics[key] = _pair(
+            100 * degen["base"][key],
+            100 * degen["tuned"][key],
+            higher=higher,
+            unit="%",
+            label=label,
+            group="degeneration",
+        )
     timings["metrics"] = round(time.time() - t0, 1)
 
     drift = drift_ratio(ppl["tuned"]["drift"], ppl["base"]["drift"])
@@ -360,13 +462,21 @@ def evaluate(
         "persona_dir": str(persona_dir.resolve()),
         "base_model": {"reference": spec.model.name, "fingerprint": base_fp},
         "adapter_sha256": tuned_fp.split("adapter:")[1],
-        "settings": {**spec.eval.model_dump(mode="json"), "decoding": "greedy",
-                     "probe_tolerance": spec.guard.probe_tolerance,
-                     "max_drift_ratio": spec.guard.max_drift_ratio,
-                     "dtype": str(next(tuned_m.parameters()).dtype)},
-        "data": {"heldout_examples": len(data.heldout), "general_prompts": len(data.general),
-                 "probe_questions": len(data.probe), "stress_prompts": len(data.stress),
-                 "classifier_pairs": n_clf, **data.excluded},
+        "settings": {
+            **spec.eval.model_dump(mode="json"),
+            "decoding": "greedy",
+            "probe_tolerance": spec.guard.probe_tolerance,
+            "max_drift_ratio": spec.guard.max_drift_ratio,
+            "dtype": str(next(tuned_m.parameters()).dtype),
+        },
+        "data": {
+            "heldout_examples": len(data.heldout),
+            "general_prompts": len(data.general),
+            "probe_questions": len(data.probe),
+            "stress_prompts": len(data.stress),
+            "classifier_pairs": n_clf,
+            **data.excluded,
+        },
         "classifier": clf.summary(),
         "metrics": metrics,
         "drift_ratio": drift,
@@ -399,20 +509,44 @@ def _answer_tables(data, text, answers, adoption, probe, stress, refs) -> dict:
         return {"text": text[s][name][i], "finished": answers[s][name][i].finished}
 
     return {
-        "general": [{"prompt": r["prompt"], "category": r.get("category"),
-                     "base": side("base", "general", i), "tuned": side("tuned", "general", i),
-                     "p_persona": [adoption["base"]["proba"][i], adoption["tuned"]["proba"][i]]}
-                    for i, r in enumerate(data.general)],
-        "heldout": [{"prompt": e.messages[-2]["content"], "reference": refs[i],
-                     "base": side("base", "heldout", i), "tuned": side("tuned", "heldout", i)}
-                    for i, e in enumerate(data.heldout)],
-        "probe": [{"question": r["question"], "answers": r["answers"],
-                   "category": r.get("category"), "base": side("base", "probe", i),
-                   "tuned": side("tuned", "probe", i),
-                   "correct": [probe["base"]["correct"][i], probe["tuned"]["correct"][i]]}
-                  for i, r in enumerate(data.probe)],
-        "stress": [{"prompt": r["prompt"], "kind": r["kind"], "base": side("base", "stress", i),
-                    "tuned": side("tuned", "stress", i),
-                    "passed": [stress["base"]["passed"][i], stress["tuned"]["passed"][i]]}
-                   for i, r in enumerate(data.stress)],
+        "general": [
+            {
+                "prompt": r["prompt"],
+                "category": r.get("category"),
+                "base": side("base", "general", i),
+                "tuned": side("tuned", "general", i),
+                "p_persona": [adoption["base"]["proba"][i], adoption["tuned"]["proba"][i]],
+            }
+            for i, r in enumerate(data.general)
+        ],
+        "heldout": [
+            {
+                "prompt": e.messages[-2]["content"],
+                "reference": refs[i],
+                "base": side("base", "heldout", i),
+                "tuned": side("tuned", "heldout", i),
+            }
+            for i, e in enumerate(data.heldout)
+        ],
+        "probe": [
+            {
+                "question": r["question"],
+                "answers": r["answers"],
+                "category": r.get("category"),
+                "base": side("base", "probe", i),
+                "tuned": side("tuned", "probe", i),
+                "correct": [probe["base"]["correct"][i], probe["tuned"]["correct"][i]],
+            }
+            for i, r in enumerate(data.probe)
+        ],
+        "stress": [
+            {
+                "prompt": r["prompt"],
+                "kind": r["kind"],
+                "base": side("base", "stress", i),
+                "tuned": side("tuned", "stress", i),
+                "passed": [stress["base"]["passed"][i], stress["tuned"]["passed"][i]],
+            }
+            for i, r in enumerate(data.stress)
+        ],
     }

@@ -79,8 +79,10 @@ class Registry:
 
 def _read_spec(path: Path) -> PersonaSpec:
     if not (path / "adapter_config.json").exists() or not (path / "config.yaml").exists():
-        raise PersonatuneError(f"{path}: not a persona directory (no adapter_config.json or "
-                               "config.yaml); train one with personatune train")
+        raise PersonatuneError(
+            f"{path}: not a persona directory (no adapter_config.json or "
+            "config.yaml); train one with personatune train"
+        )
     return load_spec(path / "config.yaml")
 
 
@@ -107,11 +109,15 @@ def load_registry(dirs: list[str | Path], device: torch.device | None = None) ->
     seen: dict[str, Path] = {}
     for p, s in zip(paths, specs):
         if s.name == BASE_ID:
-            raise PersonatuneError(f"{p}: the name '{BASE_ID}' is kept for the base model; "
-                                   "rename the persona (name: in its YAML) and retrain")
+            raise PersonatuneError(
+                f"{p}: the name '{BASE_ID}' is kept for the base model; "
+                "rename the persona (name: in its YAML) and retrain"
+            )
         if s.name in seen:
-            raise PersonatuneError(f"{p} and {seen[s.name]} are both named '{s.name}'; "
-                                   "serve personas with different names")
+            raise PersonatuneError(
+                f"{p} and {seen[s.name]} are both named '{s.name}'; "
+                "serve personas with different names"
+            )
         seen[s.name] = p
 
     refs = [resolve_ref(s.model.name, s.model.revision, s.base_dir) for s in specs]
@@ -128,8 +134,11 @@ def load_registry(dirs: list[str | Path], device: torch.device | None = None) ->
     ensure_chat_template(tokenizer)
     base = load_model(refs[0], specs[0].model.quantization, device)
     model = None
-    personas = {BASE_ID: ServedPersona(
-        BASE_ID, f"The base model ({refs[0].name}) without any persona adapter.", "", tokenizer)}
+    personas = {
+        BASE_ID: ServedPersona(
+            BASE_ID, f"The base model ({refs[0].name}) without any persona adapter.", "", tokenizer
+        )
+    }
     for p, s in zip(paths, specs):
         if model is None:
             model = PeftModel.from_pretrained(base, p, adapter_name=s.name)
@@ -141,9 +150,15 @@ def load_registry(dirs: list[str | Path], device: torch.device | None = None) ->
             ensure_chat_template(tok, s.model.chat_template)
         stamp = p / "persona.json"
         personas[s.name] = ServedPersona(
-            s.name, s.description, s.system_prompt, tok, adapter=s.name, path=p,
+            s.name,
+            s.description,
+            s.system_prompt,
+            tok,
+            adapter=s.name,
+            path=p,
             test_prompts=list(s.test_prompts),
-            created=int((stamp if stamp.exists() else p).stat().st_mtime))
+            created=int((stamp if stamp.exists() else p).stat().st_mtime),
+        )
     model.eval()
     ctx = getattr(base.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
     return Registry(model, refs[0].name, personas, int(ctx))
@@ -285,8 +300,9 @@ class _StopWhen:
         self.flag = flag
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.flag(), dtype=torch.bool,
-                          device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self.flag(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 def run_job(model, job: Job) -> Done:
@@ -314,7 +330,8 @@ def run_job(model, job: Job) -> Done:
             pad_token_id=job.tokenizer.pad_token_id,
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList(
-                [_StopWhen(lambda: streamer.stop_hit or job.cancel.is_set())]),
+                [_StopWhen(lambda: streamer.stop_hit or job.cancel.is_set())]
+            ),
         )
     new = out[0, ids.shape[1] :].tolist()
     eos = model.generation_config.eos_token_id
@@ -353,8 +370,7 @@ class Worker:
         self.finished: Counter[str] = Counter()
         """Finished jobs by finish reason (``stop``, ``length``, ``cancelled``, ``error``)."""
         self._gate = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="personatune-generate",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="personatune-generate", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

@@ -44,15 +44,32 @@ SystemPolicy = Literal["request-wins", "persona"]
 class ApiError(Exception):
     """An error answered in OpenAI's format: ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = (
-            status, message, type, code, param)
+            status,
+            message,
+            type,
+            code,
+            param,
+        )
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(body, status_code=self.status, headers=headers)
 
@@ -75,8 +92,9 @@ class Message(BaseModel):
     content: str | list[TextPart]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(
-            p.text for p in self.content)
+        return (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
 
 
 class StreamOptions(BaseModel):
@@ -131,11 +149,15 @@ def conversation(messages: list[Message], system_prompt: str, policy: SystemPoli
     first; a request's system messages are appended to it, in one system message.
     """
     system = [m.text() for m in messages if m.role in ("system", "developer")]
-    rest = [{"role": m.role, "content": m.text()} for m in messages
-            if m.role not in ("system", "developer")]
+    rest = [
+        {"role": m.role, "content": m.text()}
+        for m in messages
+        if m.role not in ("system", "developer")
+    ]
     if not rest:
-        raise ApiError(400, "messages: give at least one user or assistant message",
-                       param="messages")
+        raise ApiError(
+            400, "messages: give at least one user or assistant message", param="messages"
+        )
     if policy == "persona":
         system = [system_prompt, *system] if system_prompt else system
     elif not system and system_prompt:
@@ -149,21 +171,35 @@ def _error_param(loc: tuple) -> str:
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None) -> str:
-    data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    data = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
     return f"data: {json.dumps(data)}\n\n"
 
 
 def _usage(done: Done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
 
 
 def _model_card(p: ServedPersona, base_model: str) -> dict:
-    return {"id": p.name, "object": "model", "created": p.created, "owned_by": "personatune",
-            "description": p.description, "base_model": base_model,
-            "persona": p.adapter is not None}
+    return {
+        "id": p.name,
+        "object": "model",
+        "created": p.created,
+        "owned_by": "personatune",
+        "description": p.description,
+        "base_model": base_model,
+        "persona": p.adapter is not None,
+    }
 
 
 async def _watch_disconnect(request: Request) -> None:
@@ -204,8 +240,7 @@ def create_app(
         worker.start()
         yield
         await run_in_threadpool(worker.stop)
-        log.info("generation worker stopped after %d requests",
-                 sum(worker.finished.values()))
+        log.info("generation worker stopped after %d requests", sum(worker.finished.values()))
 
     app = FastAPI(title="personatune", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.registry = registry
@@ -235,27 +270,42 @@ def create_app(
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             what = "Incorrect API key provided" if given else "Missing API key"
-            raise ApiError(401, f"{what}: send the header 'Authorization: Bearer <key>' with "
-                           "the key the server was started with", code="invalid_api_key")
+            raise ApiError(
+                401,
+                f"{what}: send the header 'Authorization: Bearer <key>' with "
+                "the key the server was started with",
+                code="invalid_api_key",
+            )
 
     def persona_of(model: str) -> ServedPersona:
         try:
             return registry.personas[model]
         except KeyError:
             names = ", ".join(registry.personas)
-            raise ApiError(404, f"The model '{model}' does not exist; this server has: {names}",
-                           code="model_not_found", param="model") from None
+            raise ApiError(
+                404,
+                f"The model '{model}' does not exist; this server has: {names}",
+                code="model_not_found",
+                param="model",
+            ) from None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "base_model": registry.base_model,
-                "models": list(registry.personas), "queue": worker.waiting,
-                "max_queue": max_queue, "finished": dict(worker.finished)}
+        return {
+            "status": "ok",
+            "base_model": registry.base_model,
+            "models": list(registry.personas),
+            "queue": worker.waiting,
+            "max_queue": max_queue,
+            "finished": dict(worker.finished),
+        }
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
-        return {"object": "list",
-                "data": [_model_card(p, registry.base_model) for p in registry.personas.values()]}
+        return {
+            "object": "list",
+            "data": [_model_card(p, registry.base_model) for p in registry.personas.values()],
+        }
 
     @app.get("/v1/models/{model_id}", dependencies=[Depends(check_key)])
     async def model(model_id: str):
@@ -276,14 +326,20 @@ def create_app(
         ids = await run_in_threadpool(tokenize)
         room = registry.context_length - len(ids)
         if room < 1:
-            raise ApiError(413, f"This model's maximum context length is "
-                           f"{registry.context_length} tokens, but the messages use {len(ids)} "
-                           "tokens; shorten the conversation", code="context_length_exceeded",
-                           param="messages")
+            raise ApiError(
+                413,
+                f"This model's maximum context length is "
+                f"{registry.context_length} tokens, but the messages use {len(ids)} "
+                "tokens; shorten the conversation",
+                code="context_length_exceeded",
+                param="messages",
+            )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(
-            adapter=persona.adapter, tokenizer=persona.tokenizer, input_ids=ids,
+            adapter=persona.adapter,
+            tokenizer=persona.tokenizer,
+            input_ids=ids,
             max_new_tokens=min(req.max_completion_tokens or req.max_tokens or max_tokens, room),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
@@ -295,15 +351,20 @@ def create_app(
         try:
             worker.submit(job)
         except QueueFull:
-            raise ApiError(429, f"the server is busy: {max_queue} requests are waiting; retry "
-                           "shortly", type="rate_limit_error", code="rate_limit_exceeded") from None
+            raise ApiError(
+                429,
+                f"the server is busy: {max_queue} requests are waiting; retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+            ) from None
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 _sse(job, events, cid, created, req.model, usage),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _complete(request, job, events, cid, created, req.model)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -315,8 +376,9 @@ def create_app(
     return app
 
 
-async def _complete(request: Request, job: Job, events: asyncio.Queue, cid: str,
-                    created: int, model: str) -> JSONResponse:
+async def _complete(
+    request: Request, job: Job, events: asyncio.Queue, cid: str, created: int, model: str
+) -> JSONResponse:
     """Wait for the whole answer; stop generating if the client disconnects meanwhile."""
     watcher = asyncio.create_task(_watch_disconnect(request))
     text = ""
@@ -337,17 +399,29 @@ async def _complete(request: Request, job: Job, events: asyncio.Queue, cid: str,
                 break
     finally:
         watcher.cancel()
-    return JSONResponse({
-        "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": ev.finish_reason}],
-        "usage": _usage(ev),
-    })
+    return JSONResponse(
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": ev.finish_reason,
+                }
+            ],
+            "usage": _usage(ev),
+        }
+    )
 
 
-async def _sse(job: Job, events: asyncio.Queue, cid: str, created: int, model: str,
-               include_usage: bool) -> AsyncIterator[str]:
+async def _sse(
+    job: Job, events: asyncio.Queue, cid: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. When
     the client goes away, Starlette cancels this generator and generation stops."""
     try:
@@ -363,8 +437,14 @@ async def _sse(job: Job, events: asyncio.Queue, cid: str, created: int, model: s
             elif isinstance(ev, Done):
                 yield _chunk(cid, created, model, {}, ev.finish_reason)
                 if include_usage:
-                    data = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                            "model": model, "choices": [], "usage": _usage(ev)}
+                    data = {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage(ev),
+                    }
                     yield f"data: {json.dumps(data)}\n\n"
                 break
         yield "data: [DONE]\n\n"
@@ -381,8 +461,10 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), reuse_port=False)
     except OSError as e:
-        raise PersonatuneError(f"cannot listen on {host}:{port} ({e.strerror}); "
-                               "pick another --port or stop the other server") from None
+        raise PersonatuneError(
+            f"cannot listen on {host}:{port} ({e.strerror}); "
+            "pick another --port or stop the other server"
+        ) from None
 
 
 def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:

@@ -28,8 +28,12 @@ class JsonlLogCallback(TrainerCallback):
         row = {k: float(logs[k]) for k in LOG_KEYS if k in logs}
         if not row:
             return
-        row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **row,
-               "time_s": round(time.time() - self.start, 2)}
+        row = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0, 4),
+            **row,
+            "time_s": round(time.time() - self.start, 2),
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -62,9 +66,14 @@ class RichProgressCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.progress = Progress(
-            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False,
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
         )
         self.task = self.progress.add_task("train", total=state.max_steps, loss="-")
         self.progress.start()
@@ -85,8 +94,10 @@ class RichProgressCallback(TrainerCallback):
         if not self.console.is_terminal and state.global_step % tenth == 0:
             done = state.global_step - self.first_step
             eta = (time.time() - self.start) / max(done, 1) * (state.max_steps - state.global_step)
-            self.console.print(f"step {state.global_step}/{state.max_steps} "
-                               f"loss {self.loss:.3f} ETA {eta:.0f}s", soft_wrap=True)
+            self.console.print(
+                f"step {state.global_step}/{state.max_steps} loss {self.loss:.3f} ETA {eta:.0f}s",
+                soft_wrap=True,
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress:

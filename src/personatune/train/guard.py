@@ -30,16 +30,9 @@ from transformers import TrainerCallback
 from personatune.config import PersonaSpec
 from personatune.data.chat import render_chat, render_prompt
 from personatune.errors import PersonatuneError
-from personatune.evaluate.answers import (
-    Answer,
-    cached_answers,
-    generate_answers,
-    inference_copy,
-)
+from personatune.evaluate.answers import Answer, cached_answers, generate_answers, inference_copy
 from personatune.evaluate.classifier import PersonaClassifier
 from personatune.evaluate.probe import drift_ratio, general_split, score_probe, stratified
-from personatune.models import sha256_file
-from personatune.train.output import write_json
 from personatune.evaluate.run import (
     EvalData,
     classifier_examples,
@@ -52,6 +45,8 @@ from personatune.evaluate.run import (
     plain_conv,
     progress_bar,
 )
+from personatune.models import sha256_file
+from personatune.train.output import write_json
 
 
 class GateFailed(PersonatuneError):
@@ -70,8 +65,9 @@ def preservation_prompts(spec: PersonaSpec, n_train_rows: int) -> list[dict]:
     return [order[i % len(order)] for i in range(n)]
 
 
-def preservation_rows(tokenizer, prompts: Sequence[str], answers: Sequence[Answer],
-                      max_length: int) -> list[dict]:
+def preservation_rows(
+    tokenizer, prompts: Sequence[str], answers: Sequence[Answer], max_length: int
+) -> list[dict]:
     """Training rows ``{"input_ids", "labels"}`` from self-distilled answers, rendered
     without a system prompt as they were generated. A finished answer is trained with its
     end-of-turn token; one cut at the token limit is trained without it, so the model is
@@ -85,8 +81,9 @@ def preservation_rows(tokenizer, prompts: Sequence[str], answers: Sequence[Answe
             r = render_chat(tokenizer, conv, max_length)
             ids, labels = r.input_ids, r.labels
         else:
-            head = tokenizer(render_prompt(tokenizer, plain_conv(prompt)),
-                             add_special_tokens=False)["input_ids"]
+            head = tokenizer(
+                render_prompt(tokenizer, plain_conv(prompt)), add_special_tokens=False
+            )["input_ids"]
             body = tokenizer(ans.text, add_special_tokens=False)["input_ids"]
             ids = (head + body)[:max_length]
             labels = ([-100] * len(head) + body)[:max_length]
@@ -130,16 +127,25 @@ def select_checkpoint(
         drop = base["probe_accuracy"] - m["probe_accuracy"]
         reasons = []
         if drop > probe_tolerance + 1e-9:
-            reasons.append(f"probe {m['probe_accuracy']:.1f}% is {drop:.1f} points below the "
-                           f"base model's {base['probe_accuracy']:.1f}% "
-                           f"(tolerance {probe_tolerance:g})")
+            reasons.append(
+                f"probe {m['probe_accuracy']:.1f}% is {drop:.1f} points below the "
+                f"base model's {base['probe_accuracy']:.1f}% "
+                f"(tolerance {probe_tolerance:g})"
+            )
         if not m["drift_ratio"] <= max_drift_ratio:
             reasons.append(f"drift ratio {m['drift_ratio']:.2f} above {max_drift_ratio:g}")
-        checked.append({"step": m["step"], "persona_score": m["persona_score"],
-                        "adoption_rate": m.get("adoption_rate"),
-                        "probe_accuracy": m["probe_accuracy"], "probe_drop": drop,
-                        "drift_ratio": m["drift_ratio"], "passed": not reasons,
-                        "reasons": reasons})
+        checked.append(
+            {
+                "step": m["step"],
+                "persona_score": m["persona_score"],
+                "adoption_rate": m.get("adoption_rate"),
+                "probe_accuracy": m["probe_accuracy"],
+                "probe_drop": drop,
+                "drift_ratio": m["drift_ratio"],
+                "passed": not reasons,
+                "reasons": reasons,
+            }
+        )
         if not reasons:
             chosen = m["step"]
             break
@@ -147,12 +153,18 @@ def select_checkpoint(
         verdict = f"checkpoint-{chosen} chosen: highest persona score within tolerance"
     elif checked:
         verdict = "no checkpoint within tolerance: " + " | ".join(
-            f"checkpoint-{c['step']}: {'; '.join(c['reasons'])}" for c in checked)
+            f"checkpoint-{c['step']}: {'; '.join(c['reasons'])}" for c in checked
+        )
     else:
         verdict = "no checkpoint was evaluated"
-    return {"chosen": chosen, "checked": checked,
-            "base_probe_accuracy": base["probe_accuracy"], "probe_tolerance": probe_tolerance,
-            "max_drift_ratio": max_drift_ratio, "verdict": verdict}
+    return {
+        "chosen": chosen,
+        "checked": checked,
+        "base_probe_accuracy": base["probe_accuracy"],
+        "probe_tolerance": probe_tolerance,
+        "max_drift_ratio": max_drift_ratio,
+        "verdict": verdict,
+    }
 
 
 def guard_history(log_path: Path) -> tuple[dict | None, list[dict]]:
@@ -194,8 +206,15 @@ class Guard:
     console: Console | None = None
 
     @classmethod
-    def prepare(cls, spec: PersonaSpec, ref, tokenizer, model, n_train_rows: int,
-                console: Console | None = None) -> Guard:
+    def prepare(
+        cls,
+        spec: PersonaSpec,
+        ref,
+        tokenizer,
+        model,
+        n_train_rows: int,
+        console: Console | None = None,
+    ) -> Guard:
         """Self-distill the preservation data, fit the adoption classifier, and measure
         the base model on the guard's fixed subsets.
 
@@ -220,45 +239,84 @@ class Guard:
         timings: dict[str, float] = {}
         with progress_bar(console) as bar:
             with phase(bar, "self-distilling preservation data", len(unique), timings) as adv:
-                answers = cached_answers(base, tokenizer, [plain_conv(p) for p in unique], fp,
-                                         g.preservation_max_new_tokens, ev.batch_size, adv)
+                answers = cached_answers(
+                    base,
+                    tokenizer,
+                    [plain_conv(p) for p in unique],
+                    fp,
+                    g.preservation_max_new_tokens,
+                    ev.batch_size,
+                    adv,
+                )
             by_prompt = dict(zip(unique, answers))
             texts = [r["prompt"] for r in prompts]
-            rows = preservation_rows(tokenizer, texts, [by_prompt[p] for p in texts],
-                                     spec.train.max_seq_length)
-            with phase(bar, "fitting the adoption classifier",
-                       len(classifier_examples(spec, data)), timings) as adv:
+            rows = preservation_rows(
+                tokenizer, texts, [by_prompt[p] for p in texts], spec.train.max_seq_length
+            )
+            with phase(
+                bar,
+                "fitting the adoption classifier",
+                len(classifier_examples(spec, data)),
+                timings,
+            ) as adv:
                 clf = fit_adoption_classifier(spec, data, base, tokenizer, fp, adv)
-            with phase(bar, "measuring the base model",
-                       2 * len(general_subset) + len(probe_subset), timings) as adv:
+            with phase(
+                bar,
+                "measuring the base model",
+                2 * len(general_subset) + len(probe_subset),
+                timings,
+            ) as adv:
                 drift_answers = cached_answers(
-                    base, tokenizer, [plain_conv(r["prompt"]) for r in general_subset], fp,
-                    ev.max_new_tokens, ev.batch_size, adv)
+                    base,
+                    tokenizer,
+                    [plain_conv(r["prompt"]) for r in general_subset],
+                    fp,
+                    ev.max_new_tokens,
+                    ev.batch_size,
+                    adv,
+                )
                 drift_subset = drift_conversations(general_subset, drift_answers)
-                guard = cls(spec, tokenizer, fp, data, clf, probe_subset, general_subset,
-                            drift_subset, perplexity(base, tokenizer, drift_subset), rows,
-                            console=console)
+                guard = cls(
+                    spec,
+                    tokenizer,
+                    fp,
+                    data,
+                    clf,
+                    probe_subset,
+                    general_subset,
+                    drift_subset,
+                    perplexity(base, tokenizer, drift_subset),
+                    rows,
+                    console=console,
+                )
                 guard.base_metrics = guard.measure(base, fp, adv)
         finished = sum(by_prompt[p].finished for p in texts)
         guard.stats = {
-            "preservation_ratio": g.preservation_ratio, "preservation_rows": len(rows),
+            "preservation_ratio": g.preservation_ratio,
+            "preservation_rows": len(rows),
             "preservation_unique_prompts": len(unique),
             "preservation_finished_share": finished / len(texts) if texts else None,
             "preservation_tokens": sum(len(r["input_ids"]) for r in rows),
-            "classifier": clf.summary(), "probe_subset": len(probe_subset),
+            "classifier": clf.summary(),
+            "probe_subset": len(probe_subset),
             "general_subset": len(general_subset),
-            **{key: timings[name] for key, name in (
-                ("preservation_s", "self-distilling preservation data"),
-                ("classifier_s", "fitting the adoption classifier"),
-                ("base_metrics_s", "measuring the base model"))},
+            **{
+                key: timings[name]
+                for key, name in (
+                    ("preservation_s", "self-distilling preservation data"),
+                    ("classifier_s", "fitting the adoption classifier"),
+                    ("base_metrics_s", "measuring the base model"),
+                )
+            },
             "prepare_s": round(time.time() - start, 1),
             "prepare_cpu_s": round(time.process_time() - start_cpu, 1),
         }
         del base
         return guard
 
-    def measure(self, model, fingerprint: str | None = None,
-                progress: Callable[[int], None] | None = None) -> dict:
+    def measure(
+        self, model, fingerprint: str | None = None, progress: Callable[[int], None] | None = None
+    ) -> dict:
         """Guard metrics of an inference model (see :func:`inference_copy`) on the fixed
         subsets: ``adoption_rate`` (0..1), ``persona_score`` (mean P(persona)),
         ``probe_accuracy`` (percent), ``drift_ppl`` and ``drift_ratio``. Answers are cached
@@ -269,31 +327,47 @@ class Guard:
 
         def answer(convs, limit):
             if fingerprint:
-                return cached_answers(model, tok, convs, fingerprint, limit, ev.batch_size,
-                                      progress)
+                return cached_answers(
+                    model, tok, convs, fingerprint, limit, ev.batch_size, progress
+                )
             return generate_answers(model, tok, convs, limit, ev.batch_size, progress)
 
         g = [a.text for a in answer(general, ev.max_new_tokens)]
         p = [a.text for a in answer(probe, ev.probe_max_new_tokens)]
         adoption = self.classifier.adoption(g)
         ppl = perplexity(model, tok, self.drift_subset)
-        return {"adoption_rate": adoption["rate"], "persona_score": adoption["score"],
-                "probe_accuracy": score_probe(p, self.probe_subset)["accuracy"],
-                "drift_ppl": ppl, "drift_ratio": drift_ratio(ppl, self.base_drift_ppl)}
+        return {
+            "adoption_rate": adoption["rate"],
+            "persona_score": adoption["score"],
+            "probe_accuracy": score_probe(p, self.probe_subset)["accuracy"],
+            "drift_ppl": ppl,
+            "drift_ratio": drift_ratio(ppl, self.base_drift_ppl),
+        }
 
     def callback(self, log_path: Path) -> GuardCallback:
         """The transformers callback that logs guard metrics at every checkpoint."""
         return GuardCallback(self, Path(log_path))
 
-    def full_metrics(self, model, fingerprint: str, drift_convs: list[list[dict]],
-                     progress: Callable[[int], None] | None = None) -> dict:
+    def full_metrics(
+        self,
+        model,
+        fingerprint: str,
+        drift_convs: list[list[dict]],
+        progress: Callable[[int], None] | None = None,
+    ) -> dict:
         """Probe accuracy on every held-out probe question (answers cached by
         ``fingerprint``) and perplexity on ``drift_convs``, the base model's answers to
         every held-out general prompt."""
         ev, tok = self.spec.eval, self.tokenizer
-        probe = cached_answers(model, tok, [persona_conv(self.spec, r["question"])
-                                            for r in self.data.probe],
-                               fingerprint, ev.probe_max_new_tokens, ev.batch_size, progress)
+        probe = cached_answers(
+            model,
+            tok,
+            [persona_conv(self.spec, r["question"]) for r in self.data.probe],
+            fingerprint,
+            ev.probe_max_new_tokens,
+            ev.batch_size,
+            progress,
+        )
         accuracy = score_probe([a.text for a in probe], self.data.probe)["accuracy"]
         return {"probe_accuracy": accuracy, "drift_ppl": perplexity(model, tok, drift_convs)}
 
@@ -329,11 +403,18 @@ class Guard:
         base = inference_copy(model, merge=False)
         with progress_bar(console) as bar:
             n_probe, n_general = len(self.data.probe), len(self.data.general)
-            with phase(bar, "gate: base model, whole probe and drift set",
-                       n_probe + n_general) as adv:
+            with phase(
+                bar, "gate: base model, whole probe and drift set", n_probe + n_general
+            ) as adv:
                 drift_answers = cached_answers(
-                    base, self.tokenizer, [plain_conv(r["prompt"]) for r in self.data.general],
-                    self.fingerprint, ev.max_new_tokens, ev.batch_size, adv)
+                    base,
+                    self.tokenizer,
+                    [plain_conv(r["prompt"]) for r in self.data.general],
+                    self.fingerprint,
+                    ev.max_new_tokens,
+                    ev.batch_size,
+                    adv,
+                )
                 drift_convs = drift_conversations(self.data.general, drift_answers)
                 base_full = self.full_metrics(base, self.fingerprint, drift_convs, adv)
             del base
@@ -345,21 +426,33 @@ class Guard:
                 fp = f"{self.fingerprint}+adapter:{sha256_file(adapter)}"
                 with phase(bar, f"gate: checkpoint-{step}, whole probe", n_probe) as adv:
                     m = self.full_metrics(tuned, fp, drift_convs, adv)
-                return {"probe_accuracy": m["probe_accuracy"], "drift_ppl": m["drift_ppl"],
-                        "drift_ratio": drift_ratio(m["drift_ppl"], base_full["drift_ppl"])}
+                return {
+                    "probe_accuracy": m["probe_accuracy"],
+                    "drift_ppl": m["drift_ppl"],
+                    "drift_ratio": drift_ratio(m["drift_ppl"], base_full["drift_ppl"]),
+                }
 
-            result = select_checkpoint(candidates, base_full, g.probe_tolerance,
-                                       g.max_drift_ratio, measure)
-        published = result["chosen"] if result["chosen"] is not None else (
-            last if not g.gate else None)
+            result = select_checkpoint(
+                candidates, base_full, g.probe_tolerance, g.max_drift_ratio, measure
+            )
+        published = (
+            result["chosen"] if result["chosen"] is not None else (last if not g.gate else None)
+        )
         if published is not None:
-            shutil.copyfile(ckpts[published] / "adapter_model.safetensors",
-                            work / "adapter_model.safetensors")
-        result.update({"published": published, "overridden": not g.gate,
-                       "base_full": base_full, "probe_questions": len(self.data.probe),
-                       "drift_prompts": len(self.data.general),
-                       "gate_s": round(time.time() - start, 1),
-                       "gate_cpu_s": round(time.process_time() - start_cpu, 1)})
+            shutil.copyfile(
+                ckpts[published] / "adapter_model.safetensors", work / "adapter_model.safetensors"
+            )
+        result.update(
+            {
+                "published": published,
+                "overridden": not g.gate,
+                "base_full": base_full,
+                "probe_questions": len(self.data.probe),
+                "drift_prompts": len(self.data.general),
+                "gate_s": round(time.time() - start, 1),
+                "gate_cpu_s": round(time.process_time() - start_cpu, 1),
+            }
+        )
         write_json(work / "gate.json", result)
         print_gate(result, console)
         return result
@@ -367,12 +460,24 @@ class Guard:
 
 def print_gate(result: dict, console: Console) -> None:
     """Print the gate's checks as a table, and its verdict."""
-    table = Table("checkpoint", "persona score", "probe %", "drop (points)", "drift ratio",
-                  "verdict", title="retention gate (whole probe, held-out general prompts)")
+    table = Table(
+        "checkpoint",
+        "persona score",
+        "probe %",
+        "drop (points)",
+        "drift ratio",
+        "verdict",
+        title="retention gate (whole probe, held-out general prompts)",
+    )
     for c in result["checked"]:
-        table.add_row(str(c["step"]), f"{c['persona_score']:.2f}", f"{c['probe_accuracy']:.1f}",
-                      f"{c['probe_drop']:+.1f}", f"{c['drift_ratio']:.2f}",
-                      "[green]pass[/]" if c["passed"] else "[red]" + "; ".join(c["reasons"]))
+        table.add_row(
+            str(c["step"]),
+            f"{c['persona_score']:.2f}",
+            f"{c['probe_accuracy']:.1f}",
+            f"{c['probe_drop']:+.1f}",
+            f"{c['drift_ratio']:.2f}",
+            "[green]pass[/]" if c["passed"] else "[red]" + "; ".join(c["reasons"]),
+        )
     console.print(table)
     colour = "green" if result["chosen"] is not None else "red"
     note = " (gate overridden with --no-gate)" if result.get("overridden") else ""
@@ -405,7 +510,15 @@ class GuardCallback(TrainerCallback):
         metrics = self.guard.measure(inference_copy(model, merge=True))
         spent = time.time() - t
         self.seconds += spent
-        self._write({"step": state.global_step, "epoch": round(state.epoch or 0, 4),
-                     "guard": {**metrics, "eval_s": round(spent, 1),
-                               "eval_cpu_s": round(time.process_time() - t_cpu, 1)},
-                     "time_s": round(time.time() - self.start, 2)})
+        self._write(
+            {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0, 4),
+                "guard": {
+                    **metrics,
+                    "eval_s": round(spent, 1),
+                    "eval_cpu_s": round(time.process_time() - t_cpu, 1),
+                },
+                "time_s": round(time.time() - self.start, 2),
+            }
+        )

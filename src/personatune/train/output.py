@@ -34,14 +34,18 @@ def check_output(output: Path, overwrite: bool, resume: bool) -> None:
     work = partial_dir(output)
     if resume:
         if not latest_checkpoint(work):
-            raise PersonatuneError(f"{output}: no unfinished run with checkpoints to resume "
-                                   f"(looked in {work}); start without --resume")
+            raise PersonatuneError(
+                f"{output}: no unfinished run with checkpoints to resume "
+                f"(looked in {work}); start without --resume"
+            )
         return
     if output.exists() and not overwrite:
         raise PersonatuneError(f"{output} already exists; pass --overwrite to replace it")
     if latest_checkpoint(work) and not overwrite:
-        raise PersonatuneError(f"{work} holds an unfinished run; pass --resume to continue "
-                               "it or --overwrite to start over")
+        raise PersonatuneError(
+            f"{work} holds an unfinished run; pass --resume to continue "
+            "it or --overwrite to start over"
+        )
 
 
 def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
@@ -57,8 +61,11 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
 
 def latest_checkpoint(work: Path) -> Path | None:
     """The ``checkpoint-N`` folder with the highest N under ``work/checkpoints``, or None."""
-    ckpts = [p for p in (work / "checkpoints").glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    ckpts = [
+        p
+        for p in (work / "checkpoints").glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()
+    ]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 

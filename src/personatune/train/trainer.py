@@ -24,12 +24,19 @@ from personatune.config import PersonaSpec, dump_spec
 from personatune.data.chat import ensure_chat_template
 from personatune.data.dataset import PreparedData, prepare_data
 from personatune.errors import PersonatuneError
-from personatune.models import ModelRef, load_model, load_tokenizer, pick_device, resolve_ref, use_bf16
+from personatune.models import (
+    ModelRef,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_ref,
+    use_bf16,
+)
 from personatune.train.callbacks import JsonlLogCallback, RichProgressCallback, trim_log
 from personatune.train.output import (
+    check_output,
     files_hash,
     latest_checkpoint,
-    check_output,
     partial_dir,
     prepare_output,
     publish,
@@ -157,8 +164,11 @@ def _keeps_logits(model) -> bool:
 def _liger(spec: PersonaSpec, device: torch.device) -> bool:
     import importlib.util
 
-    return (spec.train.liger and device.type == "cuda"
-            and importlib.util.find_spec("liger_kernel") is not None)
+    return (
+        spec.train.liger
+        and device.type == "cuda"
+        and importlib.util.find_spec("liger_kernel") is not None
+    )
 
 
 def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval: bool):
@@ -184,7 +194,8 @@ def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval:
         use_liger_kernel=liger,
         # Liger's own cross-entropy stays off: with fused_loss off, transformers' loss runs.
         liger_kernel_config={"fused_linear_cross_entropy": t.fused_loss, "cross_entropy": False}
-        if liger else None,
+        if liger
+        else None,
         torch_compile=t.torch_compile,
         seed=t.seed,
         data_seed=t.seed,
@@ -233,7 +244,8 @@ def build_trainer(spec, model, tokenizer, data: PreparedData, work: Path, callba
         raise PersonatuneError(
             f"{args.n_gpu} GPUs are visible to one process: for data parallelism run "
             f"'accelerate launch --num_processes {args.n_gpu} $(which personatune) train ...', "
-            "or set CUDA_VISIBLE_DEVICES=0 to train on one GPU")
+            "or set CUDA_VISIBLE_DEVICES=0 to train on one GPU"
+        )
     trainer = Trainer(
         model=model,
         args=args,
@@ -253,9 +265,13 @@ def _versions() -> dict:
 
     from personatune import __version__
 
-    return {"personatune": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+    return {
+        "personatune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) -> dict:
@@ -265,10 +281,17 @@ def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) 
         "name": spec.name,
         "description": spec.description,
         "system_prompt": spec.system_prompt,
-        "base_model": {"reference": ref.name, "fingerprint": ref.fingerprint(),
-                       "quantization": spec.model.quantization},
-        "data": {"hash": files_hash(files), "sources": [vars(s) for s in data.stats],
-                 "train_examples": len(data.train), "eval_examples": len(data.eval)},
+        "base_model": {
+            "reference": ref.name,
+            "fingerprint": ref.fingerprint(),
+            "quantization": spec.model.quantization,
+        },
+        "data": {
+            "hash": files_hash(files),
+            "sources": [vars(s) for s in data.stats],
+            "train_examples": len(data.train),
+            "eval_examples": len(data.eval),
+        },
         "versions": _versions(),
         "training": stats,
     }
@@ -351,30 +374,44 @@ def train(
         epochs_run = result.metrics.get("epoch", 0) - (_resumed_epoch(trainer, checkpoint))
         tokens = data.train_tokens * epochs_run * state.num_processes
         effective = spec.train.batch_size * spec.train.gradient_accumulation * state.num_processes
-        stats = {"steps": trainer.state.global_step, "train_seconds": round(seconds, 1),
-                 "tokens_per_s": round(tokens / seconds, 1), "train_loss": result.training_loss,
-                 "effective_batch": effective, "processes": state.num_processes,
-                 "device": str(device), "bf16_autocast": trainer.args.bf16,
-                 "resumed_from": checkpoint.name if checkpoint else None}
+        stats = {
+            "steps": trainer.state.global_step,
+            "train_seconds": round(seconds, 1),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "train_loss": result.training_loss,
+            "effective_batch": effective,
+            "processes": state.num_processes,
+            "device": str(device),
+            "bf16_autocast": trainer.args.bf16,
+            "resumed_from": checkpoint.name if checkpoint else None,
+        }
         model.peft_config["default"].base_model_name_or_path = spec.model.name
         model.save_pretrained(work)
         gate = guard.gate(model, work, console) if guard else None
         (work / "config.yaml").write_text(dump_spec(spec))
         info = manifest(spec, ref, data, stats)
         if guard:
-            info["guard"] = {**guard.stats, "base_subset": guard.base_metrics,
-                             "eval_seconds": round(guard_cb.seconds, 1), "gate": gate}
+            info["guard"] = {
+                **guard.stats,
+                "base_subset": guard.base_metrics,
+                "eval_seconds": round(guard_cb.seconds, 1),
+                "gate": gate,
+            }
         write_json(work / "persona.json", info)
         if gate and gate["published"] is None:
             from personatune.train.guard import GateFailed
 
-            raise GateFailed(f"retention gate: {gate['verdict']}. Nothing was published; the "
-                             f"run and its gate.json are in {work}. To publish the last "
-                             "checkpoint anyway: personatune train SPEC --resume --no-gate")
+            raise GateFailed(
+                f"retention gate: {gate['verdict']}. Nothing was published; the "
+                f"run and its gate.json are in {work}. To publish the last "
+                "checkpoint anyway: personatune train SPEC --resume --no-gate"
+            )
         publish(work, output)
-        console.print(f"[green]persona written to {output}[/] "
-                      f"({stats['steps']} steps, {stats['tokens_per_s']:.0f} tokens/s, "
-                      f"effective batch {effective})")
+        console.print(
+            f"[green]persona written to {output}[/] "
+            f"({stats['steps']} steps, {stats['tokens_per_s']:.0f} tokens/s, "
+            f"effective batch {effective})"
+        )
     state.wait_for_everyone()
     return output
 
