@@ -474,7 +474,7 @@ def eval_heldout(
     from personatune.data.loaders import load_source
     from personatune.evaluate.perplexity import heldout_perplexity, plot_heldout
     from personatune.generate import load_persona
-    from personatune.train.output import write_json
+    from personatune.io import write_json
 
     out = out or persona_dir / "heldout_perplexity.json"
     plot = out.with_suffix(".png")

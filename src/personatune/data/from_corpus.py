@@ -16,10 +16,7 @@ The folder is built beside the target under a temporary name and renamed when co
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,9 +32,15 @@ from personatune.data.corpus import (
     split_by_chapter,
     to_records,
 )
-from personatune.data.loaders import jsonl_records
 from personatune.errors import PersonatuneError
-from personatune.train.output import publish
+from personatune.io import (
+    check_replaceable,
+    jsonl_records,
+    new_work_dir,
+    publish,
+    write_json,
+    write_jsonl,
+)
 
 FILES = ("dialogue_train.jsonl", "dialogue_eval.jsonl", "chunks_train.jsonl", "report.json")
 
@@ -174,10 +177,8 @@ def score_attribution(
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+#: Files every output folder holds: ``--overwrite`` replaces only such a folder.
+SIGNATURE = ("dialogue_train.jsonl", "report.json")
 
 
 def from_corpus(
@@ -233,6 +234,7 @@ def from_corpus(
         raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise PersonatuneError(f"{out} is a file; choose a folder for --out")
+    check_replaceable(out, "corpus data folder", [corpus, *([labels] if labels else [])], SIGNATURE)
     if not character.strip():
         raise PersonatuneError("--character must not be empty")
     if not 0 <= eval_chapters < 1:
@@ -310,18 +312,12 @@ def from_corpus(
         "samples": summary["samples"],
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
+    work = new_work_dir(out)
     try:
-        _write_jsonl(work / "dialogue_train.jsonl", train)
-        _write_jsonl(work / "dialogue_eval.jsonl", evals)
-        _write_jsonl(work / "chunks_train.jsonl", chunks)
-        (work / "report.json").write_text(
-            json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        write_jsonl(work / "dialogue_train.jsonl", train)
+        write_jsonl(work / "dialogue_eval.jsonl", evals)
+        write_jsonl(work / "chunks_train.jsonl", chunks)
+        write_json(work / "report.json", report)
         publish(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

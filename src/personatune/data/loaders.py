@@ -15,6 +15,7 @@ from pathlib import Path
 
 from personatune.config import DataSource
 from personatune.errors import PersonatuneError
+from personatune.io import jsonl_records, read_text
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -69,24 +70,6 @@ def _need_str(record: dict, key: str, where: str, allow_empty: bool = False) -> 
 # ---- reading records -------------------------------------------------------------------
 
 
-def _read_text(path: Path, encoding: str) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PersonatuneError(f"{path}: no such data file; check data[].path") from None
-    enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
-    try:
-        return raw.decode(enc)
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise PersonatuneError(
-            f"{path}: line {line} is not valid {encoding} (byte {e.start}); re-save the file "
-            f"as UTF-8 or set this source's encoding (e.g. encoding: cp1252)"
-        ) from None
-    except LookupError:
-        raise PersonatuneError(f"{path}: unknown encoding '{encoding}'") from None
-
-
 def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     if not reader.fieldnames:
@@ -103,25 +86,6 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict]]:
             yield where, row
     except csv.Error as e:
         raise PersonatuneError(f"{path}: line {reader.line_num}: unreadable CSV ({e})") from None
-
-
-def jsonl_records(path: Path, text: str | None = None) -> Iterator[tuple[int, object]]:
-    """``(line number, parsed value)`` for each non-blank line of a JSONL file, numbered
-    from 1. ``text`` is the file's contents when already read (default: read as UTF-8).
-
-    Raises:
-        PersonatuneError: ``PATH:line N: invalid JSON (reason)``.
-    """
-    if text is None:
-        text = Path(path).read_text(encoding="utf-8")
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _row_error(f"{path}:line {n}", f"invalid JSON ({e.msg})") from None
-        yield n, value
 
 
 def _json_records(path: Path, text: str, jsonl: bool) -> Iterator[tuple[str, dict]]:
@@ -344,7 +308,7 @@ def load_source(source: DataSource, base_dir: Path = Path(".")) -> list[Example]
     else:
         path = Path(source.path).expanduser()
         path = path if path.is_absolute() else base_dir / path
-        text = _read_text(path, source.encoding)
+        text = read_text(path, source.encoding, what="data file")
         suffix = path.suffix.lower()
         if source.format == "csv" or (source.format == "auto" and suffix in (".csv", ".tsv")):
             records = _csv_records(path, text)

@@ -10,8 +10,8 @@ import logging
 import math
 from pathlib import Path
 
-from personatune.data.loaders import jsonl_records
 from personatune.errors import PersonatuneError
+from personatune.io import jsonl_records
 
 #: The prompt of the generic format, as in lm-eval's ARC tasks.
 GENERIC_TEXT = "Question: {{question}}\nAnswer:"

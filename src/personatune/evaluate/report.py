@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from personatune.train.output import write_json
+from personatune.io import write_json
 
 PLOTS = ("report_loss.png", "report_metrics.png")
 

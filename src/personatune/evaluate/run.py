@@ -31,7 +31,7 @@ from personatune.evaluate.probe import (
     score_stress,
     unseen,
 )
-from personatune.models import sha256_file
+from personatune.io import sha256_file
 
 REPORT_FILES = ("report.json", "report.html", "report_loss.png", "report_metrics.png")
 

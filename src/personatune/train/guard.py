@@ -45,8 +45,7 @@ from personatune.evaluate.run import (
     plain_conv,
     progress_bar,
 )
-from personatune.models import sha256_file
-from personatune.train.output import write_json
+from personatune.io import sha256_file, write_json
 
 
 class GateFailed(PersonatuneError):

@@ -24,6 +24,7 @@ from personatune.config import PersonaSpec, dump_spec
 from personatune.data.chat import ensure_chat_template
 from personatune.data.dataset import PreparedData, prepare_data
 from personatune.errors import PersonatuneError
+from personatune.io import files_hash, partial_dir, publish, write_json
 from personatune.models import (
     ModelRef,
     load_model,
@@ -33,15 +34,7 @@ from personatune.models import (
     use_bf16,
 )
 from personatune.train.callbacks import JsonlLogCallback, RichProgressCallback, trim_log
-from personatune.train.output import (
-    check_output,
-    files_hash,
-    latest_checkpoint,
-    partial_dir,
-    prepare_output,
-    publish,
-    write_json,
-)
+from personatune.train.output import check_output, latest_checkpoint, prepare_output
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -330,7 +323,7 @@ def train(
     # and created the work folder at once (an intermittent FileExistsError under torchrun).
     state = PartialState(cpu=pick_device().type == "cpu")
     output = spec.output_path
-    check_output(output, overwrite, resume)  # refuse before any slow work
+    check_output(output, overwrite, resume, spec.input_paths)  # refuse before slow work
 
     ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
     tokenizer = load_tokenizer(ref)
@@ -340,7 +333,11 @@ def train(
         raise PersonatuneError("no training examples left after splitting and filtering")
 
     # The work folder appears only once the data is known to be good.
-    work = prepare_output(output, overwrite, resume) if state.is_main_process else None
+    work = (
+        prepare_output(output, overwrite, resume, spec.input_paths)
+        if state.is_main_process
+        else None
+    )
     state.wait_for_everyone()
     work = work or partial_dir(output)
 

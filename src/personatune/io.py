@@ -1,0 +1,230 @@
+"""File I/O every layer shares: atomic writes, JSONL, hashing, text decoding, and the
+one rule for replacing an output folder.
+
+This module sits at the bottom: it imports nothing of personatune's but the error type.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from personatune.errors import PersonatuneError
+
+# ---- atomic writes -------------------------------------------------------------------
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) through a temporary file in the same folder and a rename,
+    so a reader never sees half a file and a crash leaves the old file in place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write ``data`` as indented JSON, atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Write one JSON object per line, atomically (see :func:`write_text`)."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---- reading ---------------------------------------------------------------------------
+
+
+def jsonl_records(path: Path, text: str | None = None) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed value)`` for each non-blank line of a JSONL file, numbered
+    from 1. ``text`` is the file's contents when already read (default: read as UTF-8).
+
+    Raises:
+        PersonatuneError: ``PATH:line N: invalid JSON (reason)``, or the file is missing.
+    """
+    if text is None:
+        text = read_text(Path(path))
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PersonatuneError(f"{path}:line {n}: invalid JSON ({e.msg})") from None
+        yield n, value
+
+
+def read_jsonl(path: Path) -> list:
+    """Every non-blank line of a JSONL file, parsed (see :func:`jsonl_records`)."""
+    return [value for _, value in jsonl_records(path)]
+
+
+def read_json(path: Path) -> object:
+    """A JSON file's value.
+
+    Raises:
+        PersonatuneError: the file is missing, a folder, or not valid JSON.
+    """
+    try:
+        return json.loads(read_text(Path(path)))
+    except json.JSONDecodeError as e:
+        raise PersonatuneError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
+def read_text(path: Path, encoding: str = "utf-8", what: str = "file") -> str:
+    """Decode a text file. UTF-8 also accepts a BOM; a UTF-16/32 byte-order mark is
+    followed whatever ``encoding`` says, since the mark is unambiguous. ``what`` names the
+    file in messages (``data file``).
+
+    Raises:
+        PersonatuneError: the file is missing or a folder, the encoding is unknown, or
+            the bytes are not valid in it (names the line and a likely fix).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise PersonatuneError(f"{path}: is a folder, not a {what}; give the path of a file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PersonatuneError(f"{path}: no such {what}; check the path") from None
+    except PermissionError:
+        raise PersonatuneError(f"{path}: not readable (permission denied)") from None
+    enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    for bom, name in _BOMS:
+        if raw.startswith(bom):
+            enc = name
+            break
+    try:
+        return raw.decode(enc)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        hint = "utf-16" if b"\x00" in raw[:200] else "cp1252"
+        raise PersonatuneError(
+            f"{path}: line {line} is not valid {encoding} (byte {e.start}); re-save the file "
+            f"as UTF-8 or set this source's encoding (e.g. encoding: {hint})"
+        ) from None
+    except LookupError:
+        raise PersonatuneError(f"{path}: unknown encoding '{encoding}'") from None
+
+
+# ---- hashing -------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks (memory stays flat)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_hash(paths: Iterable[Path]) -> str:
+    """``sha256:HEX`` over the bytes of ``paths`` in order, streamed in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+# ---- output folders ------------------------------------------------------------------
+
+
+def partial_dir(output: Path) -> Path:
+    """The work folder beside ``output`` where a run builds its result (``.NAME.partial``)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.partial"
+
+
+def check_replaceable(
+    target: Path, kind: str, protect: Iterable[Path], signature: Iterable[str]
+) -> None:
+    """Refuse to let ``--overwrite`` remove anything personatune did not write.
+
+    A folder may be replaced only when it holds every file named in ``signature`` (the
+    files personatune writes there, e.g. a persona's ``adapter_config.json`` and
+    ``config.yaml``) or nothing at all, and never when it is the current directory, one
+    above it or the home folder, or when it holds a path of ``protect`` (the spec, its
+    data files). A file ``target`` may be replaced unless it is in ``protect``.
+
+    Args:
+        target: the output that would be replaced.
+        kind: what the writer makes, for the message (``persona directory``...).
+        protect: paths that must survive (spec folder, data files); resolved first.
+        signature: file names that every ``kind`` folder personatune writes holds.
+
+    Raises:
+        PersonatuneError: one line naming ``target`` and why it is kept.
+    """
+    target = Path(target)
+    if not target.exists():
+        return
+    real = target.resolve()
+    kept = [Path(p).resolve() for p in protect]
+    if not target.is_dir():
+        if real in kept:
+            raise PersonatuneError(f"{target}: is an input of this run; choose another output")
+        return
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents or real == Path.home().resolve():
+        raise PersonatuneError(
+            f"{target}: refusing to replace the current directory or one above it; "
+            "choose a new output folder"
+        )
+    for p in kept:
+        if p == real or real in p.parents:
+            raise PersonatuneError(
+                f"{target}: holds {p.name}, an input of this run; choose a new output folder"
+            )
+    if all((target / name).exists() for name in signature) or not any(target.iterdir()):
+        return
+    raise PersonatuneError(
+        f"{target}: not a {kind} that personatune wrote (no {' or '.join(signature)}); "
+        "--overwrite replaces only those: choose a new output folder"
+    )
+
+
+def new_work_dir(output: Path) -> Path:
+    """Make an empty, private-name work folder beside ``output`` (``.NAME.partial-XXXX``),
+    with normal permissions, for a writer that publishes with :func:`publish`."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal folder
+    return work
+
+
+def publish(work: Path, output: Path) -> None:
+    """Move the finished ``work`` folder to ``output``, replacing an old ``output`` last
+    (callers check it with :func:`check_replaceable` first)."""
+    work, output = Path(work), Path(output)
+    old = output.parent / f".{output.name}.old{os.getpid()}"
+    if output.exists():
+        output.rename(old)
+    work.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
