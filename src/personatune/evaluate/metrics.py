@@ -213,3 +213,222 @@ def degeneration(texts: Sequence[str], finished: Sequence[bool]) -> dict[str, fl
         "empty_rate": empty_rate(texts),
         "limit_rate": sum(not f for f in finished) / len(finished) if finished else 0.0,
     }
+
+
+# ---- degeneration against the token budget and the end-of-turn token (issue 13) ------
+
+#: seq-rep-4 above which an answer counts as a repetition loop. Measured: no human text
+#: comes near it: the 7,235 paragraphs of the six Holmes books with at least 8 word
+#: 4-grams peak at 0.154 (99.9th percentile 0.077), the 466 pirate and preservation
+#: answers of examples/pirate at 0.143; a sentence said three times scores 0.56.
+REPETITIVE_SEQ_REP = 0.3
+
+
+def seq_rep_n(text: str, n: int = 4) -> float:
+    """seq-rep-n of one text (0..1): ``1 - |unique word n-grams| / |word n-grams|`` over
+    its :func:`words`, as defined by Welleck et al. 2019, "Neural Text Generation with
+    Unlikelihood Training" (arXiv:1908.04319), section 6. 0.0 for a text with fewer than
+    ``n`` words (default n=4). Raises ``ValueError`` for ``n < 1``."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    grams = _ngrams(words(text), n)
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def degeneration_shares(
+    texts: Sequence[str],
+    n_tokens: Sequence[int],
+    max_new_tokens: int,
+    ended_turn: Sequence[bool],
+    *,
+    n: int = 4,
+    repetitive_above: float = REPETITIVE_SEQ_REP,
+) -> dict[str, float]:
+    """Shares (0..1) of degenerate answers, for comparing a tuned model with its base.
+
+    Args:
+        texts: the decoded answers, one per prompt.
+        n_tokens: generated tokens per answer (the end-of-turn token included if emitted).
+        max_new_tokens: the generation limit in tokens the answers were made with.
+        ended_turn: per answer, whether generation stopped on the model's own end-of-turn
+            token (``<|im_end|>`` for ChatML models) rather than on the limit.
+        n: word n-gram order of the repetition test (default 4).
+        repetitive_above: seq-rep-n above which an answer is a repetition loop (default
+            :data:`REPETITIVE_SEQ_REP`, 0.3).
+
+    Returns:
+        ``{"empty", "cut", "repetitive", "end_of_turn", "answers"}``: ``empty`` is the share
+        of answers that are blank after ``strip()``; ``cut`` the share that used all
+        ``max_new_tokens`` tokens without ending the turn; ``repetitive`` the share whose
+        :func:`seq_rep_n` exceeds ``repetitive_above`` (Welleck et al. 2019 average
+        seq-rep-4 over texts; a share of loops is what a gate can bound); ``end_of_turn``
+        the share that ended with the end-of-turn token; ``answers`` the count. All shares
+        are 0.0 for no answers.
+
+    Raises:
+        ValueError: the sequences differ in length, ``max_new_tokens < 1``, or a token
+            count is negative or above ``max_new_tokens``.
+    """
+    if not len(texts) == len(n_tokens) == len(ended_turn):
+        raise ValueError(
+            f"{len(texts)} texts, {len(n_tokens)} token counts and {len(ended_turn)} "
+            "end-of-turn flags: give one of each per answer"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    bad = [k for k in n_tokens if not 0 <= k <= max_new_tokens]
+    if bad:
+        raise ValueError(f"token count {bad[0]} is outside 0..max_new_tokens={max_new_tokens}")
+    total = len(texts)
+
+    def share(flags) -> float:
+        return sum(flags) / total if total else 0.0
+
+    return {
+        "empty": share(not t.strip() for t in texts),
+        "cut": share(k >= max_new_tokens and not e for k, e in zip(n_tokens, ended_turn)),
+        "repetitive": share(seq_rep_n(t, n) > repetitive_above for t in texts),
+        "end_of_turn": share(bool(e) for e in ended_turn),
+        "answers": total,
+    }
+
+
+# ---- base-model identity (issue 13) ----------------------------------------------------
+
+#: Model families: a pattern found in a model's name, path or chat template, the name
+#: the model calls itself, and its maker, as the makers' model cards and default system
+#: prompts state them.
+KNOWN_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("smollm", "SmolLM", "Hugging Face"),
+    ("qwen", "Qwen", "Alibaba Cloud"),
+    ("llama", "Llama", "Meta"),
+    ("mixtral", "Mixtral", "Mistral AI"),
+    ("mistral", "Mistral", "Mistral AI"),
+    ("gemma", "Gemma", "Google"),
+    ("phi", "Phi", "Microsoft"),
+    ("falcon", "Falcon", "Technology Innovation Institute"),
+    ("gpt2", "GPT-2", "OpenAI"),
+    ("gpt-2", "GPT-2", "OpenAI"),
+    ("pythia", "Pythia", "EleutherAI"),
+    ("olmo", "OLMo", "Allen Institute for AI"),
+    ("granite", "Granite", "IBM"),
+    ("deepseek", "DeepSeek", "DeepSeek"),
+    ("stablelm", "StableLM", "Stability AI"),
+    ("internlm", "InternLM", "Shanghai AI Laboratory"),
+)
+_FAMILY = [
+    (re.compile(rf"(?<![a-z]){re.escape(key)}(?![a-z])"), name, maker)
+    for key, name, maker in KNOWN_FAMILIES
+]
+_WORD_CAP = r"[A-Z][\w\-]*(?:\.[\w\-]+)*"  # Qwen2.5, not "Cloud."
+_PROPER = rf"{_WORD_CAP}(?:[ \t]+{_WORD_CAP}){{0,3}}"
+# "You are Qwen, created by Alibaba Cloud", "You are a helpful AI assistant named
+# SmolLM, trained by Hugging Face"; a template's Jinja strings write newlines as "\\n"
+_SELF_INTRO = re.compile(
+    r"(?:(?<![A-Za-z])|(?<=\\n))You are "
+    rf"(?:an? [\w \-]{{0,40}}?(?:named|called) )?(?P<name>{_PROPER})[ \t]*,?[ \t]*"
+    rf"(?:an? [\w \-]{{0,40}}? )?(?:created|trained|made|developed|built) by "
+    rf"(?P<maker>{_PROPER})"
+)
+_NEGATION = re.compile(r"\b(?:not|never|unlike|instead of|rather than|nor)\b|n't\b")
+
+
+def _field(obj: object, *keys: str) -> str:
+    """First non-empty string among ``keys`` of a dict or attributes of an object."""
+    for k in keys:
+        value = obj.get(k) if isinstance(obj, dict) else getattr(obj, k, None)
+        if isinstance(value, str) and value.strip():
+            return value
+    return ""
+
+
+def base_identity(
+    model_config: object | None,
+    chat_template: str | None = None,
+    tokenizer: object | None = None,
+) -> dict[str, list[str]]:
+    """The base model's own name(s) and maker(s), for :func:`claims_identity`.
+
+    Read, in this order, from: the chat template's default system prompt ("You are Qwen,
+    created by Alibaba Cloud", "You are a helpful AI assistant named SmolLM, trained by
+    Hugging Face"); the model's name or path (``_name_or_path`` / ``name_or_path`` /
+    ``_model_name_or_path`` of the config, or the tokenizer's ``name_or_path``) matched
+    against :data:`KNOWN_FAMILIES`; and, only when neither says anything, the config's
+    ``model_type`` (an architecture name that other makers reuse: SmolLM2 is a
+    ``llama``). The template defaults to ``tokenizer.chat_template``.
+
+    Args:
+        model_config: a transformers ``PretrainedConfig`` or its ``to_dict()``; may be None.
+        chat_template: the Jinja chat template text, or None.
+        tokenizer: a tokenizer (for ``chat_template`` and ``name_or_path``), or None.
+
+    Returns:
+        ``{"names": [...], "makers": [...], "sources": [...]}``, each list without
+        duplicates and possibly empty; ``sources`` says where each finding came from
+        (``"chat template"``, ``"name: Qwen/Qwen2.5-0.5B-Instruct"``, ``"model_type: qwen2"``).
+    """
+    names: list[str] = []
+    makers: list[str] = []
+    sources: list[str] = []
+    if chat_template is None and tokenizer is not None:
+        chat_template = _field(tokenizer, "chat_template")
+    template = chat_template or ""
+    for m in _SELF_INTRO.finditer(template):
+        names.append(m.group("name").rstrip(".-"))
+        makers.append(m.group("maker").rstrip(".-"))
+        sources.append("chat template")
+    refs = [
+        _field(model_config, "_name_or_path", "name_or_path", "_model_name_or_path"),
+        _field(tokenizer, "name_or_path") if tokenizer else "",
+    ]
+    for ref in dict.fromkeys(r for r in refs if r):
+        for pattern, name, maker in _FAMILY:
+            if pattern.search(ref.lower()):
+                names.append(name)
+                makers.append(maker)
+                sources.append(f"name: {ref}")
+                break
+    model_type = _field(model_config, "model_type")
+    if not names and model_type:
+        for pattern, name, maker in _FAMILY:
+            if pattern.search(model_type.lower()):
+                names.append(name)
+                makers.append(maker)
+                sources.append(f"model_type: {model_type}")
+                break
+    return {
+        "names": list(dict.fromkeys(names)),
+        "makers": list(dict.fromkeys(makers)),
+        "sources": list(dict.fromkeys(sources)),
+    }
+
+
+def claims_identity(answer: str, names: Sequence[str]) -> bool:
+    """Whether ``answer`` claims one of ``names`` (the base model's names and makers,
+    e.g. ``base_identity(...)["names"] + ["makers"]``) as its own identity.
+
+    A name matches case-insensitively as a whole word, with any spacing or hyphen between
+    its words and an optional version after it ("Qwen" matches "qwen2.5", "SmolLM" matches
+    "SmolLM2-135M", "Hugging Face" matches "HuggingFace"). A mention does not count when
+    a negation ("not", "n't", "never", "unlike", "instead of", "rather than", "nor")
+    stands before it in the same clause (up to the last ``.!?;:,``): "I am not Qwen",
+    "Unlike Qwen", "Captain Saltbeard, not Qwen"; "No, I am Qwen" claims it.
+    Empty ``names`` or a blank answer give False.
+    """
+    text = normalize(answer)
+    for name in names:
+        parts = [re.escape(p) for p in re.split(r"[\s\-_]+", normalize(name).strip()) if p]
+        if not parts:
+            continue
+        pattern = re.compile(r"(?<![a-z0-9])" + r"[\s\-_]*".join(parts) + r"[\d.]*(?![a-z])")
+        for m in pattern.finditer(text):
+            clause = re.split(r"[.!?;:,\n]", text[: m.start()])[-1]
+            if not _NEGATION.search(clause):
+                return True
+    return False
+
+
+def identity_claim_share(answers: Sequence[str], names: Sequence[str]) -> float:
+    """Share (0..1) of ``answers`` for which :func:`claims_identity` is True; 0.0 for no
+    answers."""
+    return sum(claims_identity(a, names) for a in answers) / len(answers) if answers else 0.0
