@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 from rich.text import Text
 
@@ -399,36 +400,19 @@ def compare(
 ):
     """Print base and tuned answers side by side: the persona's test prompts plus
     held-out prompts the adapter never saw. Greedy decoding."""
-    from personatune.data.chat import with_system_prompt
-    from personatune.data.dataset import load_examples, split_source
-    from personatune.generate import generate, load_persona
+    from personatune.evaluate.compare import compare as run_compare
 
-    p = load_persona(persona_dir)
-    held = []
-    for (examples, _), source in zip(load_examples(p.spec), p.spec.data):
-        held += [
-            e
-            for e in split_source(p.spec, source, examples)[1]
-            if e.messages and e.messages[0]["role"] == "user"
-        ]
-    prompts = list(p.spec.test_prompts) + [e.messages[0]["content"] for e in held[:n_heldout]]
-    if not prompts:
-        raise PersonatuneError(f"{persona_dir}: no test_prompts and no held-out examples")
-    convs = [
-        with_system_prompt([{"role": "user", "content": q}], p.spec.system_prompt) for q in prompts
-    ]
-    with console.status("generating tuned answers"):
-        tuned = generate(p.model, p.tokenizer, convs, max_tokens)
-    with console.status("generating base answers"), p.model.disable_adapter():
-        base = generate(p.model, p.tokenizer, convs, max_tokens)
+    name, rows = run_compare(
+        persona_dir, n_heldout=n_heldout, max_tokens=max_tokens, console=console
+    )
     table = Table(
         "prompt",
         "base",
-        f"tuned ({p.spec.name})",
+        f"tuned ({name})",
         show_lines=True,
         title="base vs tuned (greedy, unseen prompts)",
     )
-    for q, b, t in zip(prompts, base, tuned):
+    for q, b, t in rows:
         table.add_row(Text(q), Text(b), Text(t))  # answers are not rich markup
     console.print(table)
 
@@ -467,46 +451,47 @@ def eval_heldout(
 ):
     """Conditional perplexity of held-out responses given their prompts, base model
     against the persona (response tokens only, exp of the mean NLL per token)."""
-    import torch
-    from rich.progress import MofNCompleteColumn, Progress
+    from personatune.evaluate.heldout import eval_heldout as run_heldout
 
-    from personatune.config import DataSource
-    from personatune.data.loaders import load_source
-    from personatune.evaluate.perplexity import heldout_perplexity, plot_heldout
-    from personatune.generate import load_persona
-    from personatune.io import write_json
-
-    out = out or persona_dir / "heldout_perplexity.json"
-    plot = out.with_suffix(".png")
-    if (out.exists() or plot.exists()) and not overwrite:
-        raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
-    if max_length < 8 or batch_size < 1 or (limit is not None and limit < 1) or threads < 0:
-        raise PersonatuneError(
-            "--max-length must be at least 8, --batch-size and --limit 1, --threads 0 or more"
-        )
-    if threads:
-        torch.set_num_threads(threads)
-    with console.status("loading the persona"):
-        p = load_persona(persona_dir)
-    sources = (
-        [DataSource(path=str(d)) for d in data]
-        if data
-        else [s.model_copy(update={"path": s.eval_path}) for s in p.spec.data if s.eval_path]
-    )
-    if not sources:
-        raise PersonatuneError(f"{persona_dir}: no data source has eval_path; pass --data FILE")
-    examples = [ex for s in sources for ex in load_source(s, p.spec.base_dir)]
-    examples = examples[:limit] if limit else examples
+    set_threads(threads)
     columns = (*Progress.get_default_columns(), MofNCompleteColumn())  # with ETA
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("scoring tuned, then base", total=2 * len(examples))
-        report = heldout_perplexity(
-            p, examples, max_length, batch_size, progress=lambda n: bar.advance(task, n)
+
+        def progress(total: int):
+            task = bar.add_task("scoring tuned, then base", total=total)
+            return lambda n: bar.advance(task, n)
+
+        report, out, plot = run_heldout(
+            persona_dir,
+            data=data or [],
+            out=out,
+            max_length=max_length,
+            batch_size=batch_size,
+            limit=limit,
+            overwrite=overwrite,
+            progress=progress,
+            note=lambda n: console.print(f"[yellow]note: {n}[/]"),
         )
-    report = {"persona": str(persona_dir), "data": [s.path for s in sources], **report}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, report)
-    plot_heldout(report, plot, f"{p.spec.name}: held-out conditional perplexity")
+    print_heldout(report, max_length)
+    console.print(f"[green]wrote {out} and {plot}[/]")
+
+
+def set_threads(threads: int) -> None:
+    """``--threads``: PyTorch's CPU thread count; 0 keeps its default.
+
+    Raises:
+        PersonatuneError: a negative count.
+    """
+    if threads < 0:
+        raise PersonatuneError("--threads must be 0 (default) or more")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def print_heldout(report: dict, max_length: int) -> None:
+    """The table of ``personatune eval-heldout``: all examples, then each group."""
     table = Table(
         "held-out set",
         "examples",
@@ -536,7 +521,6 @@ def eval_heldout(
             f"[yellow]{report['skipped_overlong']} examples longer than "
             f"{max_length} tokens skipped[/]"
         )
-    console.print(f"[green]wrote {out} and {plot}[/]")
 
 
 @app.command("eval")
@@ -561,13 +545,7 @@ def eval_(
     factual probe, stress prompts and benchmarks. Writes report.json and report.html."""
     from personatune.evaluate.run import evaluate
 
-    if threads < 0:
-        raise PersonatuneError("--threads must be 0 (default) or more")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
+    set_threads(threads)
     benches = []
     for item in benchmark or []:
         task, sep, path = item.partition("=")

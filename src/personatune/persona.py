@@ -18,6 +18,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SPEC = "config.yaml"
 MANIFEST = "persona.json"
 TRAIN_LOG = "train_log.jsonl"
+#: Which examples training held out, one JSON row each (see personatune.data.dataset).
+HELDOUT = "heldout.jsonl"
 CHECKPOINTS = "checkpoints"
 #: The files that make a folder a persona directory.
 REQUIRED = (ADAPTER_CONFIG, SPEC)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from personatune.config import DataSource, PersonaSpec
 from personatune.data.chat import Rendered, render_chat, render_text, with_system_prompt
 from personatune.data.loaders import Example, load_source
 from personatune.errors import PersonatuneError
+from personatune.io import files_hash, read_jsonl
+from personatune.persona import HELDOUT, read_manifest
 
 
 @dataclass
@@ -36,12 +39,15 @@ class PreparedData:
         eval: held-out rows in the same form.
         eval_examples: the held-out :class:`Example` objects (for generation and reports).
         stats: per-source counts.
+        split: which examples of each source trained and which were held out (the
+            held-out side is recorded in the persona directory, :func:`heldout_rows`).
     """
 
     train: list[dict]
     eval: list[dict]
     eval_examples: list[Example]
     stats: list[SourceStats] = field(default_factory=list)
+    split: Split | None = None
 
     @property
     def train_tokens(self) -> int:
@@ -148,6 +154,127 @@ def split_source(
     return split_eval(examples, spec.train.eval_split, spec.train.seed, source.eval_size)
 
 
+@dataclass
+class Split:
+    """The train/held-out split of a spec's data, per source (in ``spec.data`` order).
+
+    Attributes:
+        train: per source, the examples that train (before mixing weights).
+        heldout: per source, the held-out examples (never trained on).
+        recorded: True when the held-out side was read from the persona directory's
+            ``heldout.jsonl``; False when derived from the data files.
+        notes: one-line warnings for the user (a changed data file, a derived split).
+    """
+
+    train: list[list[Example]]
+    heldout: list[list[Example]]
+    recorded: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def data_files(spec: PersonaSpec) -> list[Path]:
+    """The local data files of the spec's sources, whose hash ``persona.json`` keeps
+    (``data.hash``); Hub datasets (``hf:``) are left out."""
+    return [spec.resolve(s.path) for s in spec.data if not s.path.startswith("hf:")]
+
+
+def derive_split(
+    spec: PersonaSpec, loaded: list[tuple[list[Example], SourceStats]] | None = None
+) -> Split:
+    """Split the spec's data from the data files (:func:`split_source` per source), as
+    ``personatune train`` does; ``loaded`` is :func:`load_examples`'s result when the
+    caller has it (duplicates are counted into its stats).
+
+    Raises:
+        PersonatuneError: bad data files, or an ``eval_size`` leaving no training example.
+    """
+    loaded = load_examples(spec) if loaded is None else loaded
+    train_keys = {ex.key() for examples, _ in loaded for ex in examples}
+    split = Split([], [])
+    for (examples, stats), source in zip(loaded, spec.data):
+        train, held = split_source(spec, source, examples, stats, train_keys)
+        split.train.append(train)
+        split.heldout.append(held)
+    return split
+
+
+def heldout_rows(spec: PersonaSpec, split: Split) -> list[dict]:
+    """The held-out record written to ``heldout.jsonl`` at training time: one row per
+    held-out example, ``{"source": index in spec.data, "path", "sha256" of its content
+    key, "messages", "text", "persona_facts", "where", "meta"}``. The examples are stored
+    whole, so the evaluating commands use exactly this set even when the data files
+    change after training."""
+    return [
+        {
+            "source": i,
+            "path": spec.data[i].path,
+            "sha256": hashlib.sha256(ex.key().encode()).hexdigest(),
+            "messages": ex.messages,
+            "text": ex.text,
+            "persona_facts": ex.persona_facts,
+            "where": ex.where,
+            "meta": ex.meta,
+        }
+        for i, held in enumerate(split.heldout)
+        for ex in held
+    ]
+
+
+def persona_split(spec: PersonaSpec, persona_dir: str | Path) -> Split:
+    """The split a persona was trained with: the held-out examples recorded in its
+    ``heldout.jsonl``, and as training side every current example of each source that is
+    not held out. A directory without the record (trained before it existed) gets the
+    split derived again from the data files, with a note. When the data files' hash no
+    longer matches ``persona.json``'s ``data.hash``, a note says so and the recorded
+    split is still used.
+
+    Raises:
+        PersonatuneError: bad data files, or an unreadable record (names the line).
+    """
+    persona_dir = Path(persona_dir)
+    loaded = load_examples(spec)
+    notes = []
+    recorded_hash = (read_manifest(persona_dir).get("data") or {}).get("hash")
+    files = data_files(spec)
+    if recorded_hash and all(f.is_file() for f in files) and files_hash(files) != recorded_hash:
+        notes.append(
+            f"the data files changed since {persona_dir} was trained (hash differs from "
+            "persona.json); the held-out set is the recorded one, the training side is "
+            "read from the current files"
+        )
+    record = persona_dir / HELDOUT
+    if not record.is_file():
+        split = derive_split(spec, loaded)
+        split.notes = [
+            *notes,
+            f"{persona_dir} has no {HELDOUT} (trained by an older personatune): the "
+            "held-out examples were derived again from the data files",
+        ]
+        return split
+    heldout: list[list[Example]] = [[] for _ in spec.data]
+    for n, row in enumerate(read_jsonl(record), start=1):
+        i = row.get("source") if isinstance(row, dict) else None
+        if not isinstance(i, int) or not 0 <= i < len(spec.data):
+            raise PersonatuneError(
+                f"{record}:line {n}: no valid 'source' index; retrain the persona to "
+                "rewrite the record"
+            )
+        heldout[i].append(
+            Example(
+                messages=row.get("messages") or [],
+                text=row.get("text"),
+                where=row.get("where", ""),
+                persona_facts=row.get("persona_facts") or [],
+                meta=row.get("meta") or {},
+            )
+        )
+    train = []
+    for (examples, _), held in zip(loaded, heldout):
+        keys = {ex.key() for ex in held}
+        train.append([ex for ex in examples if ex.key() not in keys])
+    return Split(train, heldout, recorded=True, notes=notes)
+
+
 def prepare_data(spec: PersonaSpec, tokenizer) -> PreparedData:
     """Load, deduplicate, split, tokenise and mix the spec's data.
 
@@ -159,14 +286,18 @@ def prepare_data(spec: PersonaSpec, tokenizer) -> PreparedData:
 
     Raises:
         PersonatuneError: bad data (see :func:`load_source`), or an ``eval_size`` that
-            leaves a source no training example.
+            leaves a source no training example, or no data source at all.
     """
+    if not spec.data:
+        raise PersonatuneError(
+            "data: no data source; add one (data: [{path: pairs.csv}]) or write one from "
+            "the description with personatune data synthesize"
+        )
     rng = random.Random(spec.train.seed)
     train_rows, eval_rows, eval_examples, all_stats = [], [], [], []
     loaded = load_examples(spec)
-    train_keys = {ex.key() for examples, _ in loaded for ex in examples}
-    for (examples, stats), source in zip(loaded, spec.data):
-        train_ex, eval_ex = split_source(spec, source, examples, stats, train_keys)
+    split = derive_split(spec, loaded)
+    for (_, stats), source, train_ex, eval_ex in zip(loaded, spec.data, split.train, split.heldout):
         rows = {"train": [], "eval": []}
         for side, exs in (("train", train_ex), ("eval", eval_ex)):
             for ex in exs:
@@ -185,4 +316,4 @@ def prepare_data(spec: PersonaSpec, tokenizer) -> PreparedData:
         train_rows += _mix(rows["train"], source.weight, rng)
         eval_rows += rows["eval"]
         all_stats.append(stats)
-    return PreparedData(train_rows, eval_rows, eval_examples, all_stats)
+    return PreparedData(train_rows, eval_rows, eval_examples, all_stats, split)

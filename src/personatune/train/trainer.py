@@ -22,9 +22,9 @@ from transformers.trainer_callback import PrinterCallback
 
 from personatune.config import PersonaSpec, dump_spec
 from personatune.data.chat import ensure_chat_template
-from personatune.data.dataset import PreparedData, prepare_data
+from personatune.data.dataset import PreparedData, data_files, heldout_rows, prepare_data
 from personatune.errors import PersonatuneError
-from personatune.io import files_hash, partial_dir, publish, write_json
+from personatune.io import files_hash, partial_dir, publish, write_json, write_jsonl
 from personatune.models import (
     ModelRef,
     load_model,
@@ -33,6 +33,7 @@ from personatune.models import (
     resolve_ref,
     use_bf16,
 )
+from personatune.persona import HELDOUT
 from personatune.train.callbacks import JsonlLogCallback, RichProgressCallback, trim_log
 from personatune.train.output import check_output, latest_checkpoint, prepare_output
 
@@ -269,7 +270,6 @@ def _versions() -> dict:
 
 def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) -> dict:
     """The ``persona.json`` manifest: who the persona is and how it was made."""
-    files = [spec.resolve(s.path) for s in spec.data if not s.path.startswith("hf:")]
     return {
         "name": spec.name,
         "description": spec.description,
@@ -280,7 +280,7 @@ def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) 
             "quantization": spec.model.quantization,
         },
         "data": {
-            "hash": files_hash(files),
+            "hash": files_hash(data_files(spec)),
             "sources": [vars(s) for s in data.stats],
             "train_examples": len(data.train),
             "eval_examples": len(data.eval),
@@ -395,6 +395,7 @@ def train(
                 "gate": gate,
             }
         write_json(work / "persona.json", info)
+        write_jsonl(work / HELDOUT, heldout_rows(spec, data.split))
         if gate and gate["published"] is None:
             from personatune.train.guard import GateFailed
 
