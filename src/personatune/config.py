@@ -231,8 +231,12 @@ class PersonaSpec(_Section):
     """One or two sentences for people: shown in the web chat and the report."""
     system_prompt: str = ""
     """System prompt used in training and at inference time."""
-    data: list[DataSource] = Field(min_length=1)
-    """Data sources and their mixing weights."""
+    data: list[DataSource] = []
+    """Data sources and their mixing weights. ``personatune train`` needs at least one;
+    ``personatune data synthesize`` writes one from the description alone."""
+    prompts: str | None = None
+    """Prompts for ``personatune data synthesize`` (JSONL with ``prompt``, or one per
+    line), relative to the YAML; default the shipped pool of general prompts."""
     model: ModelSettings = ModelSettings()
     """The base model."""
     lora: LoraSettings = LoraSettings()
@@ -274,7 +278,7 @@ class PersonaSpec(_Section):
     def input_paths(self) -> list[Path]:
         """The spec's folder and every local file it reads (data, eval sets, benchmarks):
         what ``--overwrite`` must never remove."""
-        paths = [self.base_dir]
+        paths = [self.base_dir, *([self.resolve(self.prompts)] if self.prompts else [])]
         for s in self.data:
             paths += [
                 self.resolve(p) for p in (s.path, s.eval_path) if p and not p.startswith("hf:")
