@@ -337,12 +337,14 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return f"{source}: '{loc}': {first['msg']}{more}"
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> PersonaSpec:
+def load_spec(path: str | Path, overrides: list[str] = (), need_data: bool = True) -> PersonaSpec:
     """Load and validate a persona YAML, then apply ``key=value`` overrides.
+    ``need_data=False`` accepts a spec without ``data:`` (``data synthesize`` makes it).
 
     Raises:
-        PersonatuneError: missing or unreadable file, invalid YAML, unknown key, or a value
-            of the wrong type or range; the message names the file and the key.
+        PersonatuneError: missing or unreadable file, invalid YAML, unknown key, no data
+            source (with ``need_data``), or a value of the wrong type or range; the
+            message names the file and the key.
     """
     path = Path(path)
     try:
@@ -356,6 +358,11 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> PersonaSpec:
     if not isinstance(raw, dict):
         raise PersonatuneError(f"{path}: expected a mapping of keys (name:, data:, ...)")
     raw = apply_overrides(raw, list(overrides))
+    if need_data and not raw.get("data"):
+        raise PersonatuneError(
+            f"{path}: 'data': no data source; add one (data: [{{path: pairs.csv}}]) or "
+            "write one from the description with personatune data synthesize"
+        )
     try:
         return PersonaSpec.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as e:
