@@ -284,6 +284,59 @@ def _corpus_files() -> tuple[str, ...]:
     return FILES
 
 
+@data_app.command("synthesize")
+@friendly
+def synthesize(
+    spec: Annotated[Path, typer.Argument(help="persona YAML (data: may be empty)")],
+    out: Annotated[Path, typer.Option(help="output folder (synth.jsonl, report.json)")],
+    overrides: Overrides = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="OpenAI-compatible API base URL of a teacher model (http://host:8000/v1); "
+            "default: the spec's base model under the persona's system prompt"
+        ),
+    ] = None,
+    teacher_model: Annotated[
+        str | None, typer.Option(help="model name to ask the --teacher for")
+    ] = None,
+    teacher_key: Annotated[
+        str | None, typer.Option(envvar="PERSONATUNE_TEACHER_KEY", help="--teacher API key")
+    ] = None,
+    n_prompts: Annotated[
+        int | None, typer.Option(help="a seeded sample of this many prompts (default all)")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="answer limit in tokens")] = 128,
+    seed: Annotated[int, typer.Option(help="prompt sampling seed")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+):
+    """Write persona training data from the spec's description and system prompt alone:
+    a teacher answers general prompts in persona, and answers are kept only when the
+    adoption classifier, the persona terms and the degeneration checks agree."""
+    from personatune.config import load_spec
+    from personatune.data import synthesize as synth
+    from personatune.evaluate.run import progress_bar
+
+    s = load_spec(spec, overrides or [], need_data=False)
+    with progress_bar(console) as bar:
+        task = bar.add_task("teacher answers", total=None)
+        report = synth.synthesize(
+            s,
+            out,
+            teacher=synth.pick_teacher(s, teacher, teacher_model, teacher_key, max_tokens),
+            n_prompts=n_prompts,
+            max_tokens=max_tokens,
+            seed=seed,
+            overwrite=overwrite,
+            progress=lambda d, t: bar.update(task, completed=d, total=t),
+        )
+    dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
+    console.print(
+        f"[green]kept {report['kept']} of {report['prompts']} answers[/] (dropped: {dropped}); "
+        f"wrote {out / 'synth.jsonl'}. Train on it with data: [{{path: {out / 'synth.jsonl'}}}]"
+    )
+
+
 @app.command()
 @friendly
 def chat(
