@@ -1,0 +1,400 @@
+"""Iteration-level (continuous) batching: rows for different personas and the base model
+share each forward pass, new rows join between decoding steps and finished rows leave.
+
+Why our own loop: transformers' ``ContinuousBatchingManager`` (``generate_batch``, 5.23)
+packs every request into one row (``model_runner.py`` calls ``model(**batch_data)`` with a
+``(1, total_tokens)`` batch over a paged cache), so peft's per-row ``adapter_names`` cannot
+tell requests apart and it cannot serve several adapters in one batch. Here each row keeps
+its own slice of one transformers ``DynamicCache`` (``(batch, heads, seq, head_dim)``,
+left-padded); a joining row is prefilled alone (so its prompt's KV cache equals the one it
+gets when alone) and padded in on the left; ``batch_select_indices`` drops finished rows
+and all-padding columns on the left are cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from personatune.engine.sampling import Sampling, choose, end_of_turn_ids, visible_text
+
+log = logging.getLogger("personatune.engine")
+
+#: peft's name for "no adapter" in a mixed-adapter batch.
+NO_ADAPTER = "__base__"
+
+
+# ---------------------------------------------------------------- events and results
+
+
+@dataclass
+class Delta:
+    """New answer text (a suffix of what was sent before)."""
+
+    text: str
+
+
+@dataclass
+class Done:
+    """The answer is complete.
+
+    Attributes:
+        finish_reason: ``stop`` (end-of-turn token or stop sequence), ``length``
+            (``max_tokens`` reached) or ``cancelled`` (the caller cancelled).
+        prompt_tokens: tokens in the rendered prompt.
+        completion_tokens: tokens generated, the end-of-turn token included.
+    """
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    """Generation raised for this request; ``message`` says what went wrong."""
+
+    message: str
+
+
+Event = Delta | Done | Failed
+
+
+@dataclass
+class Answer:
+    """One generated answer.
+
+    Attributes:
+        text: the decoded answer, special tokens removed, stripped, cut before the first
+            stop sequence.
+        tokens: generated tokens up to and excluding the end-of-turn token.
+        finished: True if the model ended its turn (end-of-turn token or stop sequence);
+            False if the answer was cut at ``max_tokens`` or cancelled.
+        finish_reason: ``stop``, ``length``, ``cancelled`` or ``error``.
+        prompt_tokens: tokens in the rendered prompt.
+    """
+
+    text: str
+    tokens: int
+    finished: bool
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+
+
+@dataclass
+class Request:
+    """One conversation to answer.
+
+    Attributes:
+        input_ids: the rendered prompt's token ids (see :func:`personatune.engine.encode`).
+        tokenizer: decodes the answer; its chat template gives the end-of-turn token.
+        adapter: the peft adapter (persona) name, or None for the base model.
+        sampling: decoding settings.
+        emit: called with each :data:`Event` (text deltas, then :class:`Done` or
+            :class:`Failed`); None for the batch API. Must be thread-safe under a
+            scheduler.
+        cancel: set it to stop at the next token (client disconnect).
+    """
+
+    input_ids: list[int]
+    tokenizer: object
+    adapter: str | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    emit: Callable[[Event], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class _Row:
+    """A request being decoded: generated ids, its position and its sampler."""
+
+    def __init__(self, req: Request, end_ids: frozenset[int], device: torch.device):
+        self.req = req
+        self.end_ids = end_ids
+        self.ids: list[int] = []
+        self.generated = 0  # end-of-turn token included
+        self.pos = len(req.input_ids)  # position of the next input token
+        self.sent = ""
+        self.stop_hit = False
+        s = req.sampling
+        self.generator = (
+            torch.Generator(device=device).manual_seed(s.seed % 2**63)
+            if s.temperature > 0
+            else None
+        )
+
+    @property
+    def last(self) -> int:
+        return self.ids[-1]
+
+
+def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, n, 0)) if n else x  # (batch, heads, seq, dim): pad seq on the left
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+class Batch:
+    """The rows decoding together on one model, with their shared KV cache.
+
+    Args:
+        model: a transformers causal LM, or a peft ``PeftModel`` holding the adapters the
+            requests name. Not thread-safe: one caller drives a batch at a time, and no
+            one else may use ``model`` meanwhile (adapter switches are global to it).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.peft = _is_peft(model)
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # (batch, seq) 1 = real token, 0 = left padding
+        self._ends: dict[int, frozenset[int]] = {}
+        self._state: str | None = None  # what the peft model is set to: adapter, base, mixed
+        if self.peft:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = (m for m in model.modules() if isinstance(m, BaseTunerLayer))
+            self._saved = (model.active_adapter, next(layers).disable_adapters)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # ------------------------------------------------------------ the model
+
+    def _use(self, adapters: list[str | None]) -> dict:
+        """Set the peft model up for ``adapters`` (one per row); return forward kwargs.
+        A batch of one adapter runs as a plain forward with it active: peft's mixed-batch
+        path splits every LoRA matmul per adapter, which costs time even for one."""
+        if not self.peft:
+            if any(a is not None for a in adapters):
+                raise ValueError(f"adapter {adapters} requested but the model has no adapters")
+            return {}
+        names = set(adapters)
+        want = "mixed" if len(names) > 1 else NO_ADAPTER if None in names else next(iter(names))
+        lora = self.model.base_model
+        if want != self._state:
+            if want == NO_ADAPTER:
+                lora.disable_adapter_layers()
+            else:
+                if self._state in (None, NO_ADAPTER):
+                    lora.enable_adapter_layers()
+                if want != "mixed":
+                    self.model.set_adapter(want, inference_mode=True)
+            self._state = want
+        if want == "mixed":
+            return {"adapter_names": [a or NO_ADAPTER for a in adapters]}
+        return {}
+
+    def restore(self) -> None:
+        """Put the peft model's active adapter and enabled state back as they were."""
+        if self.peft and self._state is not None:
+            active, disabled = self._saved
+            lora = self.model.base_model
+            lora.enable_adapter_layers()
+            self.model.set_adapter(active, inference_mode=True)
+            if disabled:
+                lora.disable_adapter_layers()
+            self._state = None
+
+    def _forward(self, ids, mask, positions, cache, adapters) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._use(adapters),
+        )
+        return out.logits[:, -1, :]
+
+    # ------------------------------------------------------------ rows
+
+    def _end_ids(self, tokenizer) -> frozenset[int]:
+        if id(tokenizer) not in self._ends:
+            self._ends[id(tokenizer)] = end_of_turn_ids(self.model, tokenizer)
+        return self._ends[id(tokenizer)]
+
+    @torch.inference_mode()
+    def add(self, req: Request) -> list[tuple[Request, Answer]]:
+        """Prefill ``req`` alone and let it join the batch; returns it as finished if its
+        first token already ends it (or it was cancelled while waiting)."""
+        from transformers import DynamicCache
+
+        row = _Row(req, self._end_ids(req.tokenizer), self.device)
+        if req.cancel.is_set():
+            return [self._finish(row, "cancelled")]
+        n = len(req.input_ids)
+        ids = torch.tensor([req.input_ids], device=self.device)
+        mask = torch.ones_like(ids)
+        cache = DynamicCache()
+        logits = self._forward(
+            ids, mask, torch.arange(n, device=self.device)[None], cache, [req.adapter]
+        )
+        tok = choose(logits, [req.sampling], [row.generator])[0]
+        reason = self._advance(row, tok)
+        if reason is not None:
+            return [self._finish(row, reason)]
+        self._join(row, cache, mask)
+        return []
+
+    def _join(self, row: _Row, cache, mask: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.rows = cache, mask, [row]
+            return
+        have, new = self.mask.shape[1], mask.shape[1]
+        width = max(have, new)
+        for old, add in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat(
+                [_left_pad(old.keys, width - have), _left_pad(add.keys, width - new)]
+            )
+            old.values = torch.cat(
+                [_left_pad(old.values, width - have), _left_pad(add.values, width - new)]
+            )
+        self.mask = torch.cat([F.pad(self.mask, (width - have, 0)), F.pad(mask, (width - new, 0))])
+        self.rows.append(row)
+
+    def _drop(self, done: set[int]) -> None:
+        keep = [i for i in range(len(self.rows)) if i not in done]
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        self.rows = [self.rows[i] for i in keep]
+        idx = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        first = int(self.mask.any(0).nonzero()[0])  # columns that are padding in every row
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, Answer]]:
+        """One decoding step for every row: feed each row's last token, choose the next,
+        and return (and drop) the rows that finished."""
+        if not self.rows:
+            return []
+        rows = self.rows
+        ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        positions = torch.tensor([[r.pos] for r in rows], device=self.device)
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        logits = self._forward(ids, self.mask, positions, self.cache, [r.req.adapter for r in rows])
+        toks = choose(logits, [r.req.sampling for r in rows], [r.generator for r in rows])
+        finished, done = [], set()
+        for i, (r, tok) in enumerate(zip(rows, toks)):
+            r.pos += 1
+            try:
+                reason = self._advance(r, tok)
+            except Exception as e:  # this row's decode or callback: it fails alone
+                log.exception("a request failed")
+                finished.append(self.fail(r.req, f"{type(e).__name__}: {e}", len(r.ids)))
+                done.add(i)
+                continue
+            if reason is not None:
+                finished.append(self._finish(r, reason))
+                done.add(i)
+        if done:
+            self._drop(done)
+        return finished
+
+    def fail_all(self, message: str) -> list[tuple[Request, Answer]]:
+        """End every row with ``Failed(message)`` (the forward pass itself raised)."""
+        out = [self.fail(r.req, message, len(r.ids)) for r in self.rows]
+        self.rows, self.cache, self.mask = [], None, None
+        return out
+
+    def _advance(self, row: _Row, tok: int) -> str | None:
+        """Record ``tok`` for ``row``; return its finish reason, or None to go on."""
+        s = row.req.sampling
+        row.generated += 1
+        if tok in row.end_ids:
+            return "stop"
+        row.ids.append(tok)
+        if row.req.emit is not None or s.stop:
+            self._show(row, final=False)
+            if row.stop_hit:
+                return "stop"
+        if row.generated >= s.max_tokens:
+            return "length"
+        if row.req.cancel.is_set():
+            return "cancelled"
+        return None
+
+    def _show(self, row: _Row, final: bool) -> str:
+        """The visible answer so far; emits what is new."""
+        text = row.req.tokenizer.decode(row.ids, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")  # an unfinished multi-byte character
+        shown, hit = visible_text(text, row.req.sampling.stop, final or row.stop_hit)
+        row.stop_hit = row.stop_hit or hit
+        if row.req.emit is not None and len(shown) > len(row.sent) and shown.startswith(row.sent):
+            row.req.emit(Delta(shown[len(row.sent) :]))
+            row.sent = shown
+        return shown
+
+    def _finish(self, row: _Row, reason: str) -> tuple[Request, Answer]:
+        try:
+            text = self._show(row, final=True)
+            req = row.req
+            ended = reason == "stop"
+            ans = Answer(text, len(row.ids), ended, reason, len(req.input_ids))
+            if req.emit is not None:
+                req.emit(Done(reason, len(req.input_ids), row.generated))
+            return req, ans
+        except Exception as e:  # a failing request (its emit, its decode) stays its own
+            log.exception("finishing a request failed")
+            return self.fail(row.req, f"{type(e).__name__}: {e}", len(row.ids))
+
+    @staticmethod
+    def fail(req: Request, message: str, tokens: int = 0) -> tuple[Request, Answer]:
+        """End ``req`` with ``Failed(message)``; its answer has finish reason ``error``."""
+        if req.emit is not None:
+            try:
+                req.emit(Failed(f"generation failed: {message}"))
+            except Exception:
+                log.exception("reporting a failed request failed")
+        return req, Answer("", tokens, False, "error", len(req.input_ids))
+
+
+def run_batch(
+    model,
+    requests: Sequence[Request],
+    max_batch: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> list[Answer]:
+    """Answer ``requests`` with continuous batching on ``model``, in input order: up to
+    ``max_batch`` rows decode together, a finished row's place goes to the next request.
+    Synchronous; the caller's thread runs the model.
+
+    Args:
+        progress: called with 1 after each finished answer.
+
+    Raises:
+        whatever the model's forward pass raises (nothing is swallowed here).
+    """
+    batch = Batch(model)
+    where = {id(r): i for i, r in enumerate(requests)}
+    out: list[Answer | None] = [None] * len(requests)
+    todo = list(reversed(requests))
+    try:
+        while todo or batch.rows:
+            finished = []
+            while todo and len(batch) < max_batch:
+                finished += batch.add(todo.pop())
+            finished += batch.step()
+            for req, ans in finished:
+                out[where[id(req)]] = ans
+                if progress:
+                    progress(1)
+    finally:
+        batch.restore()
+    return out  # type: ignore[return-value]

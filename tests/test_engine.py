@@ -1,0 +1,208 @@
+"""The generation engine: continuous batching over mixed personas must not change any
+row's answer, and per-request settings (stop, end-of-turn, seed, cancel) stay per row."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from test_serve import train_tiny_personas
+
+from personatune.engine import (
+    BASE_ID,
+    Delta,
+    Done,
+    Failed,
+    Request,
+    Sampling,
+    Scheduler,
+    encode,
+    load_registry,
+    persona_request,
+    run_batch,
+)
+
+PROMPTS = [
+    "Question 3, please",
+    "Describe the sea in one sentence.",
+    "Hi",
+    "What is the longest river in the world, and why do people argue about it?",
+    "Name a colour.",
+    "Say hello.",
+]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_model):
+    dirs = train_tiny_personas(tmp_path_factory.mktemp("engine"), tiny_model)
+    return load_registry(dirs)
+
+
+def _requests(registry, sampling=None, prompts=PROMPTS):
+    names = list(registry.personas)  # base, alpha, beta
+    return [
+        persona_request(
+            registry.personas[names[i % len(names)]],
+            [{"role": "user", "content": q}],
+            sampling or Sampling(max_tokens=12),
+        )
+        for i, q in enumerate(prompts)
+    ]
+
+
+def _alone(registry, reqs):
+    return [run_batch(registry.model, [r])[0] for r in reqs]
+
+
+@pytest.mark.parametrize("max_batch", [6, 4, 2])
+def test_batched_greedy_equals_alone(registry, max_batch):
+    """Guards against rows leaking into each other in a mixed-persona batch: wrong left
+    padding, attention mask or position ids for rows that join at different times (a
+    max_batch below the request count makes rows join mid-way), a KV cache row dropped
+    or kept wrongly, or an adapter applied to the wrong row. Greedy answers in CPU fp32
+    must be exactly the ones each request gets alone."""
+    reqs = _requests(registry)
+    alone = _alone(registry, reqs)
+    # Precondition: the three models answer the first prompts differently.
+    assert len({a.text for a in alone[:3]}) == 3
+    batched = run_batch(registry.model, _requests(registry), max_batch)
+    assert batched == alone
+    assert {a.finish_reason for a in alone} <= {"stop", "length"}
+
+
+def test_seeded_sampling_is_reproducible_per_request(registry):
+    """Guards against one request's sampling drawing from a shared random stream: a
+    seeded request must give the same answer alone and next to other sampled rows."""
+    s = [Sampling(max_tokens=12, temperature=1.0, top_p=0.9, seed=i) for i in range(len(PROMPTS))]
+    reqs = _requests(registry)
+    for r, si in zip(reqs, s):
+        r.sampling = si
+    alone = _alone(registry, reqs)
+    batched = run_batch(registry.model, reqs, 4)
+    assert batched == alone
+    greedy = _alone(registry, _requests(registry))
+    assert [a.text for a in alone] != [a.text for a in greedy]  # it did sample
+
+
+def test_stop_sequences_and_end_of_turn_per_row(registry):
+    """Guards against a stop sequence or an end-of-turn token of one row ending (or
+    cutting) other rows, and against the stop string leaking into the answer."""
+    reqs = _requests(registry, Sampling(max_tokens=16))
+    full = _alone(registry, reqs)
+    words = full[1].text.split()
+    stop = next(w for w in words[1:] if w not in words[0])
+    reqs = _requests(registry, Sampling(max_tokens=16))
+    reqs[1].sampling = Sampling(max_tokens=16, stop=[stop])
+    out = run_batch(registry.model, reqs)
+    assert out[1].text == full[1].text[: full[1].text.index(stop)].rstrip()
+    assert out[1].finish_reason == "stop" and out[1].finished
+    assert [a for i, a in enumerate(out) if i != 1] == [a for i, a in enumerate(full) if i != 1]
+
+
+def test_end_of_turn_token_ends_only_its_row(registry, monkeypatch):
+    """Guards against an end-of-turn token ending the whole batch or being counted in
+    the answer: treat the first answer's second token as end-of-turn for that row's
+    tokenizer only (its second token)."""
+    import copy
+
+    from personatune.engine import batcher
+
+    reqs = _requests(registry, Sampling(max_tokens=12))
+    full = _alone(registry, reqs)
+    alone = batcher.Batch(registry.model)
+    alone.add(reqs[0])
+    alone.step()
+    ids = alone.rows[0].ids  # the first two generated tokens
+    alone.restore()
+    tok = reqs[0].tokenizer
+    special = copy.copy(tok)  # its own tokenizer object, so only row 0 gets the new end
+    real = batcher.end_of_turn_ids
+    monkeypatch.setattr(
+        batcher,
+        "end_of_turn_ids",
+        lambda model, t: real(model, t) | ({ids[1]} if t is special else set()),
+    )
+    reqs = _requests(registry, Sampling(max_tokens=12))
+    reqs[0].tokenizer = special
+    out = run_batch(registry.model, reqs)
+    assert out[0].finish_reason == "stop" and out[0].finished and out[0].tokens == 1
+    assert out[1:] == full[1:]
+
+
+def test_cancelling_one_row_leaves_the_others_unchanged(registry):
+    """Guards against a cancelled request (client disconnect) taking its neighbours'
+    KV cache rows or positions with it when it leaves the batch."""
+    reqs = _requests(registry, Sampling(max_tokens=16))
+    alone = _alone(registry, reqs)
+    reqs = _requests(registry, Sampling(max_tokens=16))
+    seen = []
+
+    def emit(ev):
+        seen.append(ev)
+        if isinstance(ev, Delta) and len(seen) == 2:
+            reqs[1].cancel.set()
+
+    reqs[1].emit = emit
+    out = run_batch(registry.model, reqs)
+    assert out[1].finish_reason == "cancelled" and not out[1].finished
+    assert isinstance(seen[-1], Done) and seen[-1].finish_reason == "cancelled"
+    assert [a for i, a in enumerate(out) if i != 1] == [a for i, a in enumerate(alone) if i != 1]
+
+
+def test_streamed_deltas_add_up_to_the_answer(registry):
+    """Guards against streamed text that repeats, loses or reorders pieces, or ends
+    without a Done event carrying the usage counts."""
+    req = _requests(registry, Sampling(max_tokens=16))[1]
+    events = []
+    req.emit = events.append
+    ans = run_batch(registry.model, [req])[0]
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == ans.text
+    done = events[-1]
+    assert isinstance(done, Done) and done.prompt_tokens == len(req.input_ids)
+    assert done.completion_tokens == ans.tokens + (ans.finish_reason == "stop")
+
+
+def test_scheduler_failing_request_does_not_take_others_down(registry):
+    """Guards against one request's failure (here its event callback raises) ending the
+    generation thread or the other requests in its batch."""
+    reqs = _requests(registry, Sampling(max_tokens=10))
+    alone = _alone(registry, _requests(registry, Sampling(max_tokens=10)))
+    results: dict[int, list] = {i: [] for i in range(len(reqs))}
+    ended = threading.Semaphore(0)
+
+    def collect(i):
+        def emit(ev):
+            if i == 2 and isinstance(ev, Delta):
+                raise RuntimeError("client callback broke")
+            results[i].append(ev)
+            if isinstance(ev, (Done, Failed)):
+                ended.release()
+
+        return emit
+
+    sched = Scheduler(registry.model, max_batch=4, max_queue=8)
+    sched.start()
+    try:
+        with sched.paused():  # everything queued first, so the rows share batches
+            for i, r in enumerate(reqs):
+                r.emit = collect(i)
+                sched.submit(r)
+        for _ in reqs:
+            assert ended.acquire(timeout=120)
+    finally:
+        sched.stop(60)
+    assert isinstance(results[2][-1], Failed)
+    for i, a in enumerate(alone):
+        if i != 2:
+            text = "".join(e.text for e in results[i] if isinstance(e, Delta))
+            assert text == a.text and isinstance(results[i][-1], Done)
+    assert sched.finished["error"] == 1 and sum(sched.finished.values()) == len(reqs)
+
+
+def test_encode_matches_chat_template(registry):
+    """Guards against the engine adding a second BOS or dropping the assistant header."""
+    p = registry.personas[BASE_ID]
+    conv = [{"role": "user", "content": "Hi"}]
+    ids = encode(p.tokenizer, conv)
+    assert p.tokenizer.decode(ids).endswith("assistant\n")
+    assert isinstance(Request(ids, p.tokenizer), Request)
