@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from personatune.config import load_spec
-from personatune.train.callbacks import read_log
+from personatune.io import read_jsonl as read_log
 from personatune.train.trainer import train
 
 # Runs train() in every process that torchrun starts; CRASH_AT_STEP stops the run at that

@@ -19,8 +19,8 @@ from personatune.data.chat import FALLBACK_TEMPLATE, ensure_chat_template
 from personatune.data.dataset import load_examples, prepare_data
 from personatune.data.loaders import load_source
 from personatune.errors import PersonatuneError
+from personatune.io import read_jsonl as read_log
 from personatune.models import load_tokenizer, resolve_ref
-from personatune.train.callbacks import read_log
 from personatune.train.trainer import collator, train
 
 REPO = Path(__file__).parents[1]

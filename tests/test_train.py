@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from personatune.config import load_spec
 from personatune.errors import PersonatuneError
-from personatune.train.callbacks import read_log
+from personatune.io import read_jsonl as read_log
 from personatune.train.trainer import train
 
 

@@ -596,6 +596,7 @@ def eval_(
 ):
     """Report card: base against tuned on held-out persona data, general prompts, the
     factual probe, stress prompts and benchmarks. Writes report.json and report.html."""
+    from personatune.evaluate.card import print_summary
     from personatune.evaluate.run import evaluate
 
     set_threads(threads)
@@ -611,47 +612,7 @@ def eval_(
     report = evaluate(
         persona_dir, out_dir=out, overwrite=overwrite, benchmarks=benches, console=console
     )
-    print_report_summary(report, out or persona_dir)
-
-
-def print_report_summary(report: dict, out: Path) -> None:
-    """The compact summary table of ``personatune eval``: each metric, base, tuned and
-    the change, green where it moved the right way, then the targets."""
-    table = Table(
-        "metric",
-        "base",
-        "tuned",
-        "change",
-        title=f"{report['persona']}: base vs tuned (greedy, held-out)",
-    )
-    group = None
-    for m in report["metrics"].values():
-        if m["group"] != group:
-            group = m["group"]
-            table.add_row(f"[bold]{group}[/]", "", "", "")
-        b, t, unit = m["base"], m["tuned"], m["unit"]
-        delta = t - b
-        good = m["higher_is_better"] is None or delta == 0 or (delta > 0) == m["higher_is_better"]
-        table.add_row(
-            f"  {m['label']}",
-            f"{b:.3g}{unit}",
-            f"{t:.3g}{unit}",
-            f"[{'green' if good else 'red'}]{delta:+.3g}[/]",
-        )
-    console.print(table)
-    clf = report["classifier"]
-    console.print(
-        f"adoption classifier: {clf['cv_folds']}-fold CV error "
-        f"{100 * clf['cv_error']:.1f}% ({clf['n_persona']} + {clf['n_plain']} answers); "
-        f"probe drop {report['probe_drop_points']:+.1f} points, "
-        f"drift ratio {report['drift_ratio']:.2f}"
-    )
-    for name, ok in report["targets"].items():
-        console.print(f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'}  {name}")
-    console.print(
-        f"[green]wrote {out / 'report.json'} and {out / 'report.html'}[/] "
-        f"({report['timings_s']['total']:.0f} s)"
-    )
+    print_summary(report, out or persona_dir, console)
 
 
 @app.command()

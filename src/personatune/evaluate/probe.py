@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from importlib import resources
 
 from personatune.evaluate.metrics import normalize, words
+from personatune.io import jsonl_records
 
 DATA = "personatune.evaluate"
 
@@ -26,7 +27,7 @@ DATA = "personatune.evaluate"
 @functools.lru_cache(maxsize=8)
 def _read(name: str) -> tuple[dict, ...]:
     text = resources.files(DATA).joinpath("data", name).read_text(encoding="utf-8")
-    return tuple(json.loads(line) for line in text.splitlines() if line.strip())
+    return tuple(row for _, row in jsonl_records(name, text))
 
 
 def load_set(name: str) -> list[dict]:

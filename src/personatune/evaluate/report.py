@@ -10,15 +10,10 @@ import json
 import math
 from pathlib import Path
 
-from personatune.io import write_json
+from personatune.evaluate.card import probe_change
+from personatune.io import read_jsonl, write_json, write_text
 
 PLOTS = ("report_loss.png", "report_metrics.png")
-
-
-def _read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _save(fig, path: Path) -> bytes:
@@ -244,7 +239,7 @@ def render_html(report: dict, loss_png: bytes | None, metrics_png: bytes) -> str
 questions ({report["data"]["probe_seen_in_training"]} dropped as seen in training),
 {report["data"]["stress_prompts"]} stress prompts.</p>
 <h2>Targets</h2><ul>{targets}</ul>
-<p>Probe drop {_fmt(report["probe_drop_points"])} points; drift ratio
+<p>{e(probe_change(report)).capitalize()} (tuned − base); drift ratio
 {_fmt(report["drift_ratio"])}.</p>
 <h2>Metrics</h2><table><tr><th>group</th><th>metric</th><th>base</th><th>tuned</th>
 <th>tuned − base</th></tr>{"".join(rows)}</table>
@@ -262,9 +257,7 @@ def write_report(report: dict, out_dir: Path, train_log: Path) -> None:
     """Write ``report.json``, ``report.html`` and the two plot PNGs to ``out_dir``, each
     through a temporary file and a rename."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    loss = plot_loss(_read_log(train_log), out_dir / PLOTS[0])
+    loss = plot_loss(read_jsonl(train_log) if train_log.exists() else [], out_dir / PLOTS[0])
     bars = plot_metrics(report["metrics"], out_dir / PLOTS[1])
     write_json(out_dir / "report.json", report)
-    tmp = out_dir / "report.html.tmp"
-    tmp.write_text(render_html(report, loss, bars), encoding="utf-8")
-    tmp.replace(out_dir / "report.html")
+    write_text(out_dir / "report.html", render_html(report, loss, bars))

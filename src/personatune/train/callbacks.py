@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
+from personatune.io import read_jsonl, write_jsonl
+
 LOG_KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss")
 
 
@@ -40,15 +42,8 @@ class JsonlLogCallback(TrainerCallback):
 
 def trim_log(path: Path, last_step: int) -> None:
     """Drop log lines after ``last_step``, so a resumed run does not log steps twice."""
-    if not path.exists():
-        return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= last_step))
-
-
-def read_log(path: Path) -> list[dict]:
-    """Rows of a ``train_log.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if path.exists():
+        write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= last_step])
 
 
 class RichProgressCallback(TrainerCallback):

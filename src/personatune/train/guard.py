@@ -29,11 +29,14 @@ from transformers import TrainerCallback
 
 from personatune.config import PersonaSpec
 from personatune.data.chat import render_chat, render_prompt
+from personatune.data.dataset import Split
+from personatune.engine import Answer, generate_answers
 from personatune.errors import PersonatuneError
-from personatune.evaluate.answers import Answer, cached_answers, generate_answers, inference_copy
+from personatune.evaluate.answers import cached_answers, inference_copy
 from personatune.evaluate.classifier import PersonaClassifier
 from personatune.evaluate.probe import drift_ratio, general_split, score_probe, stratified
-from personatune.evaluate.run import (
+from personatune.evaluate.progress import phase, progress_bar
+from personatune.evaluate.suite import (
     EvalData,
     classifier_examples,
     drift_conversations,
@@ -41,11 +44,9 @@ from personatune.evaluate.run import (
     fit_adoption_classifier,
     perplexity,
     persona_conv,
-    phase,
     plain_conv,
-    progress_bar,
 )
-from personatune.io import sha256_file, write_json
+from personatune.io import read_jsonl, sha256_file, write_json
 
 
 class GateFailed(PersonatuneError):
@@ -169,15 +170,12 @@ def select_checkpoint(
 def guard_history(log_path: Path) -> tuple[dict | None, list[dict]]:
     """``(base row, checkpoint rows)`` of the guard metrics in a ``train_log.jsonl``."""
     base, rows = None, {}
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if "guard" in r:
-                    if r["step"] == 0:
-                        base = r["guard"]
-                    else:
-                        rows[r["step"]] = {"step": r["step"], **r["guard"]}
+    for r in read_jsonl(log_path) if log_path.exists() else []:
+        if "guard" in r:
+            if r["step"] == 0:
+                base = r["guard"]
+            else:
+                rows[r["step"]] = {"step": r["step"], **r["guard"]}
     return base, [rows[s] for s in sorted(rows)]
 
 
@@ -212,6 +210,7 @@ class Guard:
         tokenizer,
         model,
         n_train_rows: int,
+        split: Split,
         console: Console | None = None,
     ) -> Guard:
         """Self-distill the preservation data, fit the adoption classifier, and measure
@@ -221,6 +220,7 @@ class Guard:
             ref: the base model's ``ModelRef`` (its fingerprint keys the answer cache).
             model: the base model (no adapter yet); it is copied, not changed.
             n_train_rows: training rows of the persona data, after mixing weights.
+            split: the run's train/held-out split (evaluation uses the held-out side).
 
         Raises:
             PersonatuneError: too few persona examples for the classifier.
@@ -230,7 +230,7 @@ class Guard:
         start, start_cpu = time.time(), time.process_time()
         fp = ref.fingerprint()
         base = inference_copy(model, merge=False)
-        data = eval_data(spec)
+        data = eval_data(spec, split)
         prompts = preservation_prompts(spec, n_train_rows)
         unique = list(dict.fromkeys(r["prompt"] for r in prompts))
         probe_subset = stratified(data.probe, g.eval_probe_questions, spec.train.seed)

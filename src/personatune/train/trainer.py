@@ -350,7 +350,7 @@ def train(
         if device.type == "cpu" and spec.train.threads:  # the guard generates before training
             torch.set_num_threads(spec.train.threads)
         with state.main_process_first():
-            guard = Guard.prepare(spec, ref, tokenizer, base, len(data.train), console)
+            guard = Guard.prepare(spec, ref, tokenizer, base, len(data.train), data.split, console)
         data.train += guard.rows
         if state.is_main_process:
             guard_cb = guard.callback(work / "train_log.jsonl")
