@@ -126,6 +126,8 @@ def test_from_corpus_writes_pairs_chunks_and_report(corpus, tmp_path):
     assert report["chunks"]["count"] == len(chunks)
     assert sum(b["pairs_eval"] for b in report["per_book"]) == 6
     assert report["settings"]["aliases"] == ["Holmes", "Sherlock Holmes"]
+    assert report["format"]["detected"] == ["prose"]  # auto: quotes, no speaker labels
+    assert "read as prose" in report["format"]["books"][0]["reason"]
     assert len(report["samples"]) == 2 and report["samples"][0]["response"] in r.stdout
     assert report["attribution"] is None
 

@@ -172,6 +172,13 @@ def from_corpus(
             "my friend, my comrade)"
         ),
     ] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            help="auto (detect per book, reported in report.json), prose (quoted speech), "
+            "play (NAME. / NAME: labels) or screenplay (NAME centred above the line)"
+        ),
+    ] = "auto",
     chunk_size: Annotated[int, typer.Option(help="characters per text chunk")] = 500,
     chunk_overlap: Annotated[int, typer.Option(help="characters shared by neighbour chunks")] = 50,
     eval_chapters: Annotated[
@@ -203,6 +210,7 @@ def from_corpus(
                 narrator_names=narrator or [],
                 excluded=exclude or [],
                 companions=companion or DEFAULT_COMPANIONS,
+                format=format,
                 chunk_size=chunk_size,
                 chunk_overlap=chunk_overlap,
                 eval_chapters=eval_chapters,
@@ -215,6 +223,8 @@ def from_corpus(
         except ValueError as e:  # the text module's argument checks, as one line
             raise PersonatuneError(f"data from-corpus: {e}") from None
     print_corpus_report(report, out)
+    for b in report["format"]["books"]:
+        console.print(Text(f"{b['book']}: {b['format']} ({b['reason']})", style="dim"))
 
 
 def print_corpus_report(report: dict, out: Path) -> None:

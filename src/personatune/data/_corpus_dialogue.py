@@ -161,7 +161,9 @@ class Utterance:
     ``start``/``end`` are character offsets in ``chapter.text`` of the first and after the
     last spoken character; ``para``/``last_para`` are paragraph indices in the chapter;
     ``speaker`` is the character's name, ``"I"`` for the narrator, another name or noun
-    phrase, ``"she"``, or None when unknown; ``rule`` says how it was attributed.
+    phrase, ``"she"``, or None when unknown; ``rule`` says how it was attributed. Turns
+    of plays and screenplays (:mod:`._corpus_script`) also set ``spans``, the spoken
+    parts without stage directions, and ``cue``, the offset of the speaker label.
     """
 
     chapter: Chapter = field(repr=False)
@@ -179,6 +181,8 @@ class Utterance:
     tail: int = 0  # characters of narration after the last quote
     vocative: bool = False  # addresses the narrator by name ("..., Watson")
     about: bool = False  # the character is named as a speaker near this turn
+    spans: list[tuple[int, int]] = field(default_factory=list, repr=False)  # script turns
+    cue: int = -1  # script turns: offset of the speaker label's line
 
     @property
     def pronoun(self) -> bool:

@@ -8,9 +8,15 @@ Pipeline::
     train, held_out = split_by_chapter(pairs)      # whole chapters held out
     chunks = chunk_text(chapters[0].text)          # continued pre-training text
 
+Plays and screenplays take the same road with ``split_books(text, format="auto")`` (or
+``"play"``/``"screenplay"``): lines are kept (:func:`clean_script`), scenes are the
+chapters (:func:`split_scenes`) and :func:`extract_script_dialogue` pairs the
+character's labelled turns with the turn before.
+
 All lengths, sizes and offsets are in characters (Python ``str`` indices) of the
 *cleaned* book text (:attr:`Book.text`), so ``book.text[pair.offset:]`` starts with the
-reply. Speaker attribution lives in the helper module :mod:`._corpus_dialogue`.
+reply. Speaker attribution lives in the helper modules :mod:`._corpus_dialogue` (prose)
+and :mod:`._corpus_script` (plays and screenplays).
 """
 
 from __future__ import annotations
@@ -31,20 +37,27 @@ from personatune.data._corpus_dialogue import (
     Utterance,
     extract_utterances,
 )
+from personatune.data._corpus_script import FORMATS, detect_format, parse_turns, scene_spans
 
 __all__ = [
+    "FORMATS",
     "Book",
     "Chapter",
     "DialoguePair",
     "Utterance",
     "chunk_text",
+    "clean_script",
     "clean_text",
     "corpus_report",
+    "detect_format",
     "extract_dialogue",
+    "extract_script_dialogue",
     "extract_utterances",
+    "script_turns",
     "split_books",
     "split_by_chapter",
     "split_chapters",
+    "split_scenes",
     "to_records",
 ]
 
@@ -74,11 +87,16 @@ class Chapter:
 
 @dataclass
 class Book:
-    """A book: its title, chapters, and the cleaned full text that chapter offsets index."""
+    """A book: its title, chapters, and the cleaned full text that chapter offsets index.
+
+    ``format`` is ``"prose"``, ``"play"`` or ``"screenplay"`` (chapters of a script are its
+    scenes); ``format_reason`` says why, when the format was detected."""
 
     title: str
     chapters: list[Chapter]
     text: str = field(default="", repr=False)
+    format: str = "prose"
+    format_reason: str = ""
 
 
 @dataclass
@@ -150,6 +168,14 @@ def clean_text(text: str) -> str:
     """
     if not isinstance(text, str):
         raise TypeError(f"clean_text expects str, got {type(text).__name__}")
+    text = _ITALIC.sub("", _strip_boilerplate(text))
+    paragraphs = (" ".join(p.split()) for p in re.split(r"\n[ \t]*\n", text))
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def _strip_boilerplate(text: str) -> str:
+    """Unix newlines, no Gutenberg header or footer, no illustration markers, straight
+    quotes (one character to one, or a deletion)."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     start = _GUTENBERG_START.search(text)
     if start:
@@ -157,10 +183,22 @@ def clean_text(text: str) -> str:
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
-    text = _ILLUSTRATION.sub("", text).translate(_QUOTES)
-    text = _ITALIC.sub("", text)
-    paragraphs = (" ".join(p.split()) for p in re.split(r"\n[ \t]*\n", text))
-    return "\n\n".join(p for p in paragraphs if p)
+    return _ILLUSTRATION.sub("", text).translate(_QUOTES)
+
+
+def clean_script(text: str) -> str:
+    """Clean the raw text of ONE play or screenplay, keeping its lines.
+
+    Like :func:`clean_text` (Gutenberg header and footer, illustration markers, curly
+    quotes) but lines stay as they are, with their indentation (tabs expanded to 8
+    columns), because labels and centred speaker cues are line-based; trailing spaces and
+    leading and trailing blank lines are removed, and ``_italics_`` are kept (they mark
+    stage directions). Raises ``TypeError`` if ``text`` is not a ``str``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"clean_script expects str, got {type(text).__name__}")
+    lines = [line.expandtabs(8).rstrip() for line in _strip_boilerplate(text).split("\n")]
+    return "\n".join(lines).strip("\n")
 
 
 # --------------------------------------------------------------------------- books, chapters
@@ -177,16 +215,22 @@ _MAX_HEADING = 100  # characters; longer paragraphs are never headings
 MIN_CHAPTER_CHARS = 300  # shorter bodies (tables of contents, epigraphs) are dropped
 
 
-def split_books(text: str, title: str | None = None) -> list[Book]:
+def split_books(text: str, title: str | None = None, format: str = "prose") -> list[Book]:
     """Split a corpus on ``--- From <title> ---`` lines into cleaned books with chapters.
 
     Each book's raw text is cleaned with :func:`clean_text` (so Gutenberg headers of one book
-    do not eat the others) and split with :func:`split_chapters`. Without separators the
-    whole text is one book named ``title`` (default ``"Untitled"``); text before the first
-    separator is ignored. Returns ``[]`` for blank input; raises ``TypeError`` for non-str.
+    do not eat the others) and split with :func:`split_chapters`; with ``format`` ``"play"``
+    or ``"screenplay"`` it is cleaned with :func:`clean_script` and split into scenes with
+    :func:`split_scenes` instead, and ``"auto"`` picks per book with :func:`detect_format`
+    (the book's ``format_reason`` says why). Without separators the whole text is one book
+    named ``title`` (default ``"Untitled"``); text before the first separator is ignored.
+    Returns ``[]`` for blank input; raises ``TypeError`` for non-str and ``ValueError`` for
+    an unknown ``format`` (default ``"prose"``).
     """
     if not isinstance(text, str):
         raise TypeError(f"split_books expects str, got {type(text).__name__}")
+    if format not in ("auto", *FORMATS):
+        raise ValueError(f"format must be auto, {', '.join(FORMATS)}; got {format!r}")
     seps = list(_BOOK_SEPARATOR.finditer(text))
     if seps:
         ends = [m.start() for m in seps[1:]] + [len(text)]
@@ -195,12 +239,36 @@ def split_books(text: str, title: str | None = None) -> list[Book]:
         parts = [(title or "Untitled", text)]
     books = []
     for name, raw in parts:
-        cleaned = clean_text(raw)
+        fmt, reason = format, ""
+        if fmt != "prose":
+            script = clean_script(raw)
+            if fmt == "auto":
+                fmt, reason = detect_format(script)
+        cleaned = clean_text(raw) if fmt == "prose" else script
         if cleaned:
-            book = Book(title=name, chapters=[], text=cleaned)
-            book.chapters = split_chapters(book)
+            book = Book(title=name, chapters=[], text=cleaned, format=fmt, format_reason=reason)
+            book.chapters = split_chapters(book) if fmt == "prose" else split_scenes(book)
             books.append(book)
     return books
+
+
+def split_scenes(book: Book) -> list[Chapter]:
+    """The scenes of a play or screenplay cleaned by :func:`clean_script`, as chapters.
+
+    Headings (at the start of a block): ``ACT I``, ``SCENE 2. The same.`` (titled after
+    the act, ``"ACT I SCENE 2. The same."``) and screenplay scene headings
+    (``INT. FERRY CABIN - NIGHT``, ``EXT.``, ``INT./EXT.``, ``I/E``). Heading lines are
+    in no scene's text; text before the first heading (title page, list of persons) and
+    scenes without text are dropped. A script without headings is one chapter titled
+    after the book. Titles are made unique as in :func:`split_chapters`.
+    """
+    found = scene_spans(book.text) or ([(book.title, 0, len(book.text))] if book.text else [])
+    chapters, seen = [], Counter()
+    for idx, (name, start, end) in enumerate(found, 1):
+        seen[name] += 1
+        unique = name if seen[name] == 1 else f"{name} ({seen[name]})"
+        chapters.append(Chapter(book.title, idx, unique, text=book.text[start:end], offset=start))
+    return chapters
 
 
 def _paragraphs(text: str) -> list[tuple[int, int]]:
@@ -373,6 +441,52 @@ def extract_dialogue(
             else:
                 prompt, kind = _narrative_before(ch, u.start, context_chars), "narrative"
             if prompt and u.text:
+                pairs.append(
+                    DialoguePair(prompt, u.text, ch.book, ch.title, ch.offset + u.start, kind)
+                )
+    return pairs
+
+
+def script_turns(
+    chapters: Iterable[Chapter], character: str, aliases: Sequence[str] = ()
+) -> list[Utterance]:
+    """Every labelled turn of the scenes of a play or screenplay, in order; the turns
+    whose label is ``character`` or one of ``aliases`` (case and spacing ignored) have
+    ``speaker == character`` (rules: :mod:`._corpus_script`)."""
+    return [u for ch in chapters for u in parse_turns(ch, character, aliases)]
+
+
+def extract_script_dialogue(
+    chapters: Iterable[Chapter],
+    character: str,
+    aliases: Sequence[str] = (),
+    context_chars: int = 300,
+    max_gap_chars: int = 400,
+) -> list[DialoguePair]:
+    """Pair each turn of ``character`` in a play or screenplay with the turn before it.
+
+    The prompt (``prompt_kind="utterance"``) is the previous turn of the scene when it is
+    another speaker's and at most ``max_gap_chars`` characters (default 400) of stage
+    directions or action stand between the two; otherwise it is up to ``context_chars``
+    characters (default 300) of the scene text before the character's label, cut at a
+    sentence start (``prompt_kind="narrative"``; labels, directions and action as
+    printed). Turns without spoken text (only a direction) and turns with nothing before
+    them are skipped. ``offset`` is the reply's first spoken character in the cleaned
+    book text; ``chapter`` is the scene title.
+    """
+    pairs: list[DialoguePair] = []
+    for ch in chapters:
+        turns = parse_turns(ch, character, aliases)
+        for k, u in enumerate(turns):
+            if u.speaker != character or not u.text:
+                continue
+            prev = turns[k - 1] if k else None
+            gap = ch.text[prev.end : u.cue].strip() if prev else ""
+            if prev and prev.speaker != character and len(gap) <= max_gap_chars:
+                prompt, kind = prev.text, "utterance"
+            else:
+                prompt, kind = _narrative_before(ch, u.cue, context_chars), "narrative"
+            if prompt:
                 pairs.append(
                     DialoguePair(prompt, u.text, ch.book, ch.title, ch.offset + u.start, kind)
                 )

@@ -8,8 +8,13 @@ replies with :mod:`personatune.data.corpus`, and writes into the output folder:
   "chapter", "offset", "prompt_kind"}`` pairs; eval holds the held-out chapters only;
 * ``chunks_train.jsonl``: ``{"text", "book", "chapter"}`` chunks of the training chapters
   for continued pre-training (format ``text``: every token trained);
-* ``report.json``: counts per book, prompt kinds, held-out chapters, attribution
-  precision and recall on a labelled sample (``labels``), random samples.
+* ``report.json``: the format of each book (prose, play or screenplay) and why, counts
+  per book, prompt kinds, held-out chapters, attribution precision and recall on a
+  labelled sample (``labels``), random samples.
+
+Novels are read for quoted speech (:func:`~personatune.data.corpus.extract_dialogue`);
+plays and screenplays for speaker labels, with scenes as chapters
+(:func:`~personatune.data.corpus.extract_script_dialogue`).
 
 The folder is built beside the target under a temporary name and renamed when complete.
 """
@@ -23,11 +28,15 @@ from pathlib import Path
 
 from personatune.data._corpus_dialogue import DEFAULT_COMPANIONS, Utterance
 from personatune.data.corpus import (
+    FORMATS,
     Book,
+    Chapter,
     chunk_text,
     corpus_report,
     extract_dialogue,
+    extract_script_dialogue,
     extract_utterances,
+    script_turns,
     split_books,
     split_by_chapter,
     to_records,
@@ -45,13 +54,15 @@ from personatune.io import (
 FILES = ("dialogue_train.jsonl", "dialogue_eval.jsonl", "chunks_train.jsonl", "report.json")
 
 
-def read_corpus(path: str | Path, encoding: str = "utf-8") -> list[Book]:
+def read_corpus(path: str | Path, encoding: str = "utf-8", format: str = "prose") -> list[Book]:
     """Read and clean a corpus into books with chapters.
 
     ``path`` is a text file (books introduced by ``--- From <title> ---`` lines; without
     them the file is one book named after the file) or a folder whose ``*.txt`` files are
     one book each, titled after the file name (``the_sign_of_four.txt`` -> "the sign of
-    four"), in name order. A UTF-8 byte-order mark is accepted.
+    four"), in name order. A UTF-8 byte-order mark is accepted. ``format`` is
+    ``"prose"`` (default), ``"play"``, ``"screenplay"`` or ``"auto"`` (detected per book,
+    see :func:`~personatune.data.corpus.split_books`).
 
     Raises:
         PersonatuneError: missing path, a folder without ``.txt`` files, undecodable
@@ -78,7 +89,7 @@ def read_corpus(path: str | Path, encoding: str = "utf-8") -> list[Book]:
             ) from None
         except LookupError:
             raise PersonatuneError(f"--encoding {encoding}: unknown encoding") from None
-        books += split_books(text, title=f.stem.replace("_", " ").replace("-", " "))
+        books += split_books(text, f.stem.replace("_", " ").replace("-", " "), format)
     books = [b for b in books if b.chapters]
     if not books:
         raise PersonatuneError(f"{path}: no book text found after cleaning")
@@ -137,7 +148,9 @@ def score_attribution(
 
     A labelled quote counts as attributed to the character when it lies inside an
     utterance whose ``speaker`` is ``character`` (the first occurrence of the quote in its
-    book's cleaned text is used). Precision = TP / (TP + FP), recall = TP / (TP + FN),
+    book's cleaned text is used): between its opening quote mark and its end in prose,
+    inside one of its spoken ``spans`` in a script (so a stage direction within the
+    character's speech is not counted as the character's). Precision = TP / (TP + FP), recall = TP / (TP + FN),
     each None when its denominator is 0. Returns ``{"labelled", "precision", "recall",
     "tp", "fp", "fn"}``.
 
@@ -148,9 +161,9 @@ def score_attribution(
     spans: dict[str, list[tuple[int, int]]] = {}
     for u in utterances:
         if u.speaker == character:
-            spans.setdefault(u.chapter.book, []).append(
-                (u.chapter.offset + u.start - 1, u.chapter.offset + u.end)
-            )
+            base = u.chapter.offset
+            parts = u.spans or [(u.start - 1, u.end)]
+            spans.setdefault(u.chapter.book, []).extend((base + a, base + b) for a, b in parts)
     tp = fp = fn = 0
     for i, r in enumerate(labels, 1):
         if r["book"] not in text:
@@ -190,6 +203,7 @@ def from_corpus(
     narrator_names: Sequence[str] = (),
     excluded: Sequence[str] = (),
     companions: Sequence[str] = DEFAULT_COMPANIONS,
+    format: str = "auto",
     chunk_size: int = 500,
     chunk_overlap: int = 50,
     eval_chapters: float = 0.1,
@@ -204,20 +218,23 @@ def from_corpus(
     Args:
         corpus: a text file or a folder of one ``.txt`` per book (:func:`read_corpus`).
         character: the persona character's canonical name (``"Holmes"``).
-        aliases: other names of the character in narration (``character`` itself is
-            always one).
+        aliases: other names of the character in narration or in speaker labels
+            (``character`` itself is always one; labels match ignoring case).
         narrator_names: the first-person narrator's names (``["Watson"]``); empty turns
             off the rule that gives lines addressing the narrator to the character.
         excluded: other people whose names contain an alias (``["Mycroft Holmes"]``).
         companions: the narrator's phrases for the character (default "my companion",
             "my friend", "my comrade"); empty for third-person books.
+        format: ``"auto"`` (default: detected per book and explained in the report),
+            ``"prose"``, ``"play"`` or ``"screenplay"``.
         chunk_size, chunk_overlap: characters per text chunk and shared between
             neighbours (defaults 500 and 50, as seed system 2).
-        eval_chapters: share of the chapters in which the character speaks that is held
-            out whole (default 0.1; at least one when above 0 and there are two such
-            chapters), chosen by a seeded hash of (book, chapter title) with ``seed``
-            (default 0, see :func:`~personatune.data.corpus.split_by_chapter`); their
-            pairs go to ``dialogue_eval.jsonl`` and their text to no file.
+        eval_chapters: share of the chapters (scenes, in a script) in which the
+            character speaks that is held out whole (default 0.1; at least one when
+            above 0 and there are two such chapters), chosen by a seeded hash of (book,
+            chapter title) with ``seed`` (default 0, see
+            :func:`~personatune.data.corpus.split_by_chapter`); their pairs go to
+            ``dialogue_eval.jsonl`` and their text to no file.
         labels: optional hand-labelled attribution sample (:func:`read_labels`).
         n_samples: random pairs kept in the report (seeded).
         overwrite: replace an existing ``out``.
@@ -230,6 +247,57 @@ def from_corpus(
             settings, or no line of the character found. Nothing is written then.
     """
     out = Path(out)
+    _check_settings(out, corpus, labels, overwrite, character, format, eval_chapters)
+    _check_chunking(chunk_size, chunk_overlap)
+    people = {
+        "character": character,
+        "aliases": list(dict.fromkeys([character, *aliases])),
+        "companions": tuple(companions),
+        "narrator_names": tuple(narrator_names),
+        "excluded": tuple(excluded),
+    }
+    label_rows = read_labels(labels, character) if labels else None
+    books = read_corpus(corpus, encoding, format)
+    pairs = _extract_pairs(books, people)
+    if not pairs:
+        raise PersonatuneError(
+            f"{corpus}: found no attributed lines of {character}; check "
+            "--character and --alias (names as printed in the text or speaker labels)"
+            + ("" if format != "auto" else ", or --format")
+        )
+    train, evals = split_by_chapter(pairs, eval_chapters, seed)
+    chunks = _training_chunks(books, evals, chunk_size, chunk_overlap)
+    attribution = None
+    if label_rows is not None:
+        utterances = _attributed_turns(books, people)
+        attribution = score_attribution(books, utterances, label_rows, character, str(labels))
+    settings = {
+        **people,
+        "companions": list(companions),
+        "narrator_names": list(narrator_names),
+        "excluded": list(excluded),
+        "format": format,
+        "chunk_size": chunk_size,
+        "chunk_overlap": chunk_overlap,
+        "eval_chapters": eval_chapters,
+        "seed": seed,
+    }
+    report = _report(corpus, books, settings, pairs, evals, chunks, attribution, n_samples)
+    _write_folder(out, train, evals, chunks, report)
+    return report
+
+
+def _check_settings(
+    out: Path,
+    corpus: str | Path,
+    labels: str | Path | None,
+    overwrite: bool,
+    character: str,
+    format: str,
+    eval_chapters: float,
+) -> None:
+    """Refuse, before reading anything, an output that may not be replaced and
+    impossible settings."""
     if out.exists() and not overwrite:
         raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -237,67 +305,100 @@ def from_corpus(
     check_replaceable(out, "corpus data folder", [corpus, *([labels] if labels else [])], SIGNATURE)
     if not character.strip():
         raise PersonatuneError("--character must not be empty")
+    if format not in ("auto", *FORMATS):
+        raise PersonatuneError(f"--format {format}: choose auto, {', '.join(FORMATS)}")
     if not 0 <= eval_chapters < 1:
         raise PersonatuneError(f"--eval-chapters {eval_chapters}: give a share in [0, 1)")
+
+
+def _check_chunking(chunk_size: int, chunk_overlap: int) -> None:
     try:
         chunk_text("x", chunk_size, chunk_overlap)
     except ValueError as e:
         raise PersonatuneError(f"--chunk-size/--chunk-overlap: {e}") from None
-    aliases = list(dict.fromkeys([character, *aliases]))
-    label_rows = read_labels(labels, character) if labels else None
 
-    books = read_corpus(corpus, encoding)
-    chapters = [c for b in books for c in b.chapters]
-    people = {
-        "character": character,
-        "aliases": aliases,
-        "companions": tuple(companions),
-        "narrator_names": tuple(narrator_names),
-        "excluded": tuple(excluded),
-    }
-    pairs = to_records(extract_dialogue(chapters, **people))
-    if not pairs:
-        raise PersonatuneError(
-            f"{corpus}: found no attributed lines of {character}; check "
-            "--character and --alias (names as printed in the text)"
-        )
-    train, evals = split_by_chapter(pairs, eval_chapters, seed)
-    held_keys = {(p["book"], p["chapter"]) for p in evals}
-    chunks = [
+
+def _by_format(books: Sequence[Book]) -> tuple[list[Chapter], list[Chapter]]:
+    """(chapters of the prose books, scenes of the plays and screenplays)."""
+    prose = [c for b in books if b.format == "prose" for c in b.chapters]
+    scripts = [c for b in books if b.format != "prose" for c in b.chapters]
+    return prose, scripts
+
+
+def _extract_pairs(books: Sequence[Book], people: dict) -> list[dict]:
+    """The character's reply pairs of every book as records, in book order: quoted
+    speech in prose, labelled turns in scripts."""
+    prose, scripts = _by_format(books)
+    pairs = extract_dialogue(prose, **people) if prose else []
+    pairs += extract_script_dialogue(scripts, people["character"], people["aliases"])
+    order = {b.title: i for i, b in enumerate(books)}
+    return to_records(sorted(pairs, key=lambda p: order[p.book]))  # stable within a book
+
+
+def _attributed_turns(books: Sequence[Book], people: dict) -> list[Utterance]:
+    """Every turn of every book with its speaker, for scoring against labels."""
+    prose, scripts = _by_format(books)
+    turns = extract_utterances(prose, **people) if prose else []
+    return turns + script_turns(scripts, people["character"], people["aliases"])
+
+
+def _training_chunks(
+    books: Sequence[Book], evals: list[dict], size: int, overlap: int
+) -> list[dict]:
+    """Text chunks of every chapter that is not held out (held-out text goes nowhere)."""
+    held = {(p["book"], p["chapter"]) for p in evals}
+    return [
         {"text": t, "book": c.book, "chapter": c.title}
-        for c in chapters
-        if (c.book, c.title) not in held_keys
-        for t in chunk_text(c.text, chunk_size, chunk_overlap)
+        for b in books
+        for c in b.chapters
+        if (c.book, c.title) not in held
+        for t in chunk_text(c.text, size, overlap)
     ]
-    attribution = None
-    if label_rows is not None:
-        utts = extract_utterances(chapters, **people)
-        attribution = score_attribution(books, utts, label_rows, character, str(labels))
 
-    summary = corpus_report(pairs, n_samples=n_samples, seed=seed)
-    report = {
+
+def _report(
+    corpus: str | Path,
+    books: Sequence[Book],
+    settings: dict,
+    pairs: list[dict],
+    evals: list[dict],
+    chunks: list[dict],
+    attribution: dict | None,
+    n_samples: int,
+) -> dict:
+    """The contents of ``report.json`` (module docstring); ``evals`` are the held-out
+    ones of ``pairs``."""
+    held = {(p["book"], p["chapter"]) for p in evals}
+    train = [p for p in pairs if (p["book"], p["chapter"]) not in held]
+    summary = corpus_report(pairs, n_samples=n_samples, seed=settings["seed"])
+    formats = [
+        {
+            "book": b.title,
+            "format": b.format,
+            "reason": b.format_reason or f"--format {settings['format']}",
+        }
+        for b in books
+    ]
+    return {
         "corpus": str(corpus),
-        "settings": {
-            **people,
-            "companions": list(companions),
-            "narrator_names": list(narrator_names),
-            "excluded": list(excluded),
-            "chunk_size": chunk_size,
-            "chunk_overlap": chunk_overlap,
-            "eval_chapters": eval_chapters,
-            "seed": seed,
+        "settings": settings,
+        "format": {
+            "requested": settings["format"],
+            "detected": sorted({f["format"] for f in formats}),
+            "books": formats,
         },
         "pairs": {"total": len(pairs), "train": len(train), "eval": len(evals)},
         "chapters": {
-            "total": len(chapters),
+            "total": sum(len(b.chapters) for b in books),
             "with_pairs": summary["chapters"],
-            "eval": len(held_keys),
+            "eval": len(held),
         },
         "per_book": [
             {
                 "book": b.title,
+                "format": b.format,
                 "chapters": len(b.chapters),
-                "eval_chapters": sum((b.title, c.title) in held_keys for c in b.chapters),
+                "eval_chapters": sum((b.title, c.title) in held for c in b.chapters),
                 "pairs_train": sum(p["book"] == b.title for p in train),
                 "pairs_eval": sum(p["book"] == b.title for p in evals),
                 "chunks": sum(c["book"] == b.title for c in chunks),
@@ -307,11 +408,16 @@ def from_corpus(
         "prompt_kinds": summary["prompt_kinds"],
         "response_chars": summary["response_chars"],
         "chunks": {"count": len(chunks), "chars": sum(len(c["text"]) for c in chunks)},
-        "eval_chapter_titles": sorted(f"{b} / {c}" for b, c in held_keys),
+        "eval_chapter_titles": sorted(f"{b} / {c}" for b, c in held),
         "attribution": attribution,
         "samples": summary["samples"],
     }
 
+
+def _write_folder(
+    out: Path, train: list[dict], evals: list[dict], chunks: list[dict], report: dict
+) -> None:
+    """Write the four files into a temporary folder beside ``out``, then rename it."""
     work = new_work_dir(out)
     try:
         write_jsonl(work / "dialogue_train.jsonl", train)
@@ -322,4 +428,3 @@ def from_corpus(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return report
