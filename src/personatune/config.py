@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from personatune.errors import PersonatuneError
+from personatune.io import read_text
 
 DataFormat = Literal[
     "auto", "csv", "jsonl", "json", "pairs", "alpaca", "messages", "sharegpt", "text", "personachat"
@@ -79,6 +80,13 @@ class ModelSettings(_Section):
     chat_template: str | None = None
     """Jinja chat template to use instead of the tokenizer's own. When the tokenizer has
     none and this is unset, personatune's documented fallback template is used."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_given(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a model: embedded, a Hub id, a model folder or a .gguf")
+        return v
 
 
 class LoraSettings(_Section):
@@ -322,19 +330,41 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise PersonatuneError(f"unknown key '{key}'{_suggest(key)}")
         node = raw
         *parents, leaf = key.split(".")
-        for part in parents:
+        for i, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                where = ".".join(parents[: i + 1])
+                raise PersonatuneError(
+                    f"override '{item}': '{where}' is not a section of keys in the spec; "
+                    f"fix '{where}' in the YAML"
+                )
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:  # not YAML (an unclosed bracket or quote): take it as text
+            node[leaf] = value
     return raw
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
+def _format_validation_error(source: str, err: ValidationError, overrides: list[str] = ()) -> str:
+    """One line for a validation error: the command-line override that caused it when
+    there is one (the value the user just typed), else the file and the key."""
+    errors = err.errors()
+    by_key = {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+
+    def override_of(e) -> str | None:
+        loc = ".".join(str(p) for p in e["loc"])
+        return next((v for k, v in by_key.items() if loc == k or loc.startswith(k + ".")), None)
+
+    first = next((e for e in errors if override_of(e)), errors[0])
     loc = ".".join(str(p) for p in first["loc"])
+    msg = " ".join(str(first["msg"]).split())
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{loc}'{_suggest(loc)}"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: '{loc}': {first['msg']}{more}"
+    item = override_of(first)
+    if item:
+        return f"command-line override '{item}': '{loc}': {msg}; fix the value"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: '{loc}': {msg}{more}"
 
 
 def load_spec(path: str | Path, overrides: list[str] = (), need_data: bool = True) -> PersonaSpec:
@@ -348,16 +378,22 @@ def load_spec(path: str | Path, overrides: list[str] = (), need_data: bool = Tru
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise PersonatuneError(f"{path}: no such persona file") from None
+        raw = yaml.safe_load(read_text(path, what="persona file"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise PersonatuneError(f"{path}: invalid YAML{where}; check indentation and quotes")
+        raise PersonatuneError(
+            f"{path}: invalid YAML{where}; check indentation and quotes"
+        ) from None
+    if raw is None:
+        raise PersonatuneError(
+            f"{path}: the file is empty; a persona needs at least name: and data: "
+            "(see examples/pirate/persona.yaml)"
+        )
     if not isinstance(raw, dict):
         raise PersonatuneError(f"{path}: expected a mapping of keys (name:, data:, ...)")
-    raw = apply_overrides(raw, list(overrides))
+    overrides = list(overrides)
+    raw = apply_overrides(raw, overrides)
     if need_data and not raw.get("data"):
         raise PersonatuneError(
             f"{path}: 'data': no data source; add one (data: [{{path: pairs.csv}}]) or "
@@ -366,7 +402,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), need_data: bool = Tru
     try:
         return PersonaSpec.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as e:
-        raise PersonatuneError(_format_validation_error(str(path), e)) from None
+        raise PersonatuneError(_format_validation_error(str(path), e, overrides)) from None
 
 
 def dump_spec(spec: PersonaSpec) -> str:

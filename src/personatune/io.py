@@ -70,6 +70,8 @@ def jsonl_records(path: Path, text: str | None = None) -> Iterator[tuple[int, ob
             value = json.loads(line)
         except json.JSONDecodeError as e:
             raise PersonatuneError(f"{path}:line {n}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise PersonatuneError(f"{path}:line {n}: JSON nested too deeply to read") from None
         yield n, value
 
 
@@ -88,6 +90,8 @@ def read_json(path: Path) -> object:
         return json.loads(read_text(Path(path)))
     except json.JSONDecodeError as e:
         raise PersonatuneError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise PersonatuneError(f"{path}: JSON nested too deeply to read") from None
 
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
@@ -117,17 +121,28 @@ def read_text(path: Path, encoding: str = "utf-8", what: str = "file") -> str:
         if raw.startswith(bom):
             enc = name
             break
+    # NUL bytes never occur in text; they are the mark of UTF-16 written without a BOM
+    hint = "utf-16" if b"\x00" in raw[:4096] else "cp1252"
+    fix = (
+        f"re-save the file as UTF-8 or set this source's encoding (e.g. encoding: {hint})"
+        if what == "data file"
+        else "re-save the file as UTF-8"
+    )
     try:
-        return raw.decode(enc)
+        text = raw.decode(enc)
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        hint = "utf-16" if b"\x00" in raw[:200] else "cp1252"
         raise PersonatuneError(
-            f"{path}: line {line} is not valid {encoding} (byte {e.start}); re-save the file "
-            f"as UTF-8 or set this source's encoding (e.g. encoding: {hint})"
+            f"{path}: line {line} is not valid {encoding} (byte {e.start}); {fix}"
         ) from None
     except LookupError:
         raise PersonatuneError(f"{path}: unknown encoding '{encoding}'") from None
+    if "\x00" in text and enc.startswith("utf-8"):
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise PersonatuneError(
+            f"{path}: line {line} holds NUL bytes, so it is not {encoding} text; {fix}"
+        )
+    return text
 
 
 # ---- hashing -------------------------------------------------------------------------
@@ -207,6 +222,31 @@ def check_replaceable(
         f"{target}: not a {kind} that personatune wrote (no {' or '.join(signature)}); "
         "--overwrite replaces only those: choose a new output folder"
     )
+
+
+def check_writable(target: Path, what: str = "output") -> None:
+    """Refuse, before any work, an output that cannot be created: its nearest existing
+    folder is a file, or a probe folder cannot be made there (read-only, ``/proc``, no
+    permission). Leaves nothing behind.
+
+    Raises:
+        PersonatuneError: one line naming ``target`` and the reason.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not target.is_dir() and what.endswith(("folder", "directory")):
+        raise PersonatuneError(f"{target}: is a file, not a {what}; choose a folder")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PersonatuneError(f"{target}: {parent} is a file, so the {what} cannot go there")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".personatune-probe-", dir=parent))
+    except OSError as e:
+        raise PersonatuneError(
+            f"{target}: cannot write the {what} in {parent} ({e.strerror}); "
+            "choose a folder you can write to"
+        ) from None
 
 
 def new_work_dir(output: Path) -> Path:

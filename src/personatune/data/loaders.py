@@ -56,6 +56,12 @@ def _row_error(where: str, msg: str) -> PersonatuneError:
     return PersonatuneError(f"{where}: {msg}")
 
 
+def _need(record: dict, key: str, where: str):
+    if key not in record:
+        raise _row_error(where, f"missing field '{key}'; add it or set the right format:")
+    return record[key]
+
+
 def _need_str(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
     if key not in record or record[key] is None:
         raise _row_error(where, f"missing field '{key}'; add it or fix the column name")
@@ -72,20 +78,28 @@ def _need_str(record: dict, key: str, where: str, allow_empty: bool = False) -> 
 
 def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    if not reader.fieldnames:
-        raise PersonatuneError(f"{path}: empty CSV file; it needs a header row")
+    start = 1  # the file line where the record being read begins
     try:
+        if not reader.fieldnames:
+            raise PersonatuneError(f"{path}: empty CSV file; it needs a header row")
+        start = reader.line_num + 1
         for i, row in enumerate(reader, start=1):
             where = f"{path}:row {i}"
             if None in row or None in row.values():
                 raise _row_error(
                     where,
                     f"has {'more' if None in row else 'fewer'} fields than "
-                    f"the header (line {reader.line_num}); check its quoting",
+                    f"the header (line {start}); check its quoting",
                 )
+            start = reader.line_num + 1
             yield where, row
     except csv.Error as e:
-        raise PersonatuneError(f"{path}: line {reader.line_num}: unreadable CSV ({e})") from None
+        # csv's own line_num is the last line read before the error, one short of the
+        # record that failed (an unclosed quote on line 6 read as line 5)
+        reason = str(e)
+        if reason == "unexpected end of data":
+            reason = "a quote opened in this record is never closed"
+        raise PersonatuneError(f"{path}: line {start}: unreadable CSV ({reason})") from None
 
 
 def _json_records(path: Path, text: str, jsonl: bool) -> Iterator[tuple[str, dict]]:
@@ -99,9 +113,15 @@ def _json_records(path: Path, text: str, jsonl: bool) -> Iterator[tuple[str, dic
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise PersonatuneError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    except RecursionError:
+        raise PersonatuneError(f"{path}: JSON nested too deeply to read") from None
     if isinstance(data, dict):  # {"data": [...]} style wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
+    if not isinstance(data, list):
+        raise PersonatuneError(
+            f"{path}: expected a JSON list of objects, got {type(data).__name__}"
+        )
     for i, rec in enumerate(data, start=1):
         if not isinstance(rec, dict):
             raise _row_error(f"{path}:item {i}", "expected a JSON object")
@@ -179,7 +199,7 @@ def _check_turns(messages: list[dict], where: str) -> list[dict]:
 
 
 def _parse_messages(rec: dict, src: DataSource, where: str) -> Example:
-    turns = rec["messages"]
+    turns = _need(rec, "messages", where)
     if not isinstance(turns, list) or not turns:
         raise _row_error(where, "'messages' must be a non-empty list")
     out = []
@@ -195,7 +215,7 @@ def _parse_messages(rec: dict, src: DataSource, where: str) -> Example:
 
 
 def _parse_sharegpt(rec: dict, src: DataSource, where: str) -> Example:
-    turns = rec["conversations"]
+    turns = _need(rec, "conversations", where)
     if not isinstance(turns, list) or not turns:
         raise _row_error(where, "'conversations' must be a non-empty list")
     out = []
@@ -208,6 +228,12 @@ def _parse_sharegpt(rec: dict, src: DataSource, where: str) -> Example:
             raise _row_error(w, f"unknown speaker '{who}'; use human, gpt or system")
         out.append({"role": SHAREGPT_ROLES[who], "content": _need_str(m, "value", w)})
     return Example(_check_turns(out, where), where=where)
+
+
+def _str_list(value, key: str, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _row_error(where, f"'{key}' must be a list of strings")
+    return value
 
 
 def _alternate(lines: list[str], where: str) -> list[dict]:
@@ -232,17 +258,21 @@ def _parse_personachat(rec: dict, src: DataSource, where: str) -> Example:
     and every one of its turns is trained.
     """
     if "utterances" in rec:
-        facts, utts = rec["personality"], rec["utterances"]
+        facts, utts = _need(rec, "personality", where), rec["utterances"]
         if not isinstance(utts, list) or not utts:
             raise _row_error(where, "'utterances' must be a non-empty list")
         last = utts[-1]
-        if not isinstance(last, dict) or not last.get("candidates"):
-            raise _row_error(where, "the last utterance needs 'history' and 'candidates'")
-        lines = [*last.get("history", []), last["candidates"][-1]]
+        history, candidates = (last.get(k) if isinstance(last, dict) else None
+                               for k in ("history", "candidates"))  # fmt: skip
+        if not isinstance(candidates, list) or not candidates:
+            raise _row_error(where, "the last utterance needs 'history' and 'candidates' lists")
+        lines = [*_str_list(history or [], "history", where), candidates[-1]]
+        if not isinstance(lines[-1], str):
+            raise _row_error(where, "'candidates' must be strings")
         lines = [line for line in lines if line != "__ SILENCE __"]
         messages = _alternate(lines, where)
     else:
-        facts, dialogue = rec["persona_b"], rec["dialogue"]
+        facts, dialogue = _need(rec, "persona_b", where), _need(rec, "dialogue", where)
         if not isinstance(dialogue, list) or not dialogue:
             raise _row_error(where, "'dialogue' must be a non-empty list")
         messages = []

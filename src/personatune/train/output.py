@@ -7,12 +7,16 @@ persona, and ``--resume`` finds its checkpoints in the partial folder.
 
 from __future__ import annotations
 
+import difflib
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
+from personatune.config import PersonaSpec
 from personatune.errors import PersonatuneError
-from personatune.io import check_replaceable, partial_dir
+from personatune.io import check_replaceable, check_writable, partial_dir
 from personatune.persona import REQUIRED
 
 
@@ -41,11 +45,49 @@ def check_output(output: Path, overwrite: bool, resume: bool, protect: Iterable[
         raise PersonatuneError(f"{output} already exists; pass --overwrite to replace it")
     if overwrite:
         check_replaceable(output, "persona directory", protect, REQUIRED)
+    check_writable(output, "persona directory")
     if latest_checkpoint(work) and not overwrite:
         raise PersonatuneError(
             f"{work} holds an unfinished run; pass --resume to continue "
             "it or --overwrite to start over"
         )
+
+
+def check_runnable(spec: PersonaSpec, device: torch.device) -> None:
+    """Refuse, before any slow work, settings this machine cannot run: an optimizer or
+    learning-rate schedule transformers does not know, NF4 quantization without CUDA, or
+    an optimizer whose library is missing (bitsandbytes' ``paged_adamw_32bit``...).
+
+    Raises:
+        PersonatuneError: names the key and a setting that runs here.
+    """
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for key, value, known, default in (
+        ("train.optimizer", spec.train.optimizer, OptimizerNames, "adamw_torch"),
+        ("train.lr_scheduler", spec.train.lr_scheduler, SchedulerType, "cosine"),
+    ):
+        names = [m.value for m in known]
+        if value not in names:
+            near = difflib.get_close_matches(value, names, n=1)
+            hint = f"did you mean {near[0]}?" if near else f"e.g. {key}={default}"
+            raise PersonatuneError(f"{key}: '{value}' is not one transformers knows; {hint}")
+    if spec.model.quantization == "nf4" and device.type != "cuda":
+        raise PersonatuneError(
+            "model.quantization: nf4 needs a CUDA GPU (bitsandbytes); "
+            "use model.quantization=none on this machine"
+        )
+    try:  # transformers itself knows which optimizers need which library
+        args = TrainingArguments(output_dir=None, optim=spec.train.optimizer, use_cpu=True)
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except ImportError as e:
+        reason = str(e).splitlines()[0].split(":")[0].rstrip(". ")
+        raise PersonatuneError(
+            f"train.optimizer: {spec.train.optimizer} cannot run here ({reason}); "
+            "use train.optimizer=adamw_torch on this machine"
+        ) from None
 
 
 def prepare_output(
@@ -59,6 +101,13 @@ def prepare_output(
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     return work
+
+
+def discard_unfinished(work: Path) -> None:
+    """Remove the work folder of a run that failed before its first checkpoint: it holds
+    nothing worth resuming, and a leftover would look like an unfinished run."""
+    if not latest_checkpoint(work):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def latest_checkpoint(work: Path) -> Path | None:

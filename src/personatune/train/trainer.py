@@ -35,7 +35,13 @@ from personatune.models import (
 )
 from personatune.persona import HELDOUT
 from personatune.train.callbacks import JsonlLogCallback, RichProgressCallback, trim_log
-from personatune.train.output import check_output, latest_checkpoint, prepare_output
+from personatune.train.output import (
+    check_output,
+    check_runnable,
+    discard_unfinished,
+    latest_checkpoint,
+    prepare_output,
+)
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -324,6 +330,7 @@ def train(
     state = PartialState(cpu=pick_device().type == "cpu")
     output = spec.output_path
     check_output(output, overwrite, resume, spec.input_paths)  # refuse before slow work
+    check_runnable(spec, pick_device())
 
     ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
     tokenizer = load_tokenizer(ref)
@@ -340,31 +347,37 @@ def train(
     )
     state.wait_for_everyone()
     work = work or partial_dir(output)
+    try:  # a run that fails before its first checkpoint leaves no work folder
+        device = pick_device() if state.num_processes == 1 else state.device
+        base = load_model(ref, spec.model.quantization, device)
+        guard = guard_cb = None
+        if spec.guard.enabled:  # preservation data, classifier and base metrics (cached)
+            from personatune.train.guard import Guard
 
-    device = pick_device() if state.num_processes == 1 else state.device
-    base = load_model(ref, spec.model.quantization, device)
-    guard = guard_cb = None
-    if spec.guard.enabled:  # preservation data, classifier and base metrics (cached)
-        from personatune.train.guard import Guard
+            if device.type == "cpu" and spec.train.threads:  # the guard generates before training
+                torch.set_num_threads(spec.train.threads)
+            with state.main_process_first():
+                guard = Guard.prepare(
+                    spec, ref, tokenizer, base, len(data.train), data.split, console
+                )
+            data.train += guard.rows
+            if state.is_main_process:
+                guard_cb = guard.callback(work / "train_log.jsonl")
+        set_seed(spec.train.seed)  # LoRA initialisation is random
+        model = lora_model(spec, base)
+        progress = [RichProgressCallback(console)] if state.is_main_process else []
+        extra = [guard_cb] if guard_cb else []
+        trainer = build_trainer(spec, model, tokenizer, data, work, [*progress, *extra, *callbacks])
 
-        if device.type == "cpu" and spec.train.threads:  # the guard generates before training
-            torch.set_num_threads(spec.train.threads)
-        with state.main_process_first():
-            guard = Guard.prepare(spec, ref, tokenizer, base, len(data.train), data.split, console)
-        data.train += guard.rows
+        checkpoint = latest_checkpoint(work) if resume else None
+        if checkpoint and state.is_main_process:
+            trim_log(work / "train_log.jsonl", int(checkpoint.name.split("-")[-1]))
+        start = time.time()
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException:
         if state.is_main_process:
-            guard_cb = guard.callback(work / "train_log.jsonl")
-    set_seed(spec.train.seed)  # LoRA initialisation is random
-    model = lora_model(spec, base)
-    progress = [RichProgressCallback(console)] if state.is_main_process else []
-    extra = [guard_cb] if guard_cb else []
-    trainer = build_trainer(spec, model, tokenizer, data, work, [*progress, *extra, *callbacks])
-
-    checkpoint = latest_checkpoint(work) if resume else None
-    if checkpoint and state.is_main_process:
-        trim_log(work / "train_log.jsonl", int(checkpoint.name.split("-")[-1]))
-    start = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            discard_unfinished(work)
+        raise
     seconds = time.time() - start - (guard_cb.seconds if guard_cb else 0)
 
     if state.is_main_process:
