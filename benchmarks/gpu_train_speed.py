@@ -404,7 +404,6 @@ def run_one(name: str, peak_flops: float | None) -> dict:
     import torch
     from transformers import TrainerCallback, set_seed
 
-    import personatune.train.trainer as trainer_module
     from personatune.config import (
         DataSource,
         LoraSettings,
@@ -417,7 +416,6 @@ def run_one(name: str, peak_flops: float | None) -> dict:
     from personatune.train.trainer import build_trainer, lora_model
 
     shape, quant, batch, fields, extra, _ = SETUPS[name]
-    trainer_module.AUTOCAST_LORA_INPUTS = not extra.get("lora_cast")
     path = model_dir(shape)
     spec = PersonaSpec(
         name="bench",
@@ -448,7 +446,7 @@ def run_one(name: str, peak_flops: float | None) -> dict:
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     set_seed(0)
-    model = lora_model(spec, base)
+    model = lora_model(spec, base, autocast_lora_inputs=not extra.get("lora_cast"))
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(batch * (WARM + STEPS)):
@@ -542,7 +540,8 @@ def check_varlen() -> dict:
     the 0.5B shape in bf16: max |difference| relative to max |logit|."""
     import torch
 
-    from personatune.models import _torch_varlen, load_model, resolve_ref, use_varlen_attention
+    from personatune.models import load_model, resolve_ref
+    from personatune.patches import _torch_varlen, use_varlen_attention
     from personatune.train.trainer import PackedCollator
 
     model = load_model(resolve_ref(str(model_dir("qwen2.5-0.5b"))), "none", device()).eval()

@@ -19,7 +19,7 @@ Set-ups, a ladder in which each adds one lever to the one before:
   packing and the fused loss off: bf16 autocast is the only change.
 - ``packing``: + padding-free packing, attention through sdpa with transformers'
   block-diagonal mask.
-- ``varlen``: + variable-length attention (:func:`personatune.models.varlen_attention`).
+- ``varlen``: + variable-length attention (:func:`personatune.patches.varlen_attention`).
 - ``personatune``: + output layer and cross-entropy at trained positions only
   (``train.fused_loss``): personatune's defaults.
 - ``threads-1``: personatune's defaults with ``train.threads=1``.
@@ -256,8 +256,6 @@ def run_setup(name, idx, ring, out_q, steps):
         from personatune.data.dataset import PreparedData, prepare_data
         from personatune.train.trainer import build_trainer, lora_model
 
-        if "no_varlen" in patches:
-            models.use_varlen_attention = lambda model: False
         if "threads1" in patches:
             torch.set_num_threads(1)
         spec = load_spec(
@@ -283,7 +281,8 @@ def run_setup(name, idx, ring, out_q, steps):
             base = models.load_model(ref, "none", torch.device("cpu"))
             set_seed(spec.train.seed)  # LoRA initialisation, as train() does
             model = lora_model(spec, base)
-            trainer = build_trainer(spec, model, tokenizer, data, work, [baton])
+            varlen = "no_varlen" not in patches
+            trainer = build_trainer(spec, model, tokenizer, data, work, [baton], varlen=varlen)
         trainer.data_collator = CountingCollator(trainer.data_collator, counts)
         trainer.train()
         out_q.put(

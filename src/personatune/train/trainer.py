@@ -20,6 +20,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
+from personatune import patches
 from personatune.config import PersonaSpec, dump_spec
 from personatune.data.chat import ensure_chat_template
 from personatune.data.dataset import PreparedData, data_files, heldout_rows, prepare_data
@@ -55,8 +56,11 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def lora_model(spec: PersonaSpec, model):
+def lora_model(spec: PersonaSpec, model, autocast_lora_inputs: bool = True):
     """Wrap ``model`` with a fresh LoRA adapter from ``spec.lora`` (peft).
+
+    ``autocast_lora_inputs`` applies :func:`personatune.patches.autocast_lora_inputs`
+    (benchmarks turn it off to measure it).
 
     Raises:
         PersonatuneError: a target module name matches no layer of the model.
@@ -83,33 +87,9 @@ def lora_model(spec: PersonaSpec, model):
         peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise PersonatuneError(f"lora.target_modules: {e}") from None
-    if AUTOCAST_LORA_INPUTS:
-        _autocast_lora_inputs(peft_model)
+    if autocast_lora_inputs:
+        patches.autocast_lora_inputs(peft_model)
     return peft_model
-
-
-#: Whether :func:`lora_model` applies :func:`_autocast_lora_inputs` (a switch for benchmarks).
-AUTOCAST_LORA_INPUTS = True
-
-
-def _autocast_lora_inputs(model) -> None:
-    """Under autocast, LoRA layers take their input as it comes (bf16 on CUDA) instead of
-    first copying it to the adapter's fp32 dtype: autocast runs the adapter's matmuls in
-    bf16 either way, and peft's own 4-bit LoRA layers already skip the copy under autocast.
-    Saves an fp32 copy of every adapted layer's input (benchmarks/gpu_train_speed.py).
-    Outside autocast (e.g. generation) peft's cast is kept."""
-    import types
-
-    from peft.tuners.lora.layer import Linear
-
-    def cast(self, x, dtype):
-        if x is not None and torch.is_autocast_enabled(x.device.type):
-            return x
-        return Linear._cast_input_dtype(self, x, dtype)
-
-    for module in model.modules():
-        if type(module) is Linear:
-            module._cast_input_dtype = types.MethodType(cast, module)
 
 
 class PackedCollator:
@@ -213,12 +193,15 @@ def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval:
     )
 
 
-def build_trainer(spec, model, tokenizer, data: PreparedData, work: Path, callbacks=()):
+def build_trainer(
+    spec, model, tokenizer, data: PreparedData, work: Path, callbacks=(), varlen: bool = True
+):
     """A transformers ``Trainer`` for a peft model and prepared data.
 
-    Sets up the fast path that :func:`personatune.models.use_varlen_attention` and
-    :class:`PackedCollator` describe when packing, and the CPU thread count
-    (``train.threads``, or :class:`personatune.train.threads.ThreadProbe` when 0).
+    Sets up the fast path that :func:`personatune.patches.use_varlen_attention` and
+    :class:`PackedCollator` describe when packing (the attention only with ``varlen``;
+    benchmarks turn it off to measure it), and the CPU thread count (``train.threads``,
+    or :class:`personatune.train.threads.ThreadProbe` when 0).
 
     Raises:
         PersonatuneError: several GPUs visible to a single process. transformers would
@@ -226,8 +209,6 @@ def build_trainer(spec, model, tokenizer, data: PreparedData, work: Path, callba
             2.8x slower than one GPU on an H200 pair (benchmarks/results/gpu_train_speed.md);
             ``accelerate launch`` gives one process per GPU (DDP).
     """
-    from personatune.models import use_varlen_attention
-
     device = next(model.parameters()).device
     probe = []
     if device.type == "cpu" and spec.train.threads:
@@ -237,8 +218,9 @@ def build_trainer(spec, model, tokenizer, data: PreparedData, work: Path, callba
 
         dtype = torch.bfloat16 if use_bf16(device) else torch.float32
         probe = [ThreadProbe(model.config.hidden_size, dtype)]
-    if spec.train.packing:
-        use_varlen_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if spec.train.packing and varlen:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        patches.use_varlen_attention(base)
     args = training_args(spec, work, device, bool(data.eval))
     if args.n_gpu > 1:  # transformers would wrap the model in torch.nn.DataParallel
         raise PersonatuneError(
