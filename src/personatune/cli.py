@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
@@ -30,18 +34,83 @@ Overrides = Annotated[
 ]
 
 
+#: Failures of the user's machine rather than of personatune: a full disk, a read-only or
+#: forbidden path.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def debugging() -> bool:
+    """Whether errors show their traceback: ``personatune --debug`` or ``PERSONATUNE_DEBUG=1``."""
+    return os.environ.get("PERSONATUNE_DEBUG", "").strip() not in ("", "0")
+
+
+def _fail(message: str, status: int) -> None:
+    if debugging():
+        traceback.print_exc()
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(status)
+
+
 def friendly(fn):
-    """Turn a PersonatuneError into ``error: ...`` on one stderr line and exit status 2."""
+    """Run a command so that every failure ends in one ``error: ...`` line on stderr.
+
+    Exit status 2 for what the user can fix: a PersonatuneError (names the file, row or
+    key and the fix), a path or disk problem (names the file), running out of memory.
+    Exit status 1 for anything else, which is a bug in personatune: the line says so.
+    130 on Ctrl-C. ``--debug`` (or ``PERSONATUNE_DEBUG=1``) also prints the traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
         except PersonatuneError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            _fail(str(e), 2)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except OSError as e:
+            if not (e.filename or e.errno in _ENVIRONMENT_ERRNOS):
+                _fail(_bug(e), 1)
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}{e.strerror or e}; check the path, its permissions and free space", 2)
+        except MemoryError:
+            _fail("out of memory; lower train.batch_size or train.max_seq_length", 2)
+        except Exception as e:
+            if type(e).__name__ == "OutOfMemoryError":  # torch's, without importing torch
+                _fail("out of GPU memory; lower train.batch_size or train.max_seq_length", 2)
+            _fail(_bug(e), 1)
 
     return wrapper
+
+
+def _bug(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return (
+        f"internal error ({type(e).__name__}: {first}); this is a bug in personatune: "
+        "run again with --debug for the traceback and report it"
+    )
+
+
+@app.callback(
+    epilog="Errors are one line on stderr. Exit status 2: bad input you can fix (the line "
+    "names the file, row or key); 1: a bug in personatune (run again with --debug); "
+    "130: interrupted."
+)
+def main(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="show the traceback of an error as well as its one-line message "
+            "(also PERSONATUNE_DEBUG=1)",
+        ),
+    ] = False,
+):
+    """Give a chat LLM a persona with LoRA, without losing what it knew."""
+    if debug:
+        os.environ["PERSONATUNE_DEBUG"] = "1"
 
 
 @app.command()

@@ -84,6 +84,11 @@ def resolve_ref(name: str, revision: str | None = None, base_dir: Path | None = 
         if candidate.is_file() and candidate.suffix == ".gguf":
             return ModelRef(name, "gguf", str(candidate.resolve().parent), candidate.name)
         if candidate.is_dir():
+            if not (candidate / "config.json").is_file():
+                raise PersonatuneError(
+                    f"model '{name}': {candidate} holds no model (no config.json); give a "
+                    "folder written by save_pretrained, a .gguf file, a Hub id or embedded"
+                )
             return ModelRef(name, "dir", str(candidate.resolve()))
     if name.endswith(".gguf") or name.startswith((".", "/", "~")):
         raise PersonatuneError(f"model '{name}': no such file or directory")
@@ -223,10 +228,14 @@ def load_tokenizer(ref: ModelRef):
     path = _gguf_as_safetensors(ref) if ref.kind == "gguf" else ref.path
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=ref.revision)
-    except OSError as e:
-        if ref.kind == "hub":
+    except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
+        if ref.kind == "hub" and isinstance(e, OSError):
             raise _offline_hint(ref, e) from None
-        raise PersonatuneError(f"model '{ref.name}': cannot load tokenizer ({e})") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PersonatuneError(
+            f"model '{ref.name}': cannot load its tokenizer ({reason}); the folder needs "
+            "tokenizer.json or tokenizer_config.json from save_pretrained"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
