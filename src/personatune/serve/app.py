@@ -469,8 +469,21 @@ def bind(host: str, port: int) -> socket.socket:
 
 def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
     """Serve ``app`` on ``sock`` with uvicorn until SIGINT or SIGTERM. Shutdown is
-    graceful: no new connections, open responses finish, then queued jobs finish."""
+    graceful: no new connections, open responses finish, then queued jobs finish. The
+    process then exits with status 0: uvicorn re-raises the signal it caught into the
+    handler that was there before it, and the default one would end the process with 143
+    (128 + SIGTERM), which systemd and Kubernetes read as a failure."""
+    import signal
+    import threading
+
     import uvicorn
 
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None)
-    uvicorn.Server(config).run(sockets=[sock])
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    signals = (signal.SIGINT, signal.SIGTERM) if main else ()
+    before = {sig: signal.signal(sig, lambda *_: None) for sig in signals}
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
