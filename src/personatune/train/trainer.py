@@ -3,9 +3,9 @@ write the persona directory."""
 
 from __future__ import annotations
 
-import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,15 @@ from personatune.config import PersonaSpec, dump_spec
 from personatune.data.chat import ensure_chat_template
 from personatune.data.dataset import PreparedData, data_files, heldout_rows, prepare_data
 from personatune.errors import PersonatuneError
-from personatune.io import files_hash, partial_dir, publish, write_json, write_jsonl
+from personatune.io import (
+    files_hash,
+    partial_dir,
+    publish,
+    read_json,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 from personatune.models import (
     ModelRef,
     load_model,
@@ -34,7 +42,7 @@ from personatune.models import (
     resolve_ref,
     use_bf16,
 )
-from personatune.persona import HELDOUT
+from personatune.persona import HELDOUT, MANIFEST, SPEC, TRAIN_LOG
 from personatune.train.callbacks import JsonlLogCallback, RichProgressCallback, trim_log
 from personatune.train.output import (
     check_output,
@@ -235,7 +243,7 @@ def build_trainer(
         eval_dataset=_Rows(data.eval) if data.eval else None,
         data_collator=collator(spec, tokenizer, model),
         # the probe last: its first-step timing runs after every other callback's
-        callbacks=[JsonlLogCallback(work / "train_log.jsonl"), *callbacks, *probe],
+        callbacks=[JsonlLogCallback(work / TRAIN_LOG), *callbacks, *probe],
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and JSONL log replace it
     return trainer
@@ -313,14 +321,57 @@ def train(
     output = spec.output_path
     check_output(output, overwrite, resume, spec.input_paths)  # refuse before slow work
     check_runnable(spec, pick_device())
+    ref, tokenizer, data = _setup_data(spec)
+    work = _setup_work(spec, state, overwrite, resume)
+    try:  # a run that fails before its first checkpoint leaves no work folder
+        run = _run_training(spec, state, ref, tokenizer, data, work, resume, callbacks, console)
+    except BaseException:
+        if state.is_main_process:
+            discard_unfinished(work)
+        raise
+    if state.is_main_process:
+        stats = _run_stats(spec, state, data, run)
+        _write_persona(spec, ref, data, run, stats, work, console)
+        publish(work, output)
+        console.print(
+            f"[green]persona written to {output}[/] "
+            f"({stats['steps']} steps, {stats['tokens_per_s']:.0f} tokens/s, "
+            f"effective batch {stats['effective_batch']})"
+        )
+    state.wait_for_everyone()
+    return output
 
+
+@dataclass
+class _Run:
+    """What a finished ``trainer.train()`` leaves for writing the persona directory."""
+
+    model: object
+    trainer: Trainer
+    result: object
+    device: torch.device
+    checkpoint: Path | None
+    seconds: float
+    guard: object | None = None
+    guard_cb: object | None = None
+
+
+def _setup_data(spec: PersonaSpec):
+    """The base model's reference, its tokenizer (chat template ensured) and the prepared
+    data; raises before any folder is made when no training example is left."""
     ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
     tokenizer = load_tokenizer(ref)
     ensure_chat_template(tokenizer, spec.model.chat_template)
     data = prepare_data(spec, tokenizer)
     if not data.train:
         raise PersonatuneError("no training examples left after splitting and filtering")
+    return ref, tokenizer, data
 
+
+def _setup_work(spec: PersonaSpec, state, overwrite: bool, resume: bool) -> Path:
+    """The partial work folder (see :mod:`personatune.train.output`), made by the main
+    process once the data is known to be good."""
+    output = spec.output_path
     # The work folder appears only once the data is known to be good.
     work = (
         prepare_output(output, overwrite, resume, spec.input_paths)
@@ -328,88 +379,96 @@ def train(
         else None
     )
     state.wait_for_everyone()
-    work = work or partial_dir(output)
-    try:  # a run that fails before its first checkpoint leaves no work folder
-        device = pick_device() if state.num_processes == 1 else state.device
-        base = load_model(ref, spec.model.quantization, device)
-        guard = guard_cb = None
-        if spec.guard.enabled:  # preservation data, classifier and base metrics (cached)
-            from personatune.train.guard import Guard
+    return work or partial_dir(output)
 
-            if device.type == "cpu" and spec.train.threads:  # the guard generates before training
-                torch.set_num_threads(spec.train.threads)
-            with state.main_process_first():
-                guard = Guard.prepare(
-                    spec, ref, tokenizer, base, len(data.train), data.split, console
-                )
-            data.train += guard.rows
-            if state.is_main_process:
-                guard_cb = guard.callback(work / "train_log.jsonl")
-        set_seed(spec.train.seed)  # LoRA initialisation is random
-        model = lora_model(spec, base)
-        progress = [RichProgressCallback(console)] if state.is_main_process else []
-        extra = [guard_cb] if guard_cb else []
-        trainer = build_trainer(spec, model, tokenizer, data, work, [*progress, *extra, *callbacks])
 
-        checkpoint = latest_checkpoint(work) if resume else None
-        if checkpoint and state.is_main_process:
-            trim_log(work / "train_log.jsonl", int(checkpoint.name.split("-")[-1]))
-        start = time.time()
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except BaseException:
-        if state.is_main_process:
-            discard_unfinished(work)
-        raise
+def _setup_guard(spec, state, ref, tokenizer, base, data: PreparedData, work, console):
+    """Prepare the forgetting guard (preservation data, classifier, base metrics; cached)
+    and add its rows to ``data.train``. Returns ``(guard, callback)``; the callback only on
+    the main process, both None with ``guard.enabled`` off."""
+    if not spec.guard.enabled:
+        return None, None
+    from personatune.train.guard import Guard
+
+    device = next(base.parameters()).device
+    if device.type == "cpu" and spec.train.threads:  # the guard generates before training
+        torch.set_num_threads(spec.train.threads)
+    with state.main_process_first():
+        guard = Guard.prepare(spec, ref, tokenizer, base, len(data.train), data.split, console)
+    data.train += guard.rows
+    return guard, guard.callback(work / TRAIN_LOG) if state.is_main_process else None
+
+
+def _run_training(spec, state, ref, tokenizer, data, work, resume, callbacks, console) -> _Run:
+    """Load the base model, prepare the guard, add a fresh LoRA adapter and train (from
+    the latest checkpoint with ``resume``)."""
+    device = pick_device() if state.num_processes == 1 else state.device
+    base = load_model(ref, spec.model.quantization, device)
+    guard, guard_cb = _setup_guard(spec, state, ref, tokenizer, base, data, work, console)
+    set_seed(spec.train.seed)  # LoRA initialisation is random
+    model = lora_model(spec, base)
+    progress = [RichProgressCallback(console)] if state.is_main_process else []
+    extra = [guard_cb] if guard_cb else []
+    trainer = build_trainer(spec, model, tokenizer, data, work, [*progress, *extra, *callbacks])
+    checkpoint = latest_checkpoint(work) if resume else None
+    if checkpoint and state.is_main_process:
+        trim_log(work / TRAIN_LOG, int(checkpoint.name.split("-")[-1]))
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.time() - start - (guard_cb.seconds if guard_cb else 0)
+    return _Run(model, trainer, result, device, checkpoint, seconds, guard, guard_cb)
 
-    if state.is_main_process:
-        epochs_run = result.metrics.get("epoch", 0) - (_resumed_epoch(trainer, checkpoint))
-        tokens = data.train_tokens * epochs_run * state.num_processes
-        effective = spec.train.batch_size * spec.train.gradient_accumulation * state.num_processes
-        stats = {
-            "steps": trainer.state.global_step,
-            "train_seconds": round(seconds, 1),
-            "tokens_per_s": round(tokens / seconds, 1),
-            "train_loss": result.training_loss,
-            "effective_batch": effective,
-            "processes": state.num_processes,
-            "device": str(device),
-            "bf16_autocast": trainer.args.bf16,
-            "resumed_from": checkpoint.name if checkpoint else None,
+
+def _run_stats(spec: PersonaSpec, state, data: PreparedData, run: _Run) -> dict:
+    """The ``training`` section of ``persona.json``: steps, seconds, trained tokens per
+    second (guard evaluation time left out), loss, effective batch and device."""
+    epochs_run = run.result.metrics.get("epoch", 0) - _resumed_epoch(run.checkpoint)
+    tokens = data.train_tokens * epochs_run * state.num_processes
+    return {
+        "steps": run.trainer.state.global_step,
+        "train_seconds": round(run.seconds, 1),
+        "tokens_per_s": round(tokens / run.seconds, 1),
+        "train_loss": run.result.training_loss,
+        "effective_batch": spec.train.batch_size
+        * spec.train.gradient_accumulation
+        * state.num_processes,
+        "processes": state.num_processes,
+        "device": str(run.device),
+        "bf16_autocast": run.trainer.args.bf16,
+        "resumed_from": run.checkpoint.name if run.checkpoint else None,
+    }
+
+
+def _write_persona(spec, ref, data, run: _Run, stats: dict, work: Path, console) -> None:
+    """Write the persona directory's files into ``work``: the adapter (the gate's choice
+    when the guard is on), the spec, ``persona.json`` and the held-out record.
+
+    Raises:
+        GateFailed: no checkpoint within the retention tolerance (``guard.gate`` on).
+    """
+    run.model.peft_config["default"].base_model_name_or_path = spec.model.name
+    run.model.save_pretrained(work)
+    gate = run.guard.gate(run.model, work, console) if run.guard else None
+    write_text(work / SPEC, dump_spec(spec))
+    info = manifest(spec, ref, data, stats)
+    if run.guard:
+        info["guard"] = {
+            **run.guard.stats,
+            "base_subset": run.guard.base_metrics,
+            "eval_seconds": round(run.guard_cb.seconds, 1),
+            "gate": gate,
         }
-        model.peft_config["default"].base_model_name_or_path = spec.model.name
-        model.save_pretrained(work)
-        gate = guard.gate(model, work, console) if guard else None
-        (work / "config.yaml").write_text(dump_spec(spec))
-        info = manifest(spec, ref, data, stats)
-        if guard:
-            info["guard"] = {
-                **guard.stats,
-                "base_subset": guard.base_metrics,
-                "eval_seconds": round(guard_cb.seconds, 1),
-                "gate": gate,
-            }
-        write_json(work / "persona.json", info)
-        write_jsonl(work / HELDOUT, heldout_rows(spec, data.split))
-        if gate and gate["published"] is None:
-            from personatune.train.guard import GateFailed
+    write_json(work / MANIFEST, info)
+    write_jsonl(work / HELDOUT, heldout_rows(spec, data.split))
+    if gate and gate["published"] is None:
+        from personatune.train.guard import GateFailed
 
-            raise GateFailed(
-                f"retention gate: {gate['verdict']}. Nothing was published; the "
-                f"run and its gate.json are in {work}. To publish the last "
-                "checkpoint anyway: personatune train SPEC --resume --no-gate"
-            )
-        publish(work, output)
-        console.print(
-            f"[green]persona written to {output}[/] "
-            f"({stats['steps']} steps, {stats['tokens_per_s']:.0f} tokens/s, "
-            f"effective batch {effective})"
+        raise GateFailed(
+            f"retention gate: {gate['verdict']}. Nothing was published; the "
+            f"run and its gate.json are in {work}. To publish the last "
+            "checkpoint anyway: personatune train SPEC --resume --no-gate"
         )
-    state.wait_for_everyone()
-    return output
 
 
-def _resumed_epoch(trainer, checkpoint: Path | None) -> float:
-    if not checkpoint:
-        return 0.0
-    return json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch", 0.0)
+def _resumed_epoch(checkpoint: Path | None) -> float:
+    return read_json(checkpoint / "trainer_state.json").get("epoch", 0.0) if checkpoint else 0.0
