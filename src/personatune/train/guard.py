@@ -47,6 +47,7 @@ from personatune.evaluate.suite import (
     plain_conv,
 )
 from personatune.io import read_jsonl, sha256_file, write_json
+from personatune.persona import ADAPTER_WEIGHTS, CHECKPOINTS, TRAIN_LOG
 
 
 class GateFailed(PersonatuneError):
@@ -391,9 +392,9 @@ class Guard:
         console = console or self.console or Console(stderr=True)
         start, start_cpu = time.time(), time.process_time()
         g = self.spec.guard
-        _, history = guard_history(work / "train_log.jsonl")
-        ckpts = {r["step"]: work / "checkpoints" / f"checkpoint-{r['step']}" for r in history}
-        history = [r for r in history if (ckpts[r["step"]] / "adapter_model.safetensors").exists()]
+        _, history = guard_history(work / TRAIN_LOG)
+        ckpts = {r["step"]: work / CHECKPOINTS / f"checkpoint-{r['step']}" for r in history}
+        history = [r for r in history if (ckpts[r["step"]] / ADAPTER_WEIGHTS).exists()]
         if not history:
             raise PersonatuneError(f"{work}: no checkpoint with guard metrics to choose from")
         last = max(r["step"] for r in history)
@@ -419,7 +420,7 @@ class Guard:
             del base
 
             def measure(step: int) -> dict:
-                adapter = ckpts[step] / "adapter_model.safetensors"
+                adapter = ckpts[step] / ADAPTER_WEIGHTS
                 set_peft_model_state_dict(model, load_file(str(adapter)))
                 tuned = inference_copy(model, merge=True)
                 fp = f"{self.fingerprint}+adapter:{sha256_file(adapter)}"
@@ -438,9 +439,7 @@ class Guard:
             result["chosen"] if result["chosen"] is not None else (last if not g.gate else None)
         )
         if published is not None:
-            shutil.copyfile(
-                ckpts[published] / "adapter_model.safetensors", work / "adapter_model.safetensors"
-            )
+            shutil.copyfile(ckpts[published] / ADAPTER_WEIGHTS, work / ADAPTER_WEIGHTS)
         result.update(
             {
                 "published": published,

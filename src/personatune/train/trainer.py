@@ -42,7 +42,7 @@ from personatune.models import (
     resolve_ref,
     use_bf16,
 )
-from personatune.persona import HELDOUT, MANIFEST, SPEC, TRAIN_LOG
+from personatune.persona import CHECKPOINTS, HELDOUT, MANIFEST, SPEC, TRAIN_LOG
 from personatune.train.callbacks import JsonlLogCallback, RichProgressCallback, trim_log
 from personatune.train.output import (
     check_output,
@@ -166,7 +166,7 @@ def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval:
     t = spec.train
     liger = _liger(spec, device)
     return TrainingArguments(
-        output_dir=str(work / "checkpoints"),
+        output_dir=str(work / CHECKPOINTS),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
