@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_serve import REPO, USER, ServerThread, train_embedded_personas, train_tiny_personas
 
-from personatune.serve.adapters import load_registry
+from personatune.engine import load_registry
 from personatune.serve.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from personatune.cli import app
 from personatune.data.chat import with_system_prompt
-from personatune.generate import generate, load_persona
+from personatune.engine import generate_answers, load_persona
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def test_merged_export_equals_base_plus_adapter(persona, tmp_path):
         with p.model.disable_adapter():
             base_logits = p.model(**batch).logits
     answer = tok.decode(ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    assert answer == generate(p.model, p.tokenizer, [conv], 16)[0]
+    assert answer == generate_answers(p.model, p.tokenizer, [conv], 16)[0].text
     assert torch.allclose(merged_logits, adapter_logits, atol=1e-4)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the adapter is in
 

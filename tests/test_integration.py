@@ -11,18 +11,18 @@ REPO_EXAMPLE = "examples/pirate/persona.yaml"
 
 def test_embedded_model_knows_paris():
     """Guards against a broken GGUF conversion: the model must still answer correctly."""
-    from personatune.generate import generate
+    from personatune.engine import generate_answers
     from personatune.models import load_model, load_tokenizer, resolve_ref
 
     ref = resolve_ref("embedded")
     tok, model = load_tokenizer(ref), load_model(ref)
-    out = generate(
+    out = generate_answers(
         model,
         tok,
         [[{"role": "user", "content": "What is the capital of France?"}]],
         max_new_tokens=12,
     )
-    assert "Paris" in out[0]
+    assert "Paris" in out[0].text
 
 
 def test_train_a_few_steps_and_chat(tmp_path):

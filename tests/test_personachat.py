@@ -155,7 +155,7 @@ def test_fallback_end_of_turn_stops_generation(no_template_model):
     stops at: the model would run on into a made-up "### User:" turn."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from personatune.generate import generate
+    from personatune.engine import generate_answers
 
     arch, path = no_template_model
     recipe = {"falcon": "falcon-7b-persona-chat.yaml", "phi": "phi-2-alpaca.yaml"}[arch]
@@ -190,7 +190,7 @@ def test_fallback_end_of_turn_stops_generation(no_template_model):
 
     handle = model.lm_head.register_forward_hook(force)
     try:
-        answer = generate(model, tok, [conv[:1]], max_new_tokens=len(script) + 5)[0]
+        answer = generate_answers(model, tok, [conv[:1]], max_new_tokens=len(script) + 5)[0].text
     finally:
         handle.remove()
     assert answer == "Two cats, Salt and Pepper."

@@ -28,7 +28,7 @@ def test_lora_invariant_base_unchanged_adapter_changed(persona_yaml, tiny_model)
     """Guards against training the base weights or an adapter that never moved."""
     spec = load_spec(persona_yaml())
     out = train(spec)
-    from personatune.generate import load_persona
+    from personatune.engine import load_persona
 
     p = load_persona(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -47,7 +47,7 @@ def test_adapter_reloads_in_plain_peft_with_identical_logits(persona_yaml, tiny_
     """Guards against an adapter that only works inside personatune."""
     from peft import PeftModel
 
-    from personatune.generate import load_persona
+    from personatune.engine import load_persona
 
     out = train(load_spec(persona_yaml()))
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])

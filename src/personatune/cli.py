@@ -433,9 +433,7 @@ def chat(
 ):
     """Chat with personas in the terminal (streamed): /persona NAME switches, /personas
     lists, /reset clears, /exit quits. All personas share one base model in memory."""
-    from personatune.data.chat import with_system_prompt
-    from personatune.generate import generate, stream
-    from personatune.serve.adapters import BASE_ID, load_registry, use_adapter
+    from personatune.engine import BASE_ID, Delta, Sampling, ask, load_registry
 
     reg = load_registry(persona_dirs)
     names = [n for n in reg.personas if n != BASE_ID]
@@ -455,32 +453,27 @@ def chat(
             show_lines=True,
             title=f"test prompts (greedy, at most {max_tokens} tokens)",
         )
-        answers = {}
-        for n in names:
-            p = reg.personas[n]
-            convs = [
-                with_system_prompt([{"role": "user", "content": q}], p.system_prompt)
-                for q in prompts
-            ]
-            with console.status(f"answering as {n}"), use_adapter(reg.model, p.adapter):
-                answers[n] = generate(reg.model, p.tokenizer, convs, max_tokens, temperature)
-        for i, q in enumerate(prompts):  # Text: model output is not rich markup
-            table.add_row(Text(q), *(Text(answers[n][i]) for n in names))
+        items = [(n, [{"role": "user", "content": q}]) for n in names for q in prompts]
+        with console.status("answering as " + ", ".join(names)):  # one mixed-adapter batch
+            out = ask(reg, items, Sampling(max_tokens, temperature))
+        answers = {(n, q[0]["content"]): a.text for (n, q), a in zip(items, out)}
+        for q in prompts:  # Text: model output is not rich markup
+            table.add_row(Text(q), *(Text(answers[n, q]) for n in names))
         console.print(table)
         return
 
     def answer(text: str) -> None:
-        p, history = reg.personas[current], histories[current]
+        history = histories[current]
         history.append({"role": "user", "content": text})
-        conv = with_system_prompt(history, p.system_prompt)
-        out = ""
-        with use_adapter(reg.model, p.adapter):
-            for piece in stream(reg.model, p.tokenizer, conv, max_tokens, temperature):
-                out += piece
-                sys.stdout.write(piece)
+
+        def show(ev) -> None:  # streamed: each new piece of text as it is decoded
+            if isinstance(ev, Delta):
+                sys.stdout.write(ev.text)
                 sys.stdout.flush()
+
+        out = ask(reg, [(current, history)], Sampling(max_tokens, temperature), emit=show)[0]
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": out.strip()})
+        history.append({"role": "assistant", "content": out.text})
 
     if prompt is not None:
         answer(prompt)
@@ -694,6 +687,11 @@ def eval_(
     print_summary(report, out or persona_dir, console)
 
 
+#: ``serve`` defaults, equal to personatune.engine.DEFAULT_MAX_BATCH / DEFAULT_MAX_QUEUE
+#: (kept here so that ``--help`` needs no torch import; a test checks they agree).
+SERVE_MAX_BATCH, SERVE_MAX_QUEUE = 8, 64
+
+
 @app.command()
 @friendly
 def serve(
@@ -716,34 +714,75 @@ def serve(
             "persona: the persona's system prompt always comes first"
         ),
     ] = "request-wins",
-    max_queue: Annotated[int, typer.Option(help="requests that may wait; more get 429")] = 16,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            help="requests decoded together (continuous batching); the default is the "
+            "measured knee on a 2-core CPU, use 32 or more on a GPU"
+        ),
+    ] = SERVE_MAX_BATCH,
+    max_queue: Annotated[
+        int, typer.Option(help="requests that may wait to join the batch; more get 429")
+    ] = SERVE_MAX_QUEUE,
     max_tokens: Annotated[int, typer.Option(help="answer length when a request sets none")] = 512,
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            help="forward generation to this OpenAI-compatible server (vLLM, SGLang, another "
+            "personatune serve) that serves each adapter under the persona's name"
+        ),
+    ] = None,
+    upstream_key: Annotated[
+        str | None,
+        typer.Option(envvar="PERSONATUNE_UPSTREAM_KEY", help="API key sent to --upstream"),
+    ] = None,
+    print_vllm: Annotated[
+        bool,
+        typer.Option(
+            "--print-vllm", help="print the vllm serve command for these personas and exit"
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ):
     """Serve personas behind an OpenAI-compatible API (/v1/chat/completions, /v1/models),
-    with a web chat at / . One base model in memory, one LoRA adapter per persona."""
-    from personatune.serve.adapters import load_registry
+    with a web chat at / . One base model in memory, one LoRA adapter per persona, many
+    requests decoded together; or, with --upstream, generation forwarded elsewhere."""
+    from personatune.engine import describe_personas, load_registry
     from personatune.serve.app import bind, create_app, run_server
+    from personatune.serve.backend import UpstreamBackend
 
+    if print_vllm:
+        from personatune.serve.vllm import vllm_command
+
+        print(vllm_command(persona_dirs))
+        return
     if system_prompt_policy not in ("request-wins", "persona"):
         raise PersonatuneError(
             f"--system-prompt-policy {system_prompt_policy}: choose request-wins or persona"
         )
-    if max_queue < 1 or max_tokens < 1:
-        raise PersonatuneError("--max-queue and --max-tokens must be at least 1")
-    with console.status("loading the base model and adapters"):
-        reg = load_registry(persona_dirs)
+    if max_queue < 1 or max_tokens < 1 or max_batch < 1:
+        raise PersonatuneError("--max-batch, --max-queue and --max-tokens must be at least 1")
+    if upstream is not None:
+        if not upstream.startswith(("http://", "https://")):
+            raise PersonatuneError(f"--upstream {upstream}: give an http:// or https:// URL")
+        ref, personas = describe_personas(persona_dirs)
+        reg = UpstreamBackend(upstream, personas, ref.name, upstream_key)
+    else:
+        with console.status("loading the base model and adapters"):
+            reg = load_registry(persona_dirs)
     app_ = create_app(
         reg,
         api_key=api_key,
         system_prompt_policy=system_prompt_policy,
         max_queue=max_queue,
+        max_batch=max_batch,
         max_tokens=max_tokens,
     )
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
+    via = f", generation at {upstream}" if upstream else ""
     print(
-        f"serving {', '.join(reg.personas)} (base model {reg.base_model}) on "
+        f"serving {', '.join(reg.personas)} (base model {reg.base_model}{via}) on "
         f"http://{shown}:{sock.getsockname()[1]}  (web chat at /, API at /v1)",
         flush=True,
     )

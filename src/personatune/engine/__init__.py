@@ -21,6 +21,7 @@ from personatune.engine.load import (
     Persona,
     Registry,
     ServedPersona,
+    describe_personas,
     load_persona,
     load_registry,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "Scheduler",
     "ServedPersona",
     "ask",
+    "describe_personas",
     "encode",
     "end_of_turn_ids",
     "generate_answers",

@@ -20,6 +20,16 @@ def encode(tokenizer, conversation: list[dict]) -> list[int]:
     return tokenizer(render_prompt(tokenizer, conversation), add_special_tokens=False)["input_ids"]
 
 
+def current_adapter(model) -> str | None:
+    """The adapter a peft model runs now (None: a plain model, or adapters disabled)."""
+    if not hasattr(model, "peft_config"):
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+    return None if layer is None or layer.disable_adapters else model.active_adapter
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -42,7 +52,8 @@ def generate_answers(
     """
     ids = [encode(tokenizer, c) for c in conversations]
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    reqs = [Request(ids[i], tokenizer, sampling=Sampling(max_new_tokens)) for i in order]
+    adapter = current_adapter(model)
+    reqs = [Request(ids[i], tokenizer, adapter, Sampling(max_new_tokens)) for i in order]
     answers = run_batch(model, reqs, batch_size, progress)
     out: list[Answer | None] = [None] * len(ids)
     for i, a in zip(order, answers):

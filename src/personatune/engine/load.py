@@ -114,6 +114,50 @@ def _one_base(paths: list[Path], specs: list[PersonaSpec]) -> ModelRef:
     return refs[0]
 
 
+def _read_all(dirs: list[str | Path]) -> tuple[list[Path], list[PersonaSpec], ModelRef]:
+    if not dirs:
+        raise PersonatuneError("give at least one persona directory")
+    paths = [Path(d) for d in dirs]
+    specs = [read_spec(p) for p in paths]
+    _check_names(paths, specs)
+    return paths, specs, _one_base(paths, specs)
+
+
+def _served(path: Path, spec: PersonaSpec, tokenizer) -> ServedPersona:
+    stamp = path / MANIFEST
+    return ServedPersona(
+        spec.name,
+        spec.description,
+        spec.system_prompt,
+        tokenizer,
+        adapter=spec.name,
+        path=path,
+        spec=spec,
+        test_prompts=list(spec.test_prompts),
+        created=int((stamp if stamp.exists() else path).stat().st_mtime),
+    )
+
+
+def describe_personas(dirs: list[str | Path]) -> tuple[ModelRef, dict[str, ServedPersona]]:
+    """The personas of ``dirs`` without loading any model (``tokenizer`` None): for a
+    server that forwards generation elsewhere, and for printing a vLLM command.
+
+    Returns:
+        ``(base model reference, model id -> persona)``, the base model first.
+
+    Raises:
+        PersonatuneError: as :func:`load_registry`.
+    """
+    paths, specs, ref = _read_all(dirs)
+    personas = {
+        BASE_ID: ServedPersona(
+            BASE_ID, f"The base model ({ref.name}) without any persona adapter.", "", None
+        )
+    }
+    personas.update((s.name, _served(p, s, None)) for p, s in zip(paths, specs))
+    return ref, personas
+
+
 def load_registry(dirs: list[str | Path], device: torch.device | None = None) -> Registry:
     """Load one base model and put every persona's LoRA adapter onto it (peft
     multi-adapter: ``PeftModel.from_pretrained`` for the first, ``load_adapter`` for the
@@ -130,13 +174,7 @@ def load_registry(dirs: list[str | Path], device: torch.device | None = None) ->
     """
     from peft import PeftModel
 
-    if not dirs:
-        raise PersonatuneError("give at least one persona directory")
-    paths = [Path(d) for d in dirs]
-    specs = [read_spec(p) for p in paths]
-    _check_names(paths, specs)
-    ref = _one_base(paths, specs)
-
+    paths, specs, ref = _read_all(dirs)
     tokenizer = load_tokenizer(ref)
     ensure_chat_template(tokenizer)
     base = load_model(ref, specs[0].model.quantization, device)
@@ -155,18 +193,7 @@ def load_registry(dirs: list[str | Path], device: torch.device | None = None) ->
         if s.model.chat_template:  # a persona-specific template needs its own tokenizer object
             tok = copy.copy(tokenizer)
             ensure_chat_template(tok, s.model.chat_template)
-        stamp = p / MANIFEST
-        personas[s.name] = ServedPersona(
-            s.name,
-            s.description,
-            s.system_prompt,
-            tok,
-            adapter=s.name,
-            path=p,
-            spec=s,
-            test_prompts=list(s.test_prompts),
-            created=int((stamp if stamp.exists() else p).stat().st_mtime),
-        )
+        personas[s.name] = _served(p, s, tok)
     model.eval()
     ctx = getattr(base.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
     return Registry(model, ref.name, ref, personas, int(ctx))

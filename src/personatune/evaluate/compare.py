@@ -46,7 +46,7 @@ def compare(
         PersonatuneError: not a persona directory, bad data, no prompts.
     """
     from personatune.data.chat import with_system_prompt
-    from personatune.generate import generate, load_persona
+    from personatune.engine import BASE_ID, Sampling, ask, load_registry
     from personatune.persona import read_spec
 
     console = console or Console(stderr=True)
@@ -54,12 +54,11 @@ def compare(
     prompts, notes = compare_prompts(persona_dir, read_spec(persona_dir), n_heldout)
     for n in notes:
         console.print(f"[yellow]note: {n}[/]")
-    p = load_persona(persona_dir)
-    convs = [
-        with_system_prompt([{"role": "user", "content": q}], p.spec.system_prompt) for q in prompts
-    ]
-    with console.status("generating tuned answers"):
-        tuned = generate(p.model, p.tokenizer, convs, max_tokens)
-    with console.status("generating base answers"), p.model.disable_adapter():
-        base = generate(p.model, p.tokenizer, convs, max_tokens)
-    return p.spec.name, list(zip(prompts, base, tuned))
+    reg = load_registry([persona_dir])
+    p = next(v for v in reg.personas.values() if v.adapter)
+    convs = [with_system_prompt([{"role": "user", "content": q}], p.system_prompt) for q in prompts]
+    with console.status("generating base and tuned answers"):  # one mixed-adapter batch
+        out = ask(reg, [(p.name, c) for c in convs] + [(BASE_ID, c) for c in convs],
+                  Sampling(max_tokens))  # fmt: skip
+    tuned, base = [a.text for a in out[: len(convs)]], [a.text for a in out[len(convs) :]]
+    return p.name, list(zip(prompts, base, tuned))

@@ -67,8 +67,8 @@ def eval_heldout(
         PersonatuneError: an existing report without ``overwrite``, bad arguments, not a
             persona directory, nothing to score.
     """
+    from personatune.engine import load_persona
     from personatune.evaluate.perplexity import heldout_perplexity, plot_heldout
-    from personatune.generate import load_persona
     from personatune.io import write_json
     from personatune.persona import read_spec
 

@@ -142,7 +142,7 @@ def heldout_perplexity(
     held-out examples, both under the persona's system prompt, as rendered for training.
 
     Args:
-        persona: a :class:`personatune.generate.Persona`.
+        persona: a :class:`personatune.engine.Persona`.
         examples: :class:`personatune.data.loaders.Example` conversations (text examples
             are not allowed: they have no prompt).
         group_by: a provenance key of ``Example.meta`` (``book``) to break results down by.
