@@ -280,3 +280,25 @@ def test_read_corpus_passes_the_format():
     """Guards against read_corpus dropping the format on the way to split_books."""
     (b,) = read_corpus(SCRIPTS / "hamlet_act1_scene1.txt", format="play")
     assert b.format == "play" and b.title == "hamlet act1 scene1"
+
+
+@pytest.mark.parametrize(
+    "stem,character",
+    [("night_ferry", "June"), ("harbour_lights_draft", "Priya"), ("the_lamp_room", "Margaret")],
+)
+def test_scripts_that_lost_their_blank_lines_read_the_same(stem, character):
+    """Guards against PDF-to-text output without blank lines merging every speech into
+    one (cues are then told by their centring, INT./EXT. and capitalised ACT/SCENE
+    headings by their words, action by its indentation) or handing the title page to a
+    speaker."""
+    raw = (SCRIPTS / f"{stem}.txt").read_text(encoding="utf-8")
+    squeezed = "\n".join(line for line in raw.split("\n") if line.strip())
+    (full,) = split_books(raw, "x", "auto")
+    (tight,) = split_books(squeezed, "x", "auto")
+    assert tight.format == full.format
+    assert [c.title for c in tight.chapters] == [c.title for c in full.chapters]
+
+    def said(b: Book) -> list[tuple[str, str]]:
+        return [(u.speaker, u.text) for u in script_turns(b.chapters, character, ["Maggie"])]
+
+    assert said(tight) == said(full)

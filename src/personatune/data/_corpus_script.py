@@ -9,9 +9,13 @@ blank line, the next label or a scene heading:
   in mixed case with a full stop only for names that open at least
   :data:`MIN_MIXED_LABELS` blocks of the book (Wilde's style), since "Well. I ..." opens
   ordinary verse lines too;
-* ``screenplay``: a speaker cue ``JUNE`` or ``JUNE (V.O.)`` alone on its line, usually
-  centred, after a blank line and directly above the dialogue. A line indented less than
-  the dialogue, without a blank line between, is action and ends the turn.
+* ``screenplay``: a speaker cue ``JUNE`` or ``JUNE (V.O.)`` alone on its line, directly
+  above the dialogue, after a blank line or centred (indented 4 columns more than the
+  line above, for PDF-to-text output that lost its blank lines). A line indented less
+  than the dialogue, or much more (``CUT TO:``), ends the turn; ``(MORE)``, a page
+  number and ``JUNE (CONT'D)`` do not. A line in capitals right under a cue
+  (``STOP THE CAR.``, ``HE STILL DOES. That's...``) is dialogue, not a new speaker,
+  unless that name heads turns elsewhere too.
 
 Both formats drop stage directions from the spoken text: ``[...]``, ``(...)`` (also over
 several lines), ``_Aside._`` (italics that start with a capital and end with a full
@@ -87,13 +91,18 @@ def _speaker_name(name: str) -> str | None:
 
 
 def _heading(line: str, block_start: bool) -> str:
-    """ "act", "scene" or "slug" for a scene heading that opens a block, else ""."""
+    """The kind of scene heading, "act", "scene" or "slug", else "". Act and scene
+    headings must open a block (after a blank line) unless printed in capitals (``ACT
+    I``, ``SCENE 2.``); ``INT.``/``EXT.`` need not, as PDF-to-text output often loses
+    blank lines."""
     s = line.strip()
-    if not block_start or len(s) > 110:
+    if len(s) > 110:
         return ""
-    return next(
-        (k for k, r in (("act", _ACT), ("scene", _SCENE), ("slug", _SLUG)) if r.match(s)), ""
-    )
+    if _SLUG.match(s):
+        return "slug"
+    if not block_start and not s.startswith(("ACT ", "SCENE ")):
+        return ""
+    return "act" if _ACT.match(s) else "scene" if _SCENE.match(s) else ""
 
 
 def scene_spans(text: str) -> list[tuple[str, int, int]]:
@@ -183,20 +192,30 @@ class _Line:
 
 def _classify(lines: list[str]) -> list[_Line]:
     """Each line's kind. A label alone on its line heads a turn only when the next line is
-    speech or a direction, and, unless it ends in ``.``/``:``, comes after a blank line;
-    resolved from the end, so that ``STOP THE CAR.`` (a shout heading nothing) is speech
-    under the cue above it."""
+    speech or a direction, and, unless it ends in ``.``/``:``, comes after a blank line
+    or a direction or is centred (indented at least 10 columns and 4 more than the line
+    above: a cue in a screenplay that lost its blank lines); resolved from the end, so
+    that ``STOP THE CAR.`` (a shout heading nothing) is speech under the cue above it."""
     mixed = mixed_labels(lines)
     kinds = [_Line(line, i == 0 or not lines[i - 1].strip(), mixed) for i, line in enumerate(lines)]
+    bare = [k.kind == "label" and k.rest_at < 0 and not k.punct for k in kinds]  # "JUNE"
     for i in range(len(kinds) - 1, -1, -1):
         ln = kinds[i]
         if ln.kind != "label" or ln.rest_at >= 0:
             continue
+        if ln.punct and i and bare[i - 1]:
+            ln.kind = "text"  # JUNE / "STOP THE CAR.": a shout under a cue
+            continue
         nxt = kinds[i + 1] if i + 1 < len(kinds) else None
-        after_gap = i == 0 or kinds[i - 1].kind in ("blank", "heading", "direction")
+        after_gap = (
+            i == 0
+            or kinds[i - 1].kind in ("blank", "heading", "direction")
+            or ln.indent >= max(10, kinds[i - 1].indent + 4)
+        )
         if nxt and nxt.kind == "label" and nxt.rest_at >= 0 and after_gap and not ln.punct:
             nxt.kind = "text"  # JUNE / "NO. Not tonight.": a shout under a cue
-        if not (nxt and nxt.kind in ("text", "direction") and (after_gap or ln.punct)):
+        heads = nxt and nxt.kind in ("text", "direction") and not bare[i + 1]  # not a list
+        if not (heads and (after_gap or ln.punct)):
             ln.kind = "text"
     return kinds
 
@@ -248,6 +267,7 @@ def parse_turns(chapter: Chapter, character: str, aliases: Sequence[str]) -> lis
         offsets.append(pos)
         pos += len(line) + 1
     kinds = _classify(lines)
+    names = Counter(k.name for k in kinds if k.kind == "label")
     turns: list[Utterance] = []
     cur: Utterance | None = None
     dialogue_indent = -1  # indentation of the first spoken line under a cue
@@ -288,7 +308,8 @@ def parse_turns(chapter: Chapter, character: str, aliases: Sequence[str]) -> lis
         if ln.kind == "direction":
             continue
         if ln.kind == "label" and ln.rest_at >= 0 and centred and lines[i - 1].strip():
-            ln.kind = "text"  # "HE STILL DOES. That's..." shouted under a screenplay cue
+            if names[ln.name] < 2:  # not a speaker seen elsewhere
+                ln.kind = "text"  # "HE STILL DOES. That's..." shouted under a screenplay cue
         if ln.kind == "label":
             alone = ln.rest_at < 0
             who = character if ln.name.casefold() in own else ln.name
@@ -306,8 +327,8 @@ def parse_turns(chapter: Chapter, character: str, aliases: Sequence[str]) -> lis
         if cur.rule == "cue":
             if dialogue_indent < 0:
                 dialogue_indent = ln.indent
-            elif ln.indent < dialogue_indent - 2:
-                close()  # action printed flush under the dialogue
+            elif not dialogue_indent - 2 <= ln.indent <= dialogue_indent + 8:
+                close()  # action printed flush under the dialogue, or a transition
                 continue
         closer = add(i, 0)
     close()
@@ -319,8 +340,8 @@ def detect_format(text: str) -> tuple[str, str]:
     ``"play"``, a ``"screenplay"`` or ``"prose"``, and say why.
 
     Counts speaker labels (``NAME.``/``NAME:`` with the speech, or alone above it),
-    screenplay cues (a name alone on its line, after a blank line, above the dialogue),
-    ``INT.``/``EXT.`` scene headings, and lines holding a double quote; labels and cues
+    screenplay cues (a bare name alone on its line above the dialogue), ``INT.``/``EXT.``
+    scene headings, and lines holding a double quote; labels and cues
     count only for names used at least twice. A text with at least :data:`MIN_TURNS`
     labelled turns and no fewer turns than quoted lines is a script: a screenplay when cues
     outnumber labels or when it has ``INT.``/``EXT.`` headings and no more labels than
@@ -330,15 +351,9 @@ def detect_format(text: str) -> tuple[str, str]:
     kinds = _classify(lines)
     labels: Counter[str] = Counter()
     cues: Counter[str] = Counter()
-    for i, ln in enumerate(kinds):
-        if ln.kind != "label":
-            continue
-        nxt = kinds[i + 1] if i + 1 < len(kinds) else None
-        heads = nxt is not None and nxt.kind == "text"
-        if ln.rest_at >= 0 or (ln.punct and heads):
-            labels[ln.name] += 1
-        elif heads and (i == 0 or kinds[i - 1].kind == "blank"):
-            cues[ln.name] += 1
+    for ln in kinds:  # labels that head a turn (see _classify)
+        if ln.kind == "label":
+            (labels if ln.rest_at >= 0 or ln.punct else cues)[ln.name] += 1
     n_labels = sum(k for k in labels.values() if k >= 2)
     n_cues = sum(k for k in cues.values() if k >= 2)
     slugs = sum(bool(_SLUG.match(line.strip())) for line in lines)
