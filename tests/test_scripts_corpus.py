@@ -199,6 +199,10 @@ def test_label_rules_on_small_texts():
     assert turns("ANN. I [_crossing\nto the door_] will go.\nNow.") == [("Ann", "I will go. Now.")]
     assert turns("ANN. (\nslowly, to Ben\n)\nI _told_ you so.") == [("Ann", "I told you so.")]
     assert turns("ANN. Go [_she points\n\nBEN. Where?") == [("Ann", "Go"), ("BEN", "Where?")]
+    assert turns("ANN. Sit.\nBEN sits down.\nGood.\n\nBEN. Thanks.") == [
+        ("Ann", "Sit. Good."),
+        ("BEN", "Thanks."),
+    ]
     assert turns("Enter BEN.\n\nBEN. Hello.\nExit.\n\nANN. Bye.") == [
         ("BEN", "Hello."),
         ("Ann", "Bye."),

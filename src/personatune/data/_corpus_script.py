@@ -153,6 +153,7 @@ def mixed_labels(lines: Sequence[str]) -> set[str]:
 
 
 _PAGE_NUMBER = re.compile(r"^\d{1,4}\.?$")  # a page number of a PDF-to-text screenplay
+_NAME_THEN_VERB = re.compile(rf"({_UP_NAME})[ ]+[a-z]")  # "TOM goes out."
 
 
 class _Line:
@@ -324,6 +325,9 @@ def parse_turns(chapter: Chapter, character: str, aliases: Sequence[str]) -> lis
             continue
         if cur is None:
             continue  # narration or action
+        lead = _NAME_THEN_VERB.match(s)
+        if lead and " ".join(lead.group(1).split()) in names:
+            continue  # "MARGARET crosses to the window.": an unbracketed stage direction
         if cur.rule == "cue":
             if dialogue_indent < 0:
                 dialogue_indent = ln.indent
