@@ -54,274 +54,283 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "benchmarks"
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(BENCH))
+import common  # sys.path and offline Hugging Face settings, before personatune
+
+BENCH = common.BENCH
 SEQ, WARM, STEPS = 1024, 3, 8
 BASELINE_PLAN = ["qwen2.5-0.5b:0:0:8:1024", "qwen2.5-7b:1:0:2:1024"]
 UNSLOTH_TIMEOUT = 240  # seconds for all Unsloth set-ups of a run together
 
-#: name -> (model shape, quantization, batch, TrainSettings fields, extras, what it shows)
+
+@dataclass(frozen=True)
+class Setup:
+    """One set-up of the benchmark.
+
+    Attributes:
+        shape: model shape, a key of hf_peft_baseline.py's ``ARCH``.
+        quant: ``none`` (bf16 LoRA) or ``nf4`` (QLoRA).
+        batch: micro-batch size (rows of ``SEQ`` tokens).
+        settings: ``TrainSettings`` fields that differ from the defaults.
+        extra: ``lora_cast`` (peft's fp32 input copy kept), ``peft_prep`` (peft's kbit
+            preparation), ``keep_layers`` / ``every_n_layers`` (checkpointing variants),
+            ``unsloth`` and ``skip`` (Unsloth set-ups).
+        what: what the set-up changes, for the table.
+    """
+
+    shape: str
+    quant: str
+    batch: int
+    settings: dict
+    extra: dict = field(default_factory=dict)
+    what: str = ""
+
+
 LEAN = {"packing": True, "liger": True, "gradient_checkpointing": True}
 DEFAULT = {"packing": True, "liger": True, "gradient_checkpointing": False}
 SETUPS = {
-    "0.5b-plain": (
+    "0.5b-plain": Setup(
         "qwen2.5-0.5b",
         "none",
         8,
         {"packing": False, "fused_loss": False, "liger": False, "gradient_checkpointing": True},
-        {"lora_cast": True},
-        "personatune path, levers off, checkpointing (the baseline's settings)",
+        extra={"lora_cast": True},
+        what="personatune path, levers off, checkpointing (the baseline's settings)",
     ),
-    "0.5b-liger": (
+    "0.5b-liger": Setup(
         "qwen2.5-0.5b",
         "none",
         8,
         {"packing": False, "liger": True, "gradient_checkpointing": True},
-        {"lora_cast": True},
-        "+ Liger kernels and fused linear cross-entropy",
+        extra={"lora_cast": True},
+        what="+ Liger kernels and fused linear cross-entropy",
     ),
-    "0.5b-nocast": (
+    "0.5b-nocast": Setup(
         "qwen2.5-0.5b",
         "none",
         8,
         {"packing": False, "liger": True, "gradient_checkpointing": True},
-        {},
-        "+ LoRA inputs left to autocast (no fp32 copy)",
+        what="+ LoRA inputs left to autocast (no fp32 copy)",
     ),
-    "0.5b-packed": ("qwen2.5-0.5b", "none", 8, LEAN, {}, "+ packing, FlashAttention varlen"),
-    "0.5b-default": (
-        "qwen2.5-0.5b",
-        "none",
-        8,
-        DEFAULT,
-        {},
-        "+ no checkpointing (personatune defaults)",
+    "0.5b-packed": Setup("qwen2.5-0.5b", "none", 8, LEAN, what="+ packing, FlashAttention varlen"),
+    "0.5b-default": Setup(
+        "qwen2.5-0.5b", "none", 8, DEFAULT, what="+ no checkpointing (personatune defaults)"
     ),
-    "0.5b-nopack": (
+    "0.5b-nopack": Setup(
         "qwen2.5-0.5b",
         "none",
         8,
         dict(DEFAULT, packing=False),
-        {},
-        "personatune defaults, padding collator instead of packing",
+        what="personatune defaults, padding collator instead of packing",
     ),
-    "0.5b-default-b16": ("qwen2.5-0.5b", "none", 16, DEFAULT, {}, "personatune defaults, batch 16"),
-    "0.5b-default-b32": ("qwen2.5-0.5b", "none", 32, DEFAULT, {}, "personatune defaults, batch 32"),
-    "7b-peftprep": (
+    "0.5b-default-b16": Setup(
+        "qwen2.5-0.5b", "none", 16, DEFAULT, what="personatune defaults, batch 16"
+    ),
+    "0.5b-default-b32": Setup(
+        "qwen2.5-0.5b", "none", 32, DEFAULT, what="personatune defaults, batch 32"
+    ),
+    "7b-peftprep": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         {"packing": False, "fused_loss": False, "liger": False, "gradient_checkpointing": True},
-        {"peft_prep": True},
-        "personatune path with peft's kbit prep (fp32 upcast), levers off",
+        extra={"peft_prep": True},
+        what="personatune path with peft's kbit prep (fp32 upcast), levers off",
     ),
-    "7b-lean": (
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        LEAN,
-        {},
-        "no fp32 upcast, Liger, packing + varlen, checkpointing",
+    "7b-lean": Setup(
+        "qwen2.5-7b", "nf4", 2, LEAN, what="no fp32 upcast, Liger, packing + varlen, checkpointing"
     ),
-    "7b-lean-b4": ("qwen2.5-7b", "nf4", 4, LEAN, {}, "as 7b-lean, batch 4"),
-    "7b-lean-b8": ("qwen2.5-7b", "nf4", 8, LEAN, {}, "as 7b-lean, batch 8"),
-    "7b-lean-b12": ("qwen2.5-7b", "nf4", 12, LEAN, {}, "as 7b-lean, batch 12"),
-    "7b-lean-b16": ("qwen2.5-7b", "nf4", 16, LEAN, {}, "as 7b-lean, batch 16"),
-    "7b-nopack-b8": (
+    "7b-lean-b4": Setup("qwen2.5-7b", "nf4", 4, LEAN, what="as 7b-lean, batch 4"),
+    "7b-lean-b8": Setup("qwen2.5-7b", "nf4", 8, LEAN, what="as 7b-lean, batch 8"),
+    "7b-lean-b12": Setup("qwen2.5-7b", "nf4", 12, LEAN, what="as 7b-lean, batch 12"),
+    "7b-lean-b16": Setup("qwen2.5-7b", "nf4", 16, LEAN, what="as 7b-lean, batch 16"),
+    "7b-nopack-b8": Setup(
         "qwen2.5-7b",
         "nf4",
         8,
         dict(LEAN, packing=False),
-        {},
-        "as 7b-lean-b8 with the padding collator",
+        what="as 7b-lean-b8 with the padding collator",
     ),
-    "7b-every2": (
+    "7b-every2": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         LEAN,
-        {"every_n_layers": 2},
-        "as 7b-lean, checkpointing every 2nd layer",
+        extra={"every_n_layers": 2},
+        what="as 7b-lean, checkpointing every 2nd layer",
     ),
-    "7b-nogc": ("qwen2.5-7b", "nf4", 2, DEFAULT, {}, "personatune defaults, no checkpointing"),
-    "7b-nopack-b16": (
+    "7b-nogc": Setup(
+        "qwen2.5-7b", "nf4", 2, DEFAULT, what="personatune defaults, no checkpointing"
+    ),
+    "7b-nopack-b16": Setup(
         "qwen2.5-7b",
         "nf4",
         16,
         dict(LEAN, packing=False),
-        {},
-        "as 7b-lean-b16 with the padding collator",
+        what="as 7b-lean-b16 with the padding collator",
     ),
-    "0.5b-compile": (
+    "0.5b-compile": Setup(
         "qwen2.5-0.5b",
         "none",
         8,
         dict(DEFAULT, packing=False, torch_compile=True),
-        {},
-        "0.5b-nopack + torch.compile",
+        what="0.5b-nopack + torch.compile",
     ),
-    "0.5b-compile-b16": (
+    "0.5b-compile-b16": Setup(
         "qwen2.5-0.5b",
         "none",
         16,
         dict(DEFAULT, packing=False, torch_compile=True),
-        {},
-        "0.5b-nopack + torch.compile, batch 16",
+        what="0.5b-nopack + torch.compile, batch 16",
     ),
-    "0.5b-nopack-b16": (
+    "0.5b-nopack-b16": Setup(
         "qwen2.5-0.5b",
         "none",
         16,
         dict(DEFAULT, packing=False),
-        {},
-        "personatune defaults, padding collator, batch 16",
+        what="personatune defaults, padding collator, batch 16",
     ),
-    "7b-compile-b8": (
+    "7b-compile-b8": Setup(
         "qwen2.5-7b",
         "nf4",
         8,
         dict(LEAN, packing=False, torch_compile=True),
-        {},
-        "7b-nopack-b8 + torch.compile",
+        what="7b-nopack-b8 + torch.compile",
     ),
-    "7b-nopack": (
+    "7b-nopack": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         dict(LEAN, packing=False),
-        {},
-        "as 7b-lean with the padding collator",
+        what="as 7b-lean with the padding collator",
     ),
-    "7b-every3": (
+    "7b-every3": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         LEAN,
-        {"every_n_layers": 3},
-        "as 7b-lean, checkpointing every 3rd layer",
+        extra={"every_n_layers": 3},
+        what="as 7b-lean, checkpointing every 3rd layer",
     ),
-    "7b-keep2": (
+    "7b-keep2": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         LEAN,
-        {"keep_layers": 2},
-        "as 7b-lean, last 2 of 28 layers not checkpointed",
+        extra={"keep_layers": 2},
+        what="as 7b-lean, last 2 of 28 layers not checkpointed",
     ),
-    "7b-keep3": (
+    "7b-keep3": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         LEAN,
-        {"keep_layers": 3},
-        "as 7b-lean, last 3 of 28 layers not checkpointed",
+        extra={"keep_layers": 3},
+        what="as 7b-lean, last 3 of 28 layers not checkpointed",
     ),
-    "7b-keep6-b4": (
+    "7b-keep6-b4": Setup(
         "qwen2.5-7b",
         "nf4",
         4,
         LEAN,
-        {"keep_layers": 6},
-        "as 7b-lean-b4, last 6 of 28 layers not checkpointed",
+        extra={"keep_layers": 6},
+        what="as 7b-lean-b4, last 6 of 28 layers not checkpointed",
     ),
-    "7b-keep2-b8": (
+    "7b-keep2-b8": Setup(
         "qwen2.5-7b",
         "nf4",
         8,
         dict(LEAN, packing=False),
-        {"keep_layers": 2},
-        "as 7b-nopack-b8, last 2 of 28 layers not checkpointed",
+        extra={"keep_layers": 2},
+        what="as 7b-nopack-b8, last 2 of 28 layers not checkpointed",
     ),
-    "7b-nopack-b20": (
-        "qwen2.5-7b",
-        "nf4",
-        20,
-        dict(LEAN, packing=False),
-        {},
-        "as 7b-nopack-b16, batch 20",
+    "7b-nopack-b20": Setup(
+        "qwen2.5-7b", "nf4", 20, dict(LEAN, packing=False), what="as 7b-nopack-b16, batch 20"
     ),
     # Unsloth (FastLanguageModel, its own fused QLoRA kernels and "unsloth" checkpointing that
     # offloads layer inputs to host memory) on the same random NF4 weights with the baseline's
     # LoRA r=16 / alpha=32 / dropout 0.05 on the 7 linear layers, fused AdamW, lr 2e-4 and the
     # baseline's plain loop. All unsloth set-ups of a run share one process (one import, one
     # model load): see run_unsloth.
-    "7b-unsloth": (
+    "7b-unsloth": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         {},
-        {"unsloth": True},
-        "Unsloth FastLanguageModel, its checkpointing, baseline's loop",
+        extra={"unsloth": True},
+        what="Unsloth FastLanguageModel, its checkpointing, baseline's loop",
     ),
-    "7b-unsloth-b8": ("qwen2.5-7b", "nf4", 8, {}, {"unsloth": True}, "as 7b-unsloth, batch 8"),
-    "7b-unsloth-b16": ("qwen2.5-7b", "nf4", 16, {}, {"unsloth": True}, "as 7b-unsloth, batch 16"),
-    "7b-unsloth-skip7": (
+    "7b-unsloth-b8": Setup(
+        "qwen2.5-7b", "nf4", 8, {}, extra={"unsloth": True}, what="as 7b-unsloth, batch 8"
+    ),
+    "7b-unsloth-b16": Setup(
+        "qwen2.5-7b", "nf4", 16, {}, extra={"unsloth": True}, what="as 7b-unsloth, batch 16"
+    ),
+    "7b-unsloth-skip7": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         {},
-        {"unsloth": True, "skip": 7},
-        "as 7b-unsloth, 7 of 28 layers not checkpointed (Unsloth's checkpoint_skip_layers)",
+        extra={"unsloth": True, "skip": 7},
+        what="as 7b-unsloth, 7 of 28 layers not checkpointed (Unsloth's checkpoint_skip_layers)",
     ),
-    "7b-unsloth-skip14": (
+    "7b-unsloth-skip14": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         {},
-        {"unsloth": True, "skip": 14},
-        "as 7b-unsloth, 14 of 28 layers not checkpointed",
+        extra={"unsloth": True, "skip": 14},
+        what="as 7b-unsloth, 14 of 28 layers not checkpointed",
     ),
-    "7b-unsloth-nogc": (
+    "7b-unsloth-nogc": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         {},
-        {"unsloth": True, "skip": "max"},
-        "as 7b-unsloth, no layer checkpointed",
+        extra={"unsloth": True, "skip": "max"},
+        what="as 7b-unsloth, no layer checkpointed",
     ),
-    "7b-unsloth-skip8-b4": (
+    "7b-unsloth-skip8-b4": Setup(
         "qwen2.5-7b",
         "nf4",
         4,
         {},
-        {"unsloth": True, "skip": 8},
-        "as 7b-unsloth, batch 4, 8 of 28 layers not checkpointed",
+        extra={"unsloth": True, "skip": 8},
+        what="as 7b-unsloth, batch 4, 8 of 28 layers not checkpointed",
     ),
-    "7b-unsloth-skip4-b8": (
+    "7b-unsloth-skip4-b8": Setup(
         "qwen2.5-7b",
         "nf4",
         8,
         {},
-        {"unsloth": True, "skip": 4},
-        "as 7b-unsloth, batch 8, 4 of 28 layers not checkpointed",
+        extra={"unsloth": True, "skip": 4},
+        what="as 7b-unsloth, batch 8, 4 of 28 layers not checkpointed",
     ),
-    "7b-unsloth-nogc-b4": (
+    "7b-unsloth-nogc-b4": Setup(
         "qwen2.5-7b",
         "nf4",
         4,
         {},
-        {"unsloth": True, "skip": "max"},
-        "as 7b-unsloth, batch 4, no layer checkpointed",
+        extra={"unsloth": True, "skip": "max"},
+        what="as 7b-unsloth, batch 4, no layer checkpointed",
     ),
-    "7b-nopack-every2": (
+    "7b-nopack-every2": Setup(
         "qwen2.5-7b",
         "nf4",
         2,
         dict(LEAN, packing=False),
-        {"every_n_layers": 2},
-        "as 7b-nopack, checkpointing every 2nd layer",
+        extra={"every_n_layers": 2},
+        what="as 7b-nopack, checkpointing every 2nd layer",
     ),
-    "7b-nopack-keep6-b4": (
+    "7b-nopack-keep6-b4": Setup(
         "qwen2.5-7b",
         "nf4",
         4,
         dict(LEAN, packing=False),
-        {"keep_layers": 6},
-        "as 7b-keep6-b4 with the padding collator",
+        extra={"keep_layers": 6},
+        what="as 7b-keep6-b4 with the padding collator",
     ),
 }
 
@@ -342,13 +351,6 @@ def device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def pad_tokenizer():
@@ -391,14 +393,6 @@ def model_dir(shape: str) -> Path:
     return path
 
 
-def flops_per_token(config) -> float:
-    """GPU.md: 4 x matmul parameters (incl. the output layer) + 12 x L x seq x d."""
-    L, d, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    kv = d // config.num_attention_heads * config.num_key_value_heads
-    n_mm = L * (d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size) + V * d
-    return 4 * n_mm + 12 * L * SEQ * d
-
-
 def run_one(name: str, peak_flops: float | None) -> dict:
     """Train set-up ``name`` for WARM + STEPS steps in this process; return its row."""
     import torch
@@ -415,7 +409,14 @@ def run_one(name: str, peak_flops: float | None) -> dict:
     from personatune.models import load_model, resolve_ref
     from personatune.train.trainer import build_trainer, lora_model
 
-    shape, quant, batch, fields, extra, _ = SETUPS[name]
+    setup = SETUPS[name]
+    shape, quant, batch, fields, extra = (
+        setup.shape,
+        setup.quant,
+        setup.batch,
+        setup.settings,
+        setup.extra,
+    )
     path = model_dir(shape)
     spec = PersonaSpec(
         name="bench",
@@ -453,18 +454,6 @@ def run_one(name: str, peak_flops: float | None) -> dict:
         ids = torch.randint(0, base.config.vocab_size, (SEQ,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": ids})
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            sync()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            sync()
-            self.times.append(time.perf_counter() - self.t0)
-
     class KeepLayers(TrainerCallback):
         """Turns checkpointing off for the last ``keep_layers`` decoder layers once the
         Trainer has switched it on (in ``train()``, before ``on_train_begin``)."""
@@ -476,7 +465,7 @@ def run_one(name: str, peak_flops: float | None) -> dict:
             for layer in layers[len(layers) - extra["keep_layers"] :]:
                 layer.gradient_checkpointing = False
 
-    timer = Timer()
+    timer = common.step_timer()
     callbacks = [timer, KeepLayers()] if extra.get("keep_layers") else [timer]
     work = Path(tempfile.mkdtemp(prefix=f"gpu-speed-{name}-"))
     trainer = build_trainer(
@@ -510,7 +499,9 @@ def run_one(name: str, peak_flops: float | None) -> dict:
         "s_per_step": round(step_s, 4),
         "tokens_per_s": int(tok_s),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "mfu": round(tok_s * flops_per_token(base.config) / peak_flops / state.num_processes, 3)
+        "mfu": round(
+            tok_s * common.flops_per_token(base.config, SEQ) / peak_flops / state.num_processes, 3
+        )
         if peak_flops
         else None,
         "loss": round(result.training_loss, 3),
@@ -588,7 +579,7 @@ def run_unsloth(names: list[str], peak_flops: float | None) -> None:
     import unsloth  # noqa: F401 - first, so that it patches transformers and peft
     from unsloth import FastLanguageModel
 
-    shape = SETUPS[names[0]][0]
+    shape = SETUPS[names[0]].shape
     path = model_dir(shape)
     tok_path = Path(f"/tmp/rand-{shape}-unsloth")
     if not tok_path.exists():
@@ -631,7 +622,7 @@ def run_unsloth(names: list[str], peak_flops: float | None) -> None:
 
     g = torch.Generator().manual_seed(0)
     for i, name in enumerate(names):
-        batch, skip = SETUPS[name][2], SETUPS[name][4].get("skip")
+        batch, skip = SETUPS[name].batch, SETUPS[name].extra.get("skip")
         layers = find_decoder_layers(model)
         for layer in layers:  # undo an earlier set-up's skips
             layer.__dict__.pop("_unsloth_skip_checkpoint", None)
@@ -645,14 +636,14 @@ def run_unsloth(names: list[str], peak_flops: float | None) -> None:
         try:
             for _ in range(WARM + STEPS):
                 ids = torch.randint(0, cfg.vocab_size, (batch, SEQ), generator=g).cuda()
-                sync()
+                common.sync()
                 t0 = time.perf_counter()
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                sync()
+                common.sync()
                 times.append(time.perf_counter() - t0)
                 losses.append(loss.item())
         except Exception as e:  # noqa: BLE001 - one row with the error; the next set-up runs
@@ -674,7 +665,9 @@ def run_unsloth(names: list[str], peak_flops: float | None) -> None:
             "s_per_step": round(step_s, 4),
             "tokens_per_s": int(tok_s),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "mfu": round(tok_s * flops_per_token(cfg) / peak_flops, 3) if peak_flops else None,
+            "mfu": round(tok_s * common.flops_per_token(cfg, SEQ) / peak_flops, 3)
+            if peak_flops
+            else None,
             "loss": round(sum(losses) / len(losses), 3),
         }
         print(json.dumps(row), flush=True)
@@ -689,23 +682,14 @@ def run_all(out: Path, names: list[str], baseline: bool, deadline: float | None 
     own process (the Unsloth ones together in one). With ``deadline`` (seconds from the
     start), a set-up gets only the time left and none starts with under 20 s left."""
     import torch
-    from hf_peft_baseline import matmul_peak
 
     t_start = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    peak = matmul_peak()
-    info = {
-        "gpu": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "bf16_matmul_tflops": round(peak / 1e12, 1),
-    }
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("transformers", "peft", "bitsandbytes", "liger-kernel", "accelerate"):
-        try:
-            info[dist] = version(dist)
-        except PackageNotFoundError:
-            info[dist] = "missing"
+    peak = common.matmul_peak("cuda")
+    info = common.machine_info(
+        ("transformers", "peft", "bitsandbytes", "liger-kernel", "accelerate")
+    )
+    info["bf16_matmul_tflops"] = round(peak / 1e12, 1)
     rows = {"machine": info, "baseline": [], "setups": []}
     try:
         rows["varlen_check"] = check_varlen()
@@ -716,7 +700,7 @@ def run_all(out: Path, names: list[str], baseline: bool, deadline: float | None 
     torch.cuda.empty_cache()
     logs = []
     if baseline:
-        shapes = {SETUPS[n][0] for n in names}
+        shapes = {SETUPS[n].shape for n in names}
         plan = [p for p in BASELINE_PLAN if p.split(":")[0] in shapes] or BASELINE_PLAN
         t = time.time()
         proc = subprocess.run(
@@ -731,7 +715,7 @@ def run_all(out: Path, names: list[str], baseline: bool, deadline: float | None 
         for line in proc.stdout.splitlines():
             if line.startswith("{") and '"model"' in line:
                 rows["baseline"].append(json.loads(line))
-    unsloth = [n for n in names if SETUPS[n][4].get("unsloth")]
+    unsloth = [n for n in names if SETUPS[n].extra.get("unsloth")]
     groups = [[n] for n in names if n not in unsloth]
     if unsloth:
         groups.insert(names.index(unsloth[0]), unsloth)  # where the first one was asked for
@@ -742,7 +726,7 @@ def run_all(out: Path, names: list[str], baseline: bool, deadline: float | None 
             for n in group:
                 rows["setups"].append({"setup": n, "error": "skipped: deadline"})
             continue
-        is_us = bool(SETUPS[group[0]][4].get("unsloth"))
+        is_us = bool(SETUPS[group[0]].extra.get("unsloth"))
         genv = dict(env)
         if is_us and os.environ.get("GPU_SPEED_UNSLOTH_PATH"):
             genv["PYTHONPATH"] = os.environ["GPU_SPEED_UNSLOTH_PATH"]
@@ -772,10 +756,10 @@ def run_all(out: Path, names: list[str], baseline: bool, deadline: float | None 
             row["wall_s"] = round(time.time() - t, 1)
             print(json.dumps(row), flush=True)
             rows["setups"].append(row)
-        (out / "gpu_train_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (out / "setup_logs.txt").write_text("".join(logs))
+        common.write_json(out / "gpu_train_speed.json", rows)
+        common.write_markdown(out / "setup_logs.txt", "".join(logs))
     rows["total_wall_s"] = round(time.time() - t_start, 1)
-    (out / "gpu_train_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
+    common.write_json(out / "gpu_train_speed.json", rows)
     return rows
 
 
@@ -820,7 +804,7 @@ def report(rows: dict) -> str:
         out.append(
             f"| {r['setup']} | {r['model']} | {quant} | {r['batch']}x{r['seq']} | "
             f"{r['tokens_per_s']} | {ratio} | {r['peak_mem_gib']} | {r['mfu']} | "
-            f"{SETUPS[r['setup']][5]} |"
+            f"{SETUPS[r['setup']].what} |"
         )
     return "\n".join(out)
 
@@ -836,7 +820,6 @@ def main() -> int:
     ap.add_argument("--peak", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--report", type=Path, help="print the table of a results JSON")
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.report:
         print(report(json.loads(args.report.read_text())))
         return 0
@@ -859,7 +842,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run_all(args.out, names, not args.no_baseline, args.deadline)
     md = report(rows)
-    (args.out / "gpu_train_speed.md").write_text(md + "\n")
+    common.write_markdown(args.out / "gpu_train_speed.md", md)
     print(md)
     return 0
 
