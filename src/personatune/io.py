@@ -224,6 +224,38 @@ def check_replaceable(
     )
 
 
+def check_replaceable_file(
+    target: Path, kind: str, protect: Iterable[Path], keys: Iterable[str] = ()
+) -> None:
+    """Refuse to let ``--overwrite`` replace a file personatune did not write: one of
+    ``protect`` (the spec, data, the persona's own files), a folder, or a JSON report
+    that lacks any of ``keys`` (the keys every ``kind`` personatune writes holds; for
+    files other than JSON, pass the JSON report written beside it instead).
+
+    Raises:
+        PersonatuneError: one line naming ``target`` and why it is kept.
+    """
+    target = Path(target)
+    if not target.exists():
+        return
+    if target.is_dir():
+        raise PersonatuneError(f"{target}: is a folder; give the path of a {kind} file")
+    if target.resolve() in {Path(p).resolve() for p in protect}:
+        raise PersonatuneError(f"{target}: is an input of this run; choose another output")
+    keys = list(keys)
+    if not keys:
+        return
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        data = None
+    if not isinstance(data, dict) or not all(k in data for k in keys):
+        raise PersonatuneError(
+            f"{target}: not a {kind} that personatune wrote; --overwrite replaces only "
+            "those: choose another output"
+        )
+
+
 def check_writable(target: Path, what: str = "output") -> None:
     """Refuse, before any work, an output that cannot be created: its nearest existing
     folder is a file, or a probe folder cannot be made there (read-only, ``/proc``, no

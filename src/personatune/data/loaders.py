@@ -339,12 +339,16 @@ def load_source(source: DataSource, base_dir: Path = Path(".")) -> list[Example]
         path = Path(source.path).expanduser()
         path = path if path.is_absolute() else base_dir / path
         text = read_text(path, source.encoding, what="data file")
-        suffix = path.suffix.lower()
-        if source.format == "csv" or (source.format == "auto" and suffix in (".csv", ".tsv")):
+        # the file's container: format: when it names one, else the extension (a record
+        # format such as format: pairs on a .csv file still reads it as CSV)
+        suffixes = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "json"}
+        container = source.format if source.format in ("csv", "json", "jsonl") else None
+        container = container or suffixes.get(path.suffix.lower())
+        if container == "csv":
             records = _csv_records(path, text)
-        elif suffix == ".jsonl" or source.format == "jsonl":
+        elif container == "jsonl":
             records = _json_records(path, text, jsonl=True)
-        elif suffix == ".json" or source.format == "json":
+        elif container == "json":
             records = _json_records(path, text, jsonl=False)
         else:
             raise PersonatuneError(

@@ -69,7 +69,7 @@ def eval_heldout(
     """
     from personatune.engine import load_persona
     from personatune.evaluate.perplexity import heldout_perplexity, plot_heldout
-    from personatune.io import write_json
+    from personatune.io import check_replaceable_file, check_writable, write_json
     from personatune.persona import read_spec
 
     persona_dir = Path(persona_dir)
@@ -77,11 +77,22 @@ def eval_heldout(
     plot = out.with_suffix(".png")
     if (out.exists() or plot.exists()) and not overwrite:
         raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
+    spec = read_spec(persona_dir)  # --overwrite never replaces an input or a foreign file
+    protect, keys = [*spec.input_paths, *data], ("persona", "base", "tuned")
+    check_replaceable_file(out, "held-out perplexity report", protect, keys)
+    if plot.exists():  # the plot is ours only if the report beside it is
+        check_replaceable_file(plot, "held-out perplexity plot", protect)
+        check_replaceable_file(out, "held-out perplexity report", protect, keys)
+        if not out.exists():
+            raise PersonatuneError(
+                f"{plot}: not a plot that personatune wrote; choose another --out"
+            )
+    check_writable(out, "report")
     if max_length < 8 or batch_size < 1 or (limit is not None and limit < 1):
         raise PersonatuneError(
             "--max-length must be at least 8, --batch-size and --limit 1, --threads 0 or more"
         )
-    examples, paths, notes = heldout_examples(persona_dir, read_spec(persona_dir), data)
+    examples, paths, notes = heldout_examples(persona_dir, spec, data)
     for n in notes:
         note(n)
     examples = examples[:limit] if limit else examples

@@ -10,7 +10,7 @@ and write the report.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,23 +37,37 @@ from personatune.evaluate.suite import (
     persona_conv,
     plain_conv,
 )
-from personatune.io import sha256_file
-from personatune.persona import ADAPTER_WEIGHTS, TRAIN_LOG, read_manifest
+from personatune.io import check_replaceable_file, check_writable, sha256_file
+from personatune.persona import ADAPTER_WEIGHTS, TRAIN_LOG, read_manifest, read_spec
 
 REPORT_FILES = ("report.json", "report.html", "report_loss.png", "report_metrics.png")
 
 
-def check_report_target(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing report without ``overwrite``.
+def check_report_target(out_dir: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
+    """Refuse to replace an existing report without ``overwrite``; with it, refuse to
+    replace report files personatune did not write (a ``report.json`` without the report's
+    keys, or report files with no ``report.json`` beside them) or any path in
+    ``protect`` (the spec's data). Also refuses an ``out_dir`` that cannot be written.
 
     Raises:
-        PersonatuneError: report.json or report.html exists in ``out_dir``.
+        PersonatuneError: one line naming the file and the fix.
     """
     for name in REPORT_FILES:
         if (out_dir / name).exists() and not overwrite:
             raise PersonatuneError(
                 f"{out_dir / name} already exists; pass --overwrite to replace it"
             )
+    report = out_dir / REPORT_FILES[0]
+    for name in REPORT_FILES:
+        if (out_dir / name).exists():  # a report's files are ours only if its JSON is
+            check_replaceable_file(out_dir / name, "report", protect)
+            if not report.exists():
+                raise PersonatuneError(
+                    f"{out_dir / name}: not a report that personatune wrote (no {report.name} "
+                    "beside it); choose another --out folder"
+                )
+            check_replaceable_file(report, "report", protect, ("persona", "metrics"))
+    check_writable(report, "report")
 
 
 @dataclass
@@ -124,7 +138,7 @@ def evaluate(
     console = console or Console(stderr=True)
     persona_dir = Path(persona_dir)
     out_dir = Path(out_dir) if out_dir else persona_dir
-    check_report_target(out_dir, overwrite)
+    check_report_target(out_dir, overwrite, read_spec(persona_dir).input_paths)
     start, start_cpu = time.time(), time.process_time()
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
