@@ -48,7 +48,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import statistics
 import sys
@@ -56,9 +55,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import common  # sys.path and offline Hugging Face settings, before personatune
+
+REPO, RESULTS = common.REPO, common.RESULTS
 SPEC = REPO / "examples" / "pirate" / "persona.yaml"
-RESULTS = REPO / "benchmarks" / "results"
 
 #: set-up name -> (description, spec overrides, environment, patches)
 SETUPS = {
@@ -309,63 +309,15 @@ def run_setup(name, idx, ring, out_q, steps):
 # The run.
 
 
-def matmul_peak_gflops(dtype_name: str, n: int = 2048, reps: int = 8) -> float:
-    """Best of three timings of an ``n x n x n`` matmul, in GFLOP/s."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, reps * 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return best
-
-
 def model_flops_per_token(context: float) -> tuple[float, int]:
-    """FLOP per trained token for the embedded model (GPU.md): 4 x matmul parameters
-    (forward 2N + input-gradient backward 2N; frozen weights get no weight gradient)
-    + 12 x layers x context x hidden for attention. Returns (flop, matmul parameters)."""
+    """FLOP per trained token for the embedded model (:func:`common.flops_per_token`)
+    and its matmul parameters."""
     from transformers import AutoConfig
 
     from personatune.models import _gguf_as_safetensors, resolve_ref
 
     c = AutoConfig.from_pretrained(_gguf_as_safetensors(resolve_ref("embedded")))
-    d, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
-    kv = d // c.num_attention_heads * c.num_key_value_heads
-    n_mm = L * (2 * d * d + 2 * d * kv + 3 * d * c.intermediate_size) + V * d
-    return 4 * n_mm + 12 * L * context * d, n_mm
-
-
-def machine() -> dict:
-    import torch
-
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cores": os.cpu_count(),
-    }
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.splitlines()
-            if line.startswith("model name")
-        )
-        info["bf16_matmul_isa"] = [f for f in ("avx512_bf16", "amx_bf16") if f in cpuinfo]
-        mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
-        info["ram_gib"] = round(int(mem) / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    import peft
-    import transformers
-
-    info.update(transformers=transformers.__version__, peft=peft.__version__)
-    return info
+    return common.flops_per_token(c, context), common.matmul_params(c)
 
 
 def summarise(results: dict, flop_per_token: float, peak_gflops: float) -> dict:
@@ -407,36 +359,32 @@ def table(results: dict) -> str:
         "MFU",
         "max loss diff vs baseline",
     ]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, r in results.items():
         if "error" in r:
             rows.append(
-                f"| {name} | {SETUPS[name][0]} | error: {r['error'][:80]} |" + "|" * (len(head) - 3)
+                [name, SETUPS[name][0], f"error: {r['error'][:80]}"] + [""] * (len(head) - 3)
             )
             continue
-        cells = [
-            name,
-            SETUPS[name][0],
-            str(r["threads"]),
-            f"{r['tokens_per_s']:.1f}",
-            f"{r.get('ratio_vs_baseline', float('nan')):.2f}",
-            *([f"{r.get('ratio_vs_baseline_t1', float('nan')):.2f}"] if t1 else []),
-            f"{r['median_step_s']:.2f}",
-            f"{r['rss_train_peak_gib']:.2f}",
-            f"{r['mfu']:.3f}",
-            f"{r.get('loss_max_abs_diff', 0):.3f} ({100 * r.get('loss_max_rel_diff', 0):.1f}%)",
-        ]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append(
+            [
+                name,
+                SETUPS[name][0],
+                r["threads"],
+                f"{r['tokens_per_s']:.1f}",
+                f"{r.get('ratio_vs_baseline', float('nan')):.2f}",
+                *([f"{r.get('ratio_vs_baseline_t1', float('nan')):.2f}"] if t1 else []),
+                f"{r['median_step_s']:.2f}",
+                f"{r['rss_train_peak_gib']:.2f}",
+                f"{r['mfu']:.3f}",
+                f"{r.get('loss_max_abs_diff', 0):.3f} ({100 * r.get('loss_max_rel_diff', 0):.1f}%)",
+            ]
+        )
+    return common.markdown_table(head, rows)
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = common.figure(figsize=(7, 4))
     for name, r in results.items():
         if "loss" in r:
             ax.plot(
@@ -449,8 +397,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title("pirate example, SmolLM2-135M, same data and seed")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_plot(fig, path)
 
 
 def run_group(names: list[str], steps: int, bar, task) -> dict:
@@ -514,9 +461,6 @@ def main(argv=None) -> int:
     if unknown or args.steps < 2:
         ap.error(f"unknown set-up {unknown}" if unknown else "--steps must be at least 2")
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, str(REPO / "src"))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from personatune.config import load_spec
@@ -524,11 +468,11 @@ def main(argv=None) -> int:
     from personatune.data.dataset import prepare_data
     from personatune.models import load_tokenizer, resolve_ref
 
-    info = machine()
+    info = common.machine_info()
     info["load_average_before"] = os.getloadavg()
-    peak = matmul_peak_gflops("bfloat16")
+    peak = common.matmul_peak("cpu", "bfloat16") / 1e9
     info["bf16_matmul_gflops"] = round(peak, 1)
-    info["fp32_matmul_gflops"] = round(matmul_peak_gflops("float32"), 1)
+    info["fp32_matmul_gflops"] = round(common.matmul_peak("cpu", "float32") / 1e9, 1)
 
     spec = load_spec(SPEC, ["guard.enabled=false"])
     tok = load_tokenizer(resolve_ref("embedded"))
@@ -571,17 +515,15 @@ def main(argv=None) -> int:
         "setups": ordered,
         "command": "python benchmarks/train_speed.py " + " ".join(argv or sys.argv[1:]),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    common.write_json(RESULTS / f"{args.name}.json", out)
     md = (
-        f"# {args.name}\n\n{info.get('cpu', '?')}, {info['cores']} cores, torch "
-        f"{info['torch']}; load average {info['load_average_before'][0]:.1f} before, "
+        f"# {args.name}\n\n{common.describe(info)}; load average {info['load_average_before'][0]:.1f} before, "
         f"{info['load_average_after'][0]:.1f} after; bf16 matmul peak {peak:.0f} GFLOP/s. "
         f"{args.steps} steps of batch {spec.train.batch_size}, first step excluded from "
         f"speed.\n\n{table(ordered)}\n\nLoss parity (personatune vs baseline, same seed): "
         f"{json.dumps(parity)}\n"
     )
-    (RESULTS / f"{args.name}.md").write_text(md)
+    common.write_markdown(RESULTS / f"{args.name}.md", md)
     plot(ordered, RESULTS / f"{args.name}_loss.png")
     print(md)
     failed = [n for n, r in ordered.items() if "error" in r]
