@@ -161,12 +161,14 @@ def matmul_params(config) -> int:
     return L * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size) + V * d
 
 
-def flops_per_token(config, context: float) -> float:
+def flops_per_token(config, context: float, n_matmul: int | None = None) -> float:
     """FLOP per trained token of LoRA training (../shared/docs/GPU.md): 4 x matmul
     parameters (forward 2N + input-gradient backward 2N; frozen weights get no weight
     gradient) + 12 x layers x ``context`` (tokens attended) x hidden for attention.
-    Recomputation under gradient checkpointing is not counted."""
-    return 4 * matmul_params(config) + 12 * config.num_hidden_layers * context * config.hidden_size
+    ``n_matmul`` overrides :func:`matmul_params` (e.g. counted from a built model's
+    linear layers). Recomputation under gradient checkpointing is not counted."""
+    n = matmul_params(config) if n_matmul is None else n_matmul
+    return 4 * n + 12 * config.num_hidden_layers * context * config.hidden_size
 
 
 def step_timer(memory: bool = False):

@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # sys.path and offline Hugging Face settings, before personatune
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = common.REPO
 COLUMNS = [  # (report metric, header, unit)
     ("adoption_rate", "adoption %", ""),
     ("probe_accuracy", "probe %", ""),
@@ -132,7 +129,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "preservation rows",
         "published step",
         *[c[1] for c in COLUMNS],
-        "probe drop (pts)",
+        "probe change (pts)",
         "drift ratio",
         "gate",
     ]
@@ -153,7 +150,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {name} | {r['preservation_rows']} | {r['published_step']} | "
             + " | ".join(_f(r["tuned"][k]) for k, _, _ in COLUMNS)
-            + f" | {r['probe_drop_points']:+.1f} | {r['drift_ratio']:.2f} | {gate} |"
+            + f" | {-r['probe_drop_points']:+.1f} | {r['drift_ratio']:.2f} | {gate} |"
         )
     timing = [
         "",
@@ -208,11 +205,6 @@ def _f(v) -> str:
 def plot(rows: list[dict], path: Path) -> None:
     """Grouped bars: adoption, probe accuracy and stress pass rate per arm (percent,
     base model as a dashed line), and the drift ratio with the gate's limit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [
         "no guard"
         if r["arm"] == "off"
@@ -221,7 +213,7 @@ def plot(rows: list[dict], path: Path) -> None:
         else f"guard\nratio {r['arm']}"
         for r in rows
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
+    fig, axes = common.figure(1, 4, figsize=(14, 3.6))
     for ax, (key, title) in zip(
         axes,
         [
@@ -245,11 +237,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.tick_params(axis="x", labelsize=7)
         ax.legend(fontsize=7, loc="upper right" if key == "drift_perplexity" else "lower right")
     fig.suptitle("forgetting guard ablation: same data, with and without the guard", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    common.save_plot(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:
@@ -280,7 +268,7 @@ def main(argv=None) -> int:
     if args.plot_only:
         data = json.loads(args.out.with_suffix(".json").read_text())
         data["meta"]["note"] = args.note or data["meta"].get("note", "")
-        args.out.with_suffix(".md").write_text(markdown(data["rows"], data["meta"]))
+        common.write_markdown(args.out.with_suffix(".md"), markdown(data["rows"], data["meta"]))
         plot(data["rows"], args.plot)
         return 0
     from personatune.models import resolve_ref
@@ -300,14 +288,13 @@ def main(argv=None) -> int:
         "spec": str(args.spec.relative_to(REPO) if args.spec.is_relative_to(REPO) else args.spec),
         "base_model": resolve_ref(spec.model.name, spec.model.revision, spec.base_dir).name,
         "arms": args.arms,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": common.describe(common.machine_info()),
         "lr": spec.train.learning_rate,
         "epochs": spec.train.epochs,
         "note": args.note,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(rows, meta))
+    common.write_json(args.out.with_suffix(".json"), {"meta": meta, "rows": rows})
+    common.write_markdown(args.out.with_suffix(".md"), markdown(rows, meta))
     plot(rows, args.plot)
     print(markdown(rows, meta))
     shutil.rmtree(args.runs / ".tmp", ignore_errors=True)

@@ -29,7 +29,6 @@ Measured:
 Usage (CUDA machine, bitsandbytes installed; results in benchmarks/results/recipes.md)::
 
     python benchmarks/recipes_gpu.py --steps 4 --json results.json [recipe names...]
-    python benchmarks/recipes_gpu.py falcon-7b-persona-chat --plain-falcon-linear
     python benchmarks/recipes_gpu.py phi-2-alpaca --override train.batch_size=16 ...
     python benchmarks/recipes_gpu.py --plot benchmarks/results/recipes_gpu.json
 """
@@ -39,17 +38,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common  # sys.path and offline Hugging Face settings, before personatune
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+REPO = common.REPO
 
 # Published dimensions of each recipe's base model (model cards / config.json).
 SHAPES = {
@@ -152,29 +149,6 @@ GIB = 2**30
 DEVICE = "cuda"
 
 
-def matmul_peak() -> float:
-    """Measured dense bf16 matmul FLOP/s (8192^3, mean of 20 after 3 warm-ups)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    return 20 * 2 * 8192**3 / (time.perf_counter() - t)
-
-
-def plain_falcon_linear() -> None:
-    """Build Falcon with ``nn.Linear`` where it has ``FalconLinear`` (the same maths,
-    ``x @ W.T + b``). transformers 5 gives bitsandbytes only modules whose type is exactly
-    ``nn.Linear``, so without this Falcon's ``nf4`` quantizes none of its layers."""
-    from transformers.models.falcon import modeling_falcon
-
-    modeling_falcon.FalconLinear = torch.nn.Linear
-
-
 def count_linear(model) -> tuple[int, int]:
     """(4-bit linear layers, all linear layers) of a loaded base model, output head left out."""
     try:
@@ -217,30 +191,6 @@ def save_random(name: str, path: Path) -> tuple[object, int]:
     gc.collect()
     torch.cuda.empty_cache()
     return config, n_matmul
-
-
-class StepTimer:
-    """TrainerCallback timing optimizer steps (CUDA-synchronised) and sampling the device's
-    used memory (``cudaMemGetInfo``) at each step end."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        outer = self
-        self.times, self.used = [], 0
-
-        class _CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                torch.cuda.synchronize()
-                outer.t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                torch.cuda.synchronize()
-                outer.times.append(time.perf_counter() - outer.t0)
-                free, total = torch.cuda.mem_get_info()
-                outer.used = max(outer.used, total - free)
-
-        self.callback = _CB()
 
 
 def run_recipe(
@@ -286,15 +236,14 @@ def run_recipe(
         rows.append({"input_ids": ids, "labels": ids})
     work = scratch / f"work-{name}"
     work.mkdir(parents=True, exist_ok=True)
-    timer = StepTimer()
+    timer = common.step_timer(memory=True)
     trainer = build_trainer(
-        spec, model, tiny_tokenizer(), PreparedData(rows, [], []), work, [timer.callback]
+        spec, model, tiny_tokenizer(), PreparedData(rows, [], []), work, [timer]
     )
     trainer.train()
     step_s = sum(timer.times[1:]) / max(1, len(timer.times) - 1)
     tokens_per_s = per_step * seq / step_s
-    L, d = config.num_hidden_layers, config.hidden_size
-    flops_per_token = 4 * n_matmul + 12 * L * seq * d
+    flops_per_token = common.flops_per_token(config, seq, n_matmul)
     paged = 8 * trainable if t.optimizer.startswith("paged_") else 0
     need = torch.cuda.max_memory_reserved() + context + paged
     budget, gpu = SEED_GPU[name]
@@ -341,11 +290,6 @@ def plot(results_json: Path) -> Path:
     holding ``{"runs": [{"machine", "results"}, ...]}`` (benchmarks/results/recipes_gpu.json).
     The first run is the recipes as shipped; a run with ``plain_falcon_linear`` adds Falcon
     with its layers quantized. Writes a PNG beside the JSON and returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = json.loads(results_json.read_text())["runs"]
     rows = {r["recipe"]: r for r in runs[0]["results"] if "need_gb" in r}
     fixed = [
@@ -358,7 +302,7 @@ def plot(results_json: Path) -> Path:
     order = [n for n in SHAPES if n in rows]
     order.sort(key=lambda n: (SHAPES[n][1]["hidden_size"], n))
     x = range(len(order))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a, b) = common.figure(1, 2, figsize=(12, 4.5))
     need = [rows[n]["need_gb"] for n in order]
     budget = [rows[n]["seed_gpu_gb"] for n in order]
     colors = ["#c44e52" if bb and v > bb else "#4c72b0" for v, bb in zip(need, budget)]
@@ -392,10 +336,7 @@ def plot(results_json: Path) -> Path:
     b.set_title(
         f"Speed at each recipe's batch x accumulation x length ({runs[0]['machine']['gpu']})"
     )
-    fig.tight_layout()
-    out = results_json.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    return out
+    return common.save_plot(fig, results_json.with_suffix(".png"), dpi=110)
 
 
 def main() -> None:
@@ -411,34 +352,23 @@ def main() -> None:
     parser.add_argument(
         "--override", action="append", default=[], help="spec key=value, repeatable"
     )
-    parser.add_argument(
-        "--plain-falcon-linear",
-        action="store_true",
-        help="build Falcon with nn.Linear so that NF4 quantizes it",
-    )
     parser.add_argument("--plot", type=Path, help="only plot this results file (see plot())")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
         return
 
-    import importlib.metadata as md
-
     start = time.time()
-    if args.plain_falcon_linear:
-        plain_falcon_linear()
-    info = {"gpu": torch.cuda.get_device_name(0), "plain_falcon_linear": args.plain_falcon_linear}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            info[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            info[pkg] = None
+    # Falcon's layers are quantized since load_model builds them as nn.Linear under nf4
+    # (personatune.patches.falcon_linear_as_nn_linear); older runs recorded the flag.
+    info = {**common.machine_info(("transformers", "peft", "accelerate", "bitsandbytes"))}
+    info["plain_falcon_linear"] = True
     torch.cuda.init()
     torch.zeros(1, device="cuda")
     free, total = torch.cuda.mem_get_info()
     context = total - free - torch.cuda.memory_reserved()
     info["cuda_context_gib"] = round(context / GIB, 2)
-    info["bf16_matmul_tflops"] = round((peak := matmul_peak()) / 1e12, 1)
+    info["bf16_matmul_tflops"] = round((peak := common.matmul_peak("cuda")) / 1e12, 1)
     torch.cuda.empty_cache()
     print(json.dumps(info), flush=True)
 
@@ -464,7 +394,7 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2))
+        common.write_json(args.json, {"machine": info, "results": results})
     print(
         "| recipe | batch x accum x seq | tokens/s | peak alloc GiB | peak reserved GiB "
         "| paged opt GiB | need GB | seed GPU | fits |"
@@ -480,5 +410,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()
