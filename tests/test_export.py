@@ -105,3 +105,32 @@ def test_push_to_hub_without_login_or_network_fails_clearly(persona, monkeypatch
     assert "cannot reach the Hugging Face Hub" in _one_line_error(result)
     result = runner.invoke(app, ["export", str(persona), "--push-to-hub", "not a repo"])
     assert result.exit_code == 2 and "user/name" in result.stderr
+
+
+def test_merged_export_keeps_the_base_dtype(tmp_path, embedded_tokenizer):
+    """Guards against --merged writing float32 whatever the base is (1.6 GB for a 0.4B
+    bf16 model), and against --dtype being ignored."""
+    from conftest import build_tiny
+    from safetensors import safe_open
+
+    base = build_tiny("llama", tmp_path / "bf16", embedded_tokenizer)
+    AutoModelForCausalLM.from_pretrained(base).to(torch.bfloat16).save_pretrained(base)
+    persona = train_tiny_personas(tmp_path / "p", base, count=1)[0]
+
+    def saved_dtypes(out):
+        with safe_open(out / "model.safetensors", "pt") as f:
+            return {f.get_tensor(k).dtype for k in f.keys()}
+
+    assert (
+        runner.invoke(app, ["export", str(persona), "--merged", str(tmp_path / "a")]).exit_code == 0
+    )
+    assert saved_dtypes(tmp_path / "a") == {torch.bfloat16}
+    result = runner.invoke(
+        app, ["export", str(persona), "--merged", str(tmp_path / "b"), "--dtype", "float32"]
+    )
+    assert result.exit_code == 0, result.output
+    assert saved_dtypes(tmp_path / "b") == {torch.float32}
+    result = runner.invoke(
+        app, ["export", str(persona), "--merged", str(tmp_path / "c"), "--dtype", "fp8"]
+    )
+    assert result.exit_code == 2 and "--dtype fp8: choose one of" in result.stderr

@@ -799,24 +799,65 @@ def export(
             help="write the adapter merged into the base weights here (plain transformers)"
         ),
     ] = None,
+    gguf: Annotated[
+        Path | None,
+        typer.Option(
+            help="write a GGUF folder here for llama.cpp, Ollama and LM Studio: "
+            "NAME-QUANT.gguf (adapter merged) and an Ollama Modelfile"
+        ),
+    ] = None,
+    lora_gguf: Annotated[
+        bool,
+        typer.Option(
+            "--lora-gguf",
+            help="with --gguf: the adapter alone as a llama.cpp LoRA GGUF beside a base GGUF",
+        ),
+    ] = False,
+    quant: Annotated[
+        str,
+        typer.Option(help="GGUF weight type: f16, bf16, f32, q8_0, or q4_k_m etc. (llama.cpp)"),
+    ] = "q8_0",
     push_to_hub: Annotated[
         str | None,
         typer.Option(help="upload the merged model to this Hugging Face Hub repo (user/name)"),
     ] = None,
     private: Annotated[bool, typer.Option(help="make the Hub repo private")] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    overwrite: Annotated[bool, typer.Option(help="replace an existing --merged folder")] = False,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="--merged weight dtype: float32, bfloat16 or float16 (default: the base's)"
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace an existing --merged or --gguf folder")
+    ] = False,
 ):
-    """Export a persona as a merged transformers model, and/or push it to the Hub."""
+    """Export a persona: a merged transformers model, a GGUF folder, and/or a Hub upload."""
     import tempfile
 
     from personatune.export import check_hub, export_merged
     from personatune.export import push_to_hub as push
 
-    if merged is None and push_to_hub is None:
-        raise PersonatuneError("give --merged OUT and/or --push-to-hub REPO")
+    if merged is None and push_to_hub is None and gguf is None:
+        raise PersonatuneError("give --merged OUT, --gguf OUT and/or --push-to-hub REPO")
+    if lora_gguf and gguf is None:
+        raise PersonatuneError("--lora-gguf writes into the --gguf folder: add --gguf OUT")
+    if gguf is not None:
+        from personatune.export.gguf_file import check_quant, export_gguf
+
+        check_quant(quant)  # fail before the slow merge
     if push_to_hub:
-        check_hub(push_to_hub)  # fail before the slow merge
+        check_hub(push_to_hub)
+    if gguf is not None:
+        with console.status("writing GGUF"):
+            export_gguf(persona_dir, gguf, quant=quant, lora=lora_gguf, overwrite=overwrite)
+        console.print(f"[green]GGUF and Modelfile written to {gguf}[/]")
+        from personatune.persona import read_spec
+
+        name = read_spec(persona_dir).name.lower()
+        console.print(f"  ollama create {name} -f {gguf / 'Modelfile'} && ollama run {name}")
+    if merged is None and push_to_hub is None:
+        return
     with tempfile.TemporaryDirectory(prefix="personatune-export-") as tmp:
         target = merged if merged is not None else Path(tmp) / "merged"
         with console.status("merging the adapter into the base weights"):

@@ -1,9 +1,10 @@
-"""Export a persona as a plain transformers model: the LoRA adapter merged into the base
+"""A persona as a plain transformers model: the LoRA adapter merged into the base
 weights, with the tokenizer and chat template; optionally pushed to the Hugging Face Hub."""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,22 +46,84 @@ print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:],
 """
 
 
+@dataclass
+class MergedPersona:
+    """A persona's base model with its adapter merged in, ready to save.
+
+    Attributes:
+        spec: the persona's spec (``config.yaml``).
+        ref: where the base model comes from.
+        tokenizer: the base tokenizer with the persona's chat template.
+        model: the base model in float32 on the CPU, the adapter merged in
+            (``merge_and_unload``: W + B·A·alpha/r), or without it when ``merge=False``.
+        base_dtype: the dtype the base weights are stored in (a GGUF base loads as float32).
+    """
+
+    spec: object
+    ref: object
+    tokenizer: object
+    model: object
+    base_dtype: torch.dtype
+
+
+def merge_persona(persona_dir: str | Path, merge: bool = True) -> MergedPersona:
+    """Load a persona's base model on the CPU and merge its adapter into the weights.
+
+    The base is loaded unquantised and merged in float32 whatever its stored dtype, so a
+    bf16 base does not round the adapter's small update away before the final cast.
+
+    Args:
+        persona_dir: a persona directory from ``personatune train``.
+        merge: False returns the base model alone (for a separate adapter file).
+
+    Raises:
+        PersonatuneError: not a persona directory, or a base model that cannot be loaded.
+    """
+    from peft import PeftModel
+
+    spec = read_spec(persona_dir)
+    ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
+    tokenizer = load_tokenizer(ref)
+    ensure_chat_template(tokenizer, spec.model.chat_template)
+    model = load_model(ref, "none", torch.device("cpu"))
+    base_dtype = next(model.parameters()).dtype
+    model.float()
+    if merge:
+        model = PeftModel.from_pretrained(model, Path(persona_dir)).merge_and_unload()
+    model.eval()
+    return MergedPersona(spec, ref, tokenizer, model, base_dtype)
+
+
+def pick_dtype(dtype: str | None, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to save merged weights in: ``dtype`` by name, or the base model's when
+    None.
+
+    Raises:
+        PersonatuneError: an unknown dtype name.
+    """
+    if dtype is None:
+        return base_dtype
+    if dtype not in DTYPES:
+        raise PersonatuneError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def export_merged(
-    persona_dir: str | Path, out: str | Path, *, overwrite: bool = False, dtype: str = "float32"
+    persona_dir: str | Path, out: str | Path, *, overwrite: bool = False, dtype: str | None = None
 ) -> Path:
     """Merge the persona's adapter into its base model and save a model directory.
 
-    The base model is loaded unquantised on the CPU (merging into 4-bit weights would lose
-    precision), the adapter is merged with peft's ``merge_and_unload`` (W + B·A·alpha/r),
-    and the result is saved with ``save_pretrained`` (safetensors, config, generation
-    config), the tokenizer with its chat template, ``persona.json`` and a model card.
-    Written to a temporary folder beside ``out`` and renamed when complete.
+    The merge is :func:`merge_persona`; the result is saved with ``save_pretrained``
+    (safetensors, config, generation config), the tokenizer with its chat template,
+    ``persona.json`` and a model card. Written to a temporary folder beside ``out`` and
+    renamed when complete.
 
     Args:
         persona_dir: a persona directory from ``personatune train``.
         out: the model directory to write.
         overwrite: replace ``out`` if it exists.
-        dtype: weight dtype of the saved model: ``float32``, ``bfloat16`` or ``float16``.
+        dtype: weight dtype of the saved model: ``float32``, ``bfloat16`` or ``float16``;
+            None (the default) keeps the base model's dtype (a GGUF base: float32).
 
     Returns:
         ``out``.
@@ -69,27 +132,22 @@ def export_merged(
         PersonatuneError: not a persona directory, ``out`` exists without ``overwrite``,
             an unknown dtype, or a base model that cannot be loaded.
     """
-    from peft import PeftModel
-
     persona_dir, out = Path(persona_dir), Path(out)
-    spec = read_spec(persona_dir)
-    if dtype not in DTYPES:
-        raise PersonatuneError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    read_spec(persona_dir)
+    if dtype is not None:
+        pick_dtype(dtype, torch.float32)  # refuse a bad name before the slow merge
     if out.exists() and not overwrite:
         raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
     check_replaceable(out, "merged model folder", [persona_dir], ("config.json", "persona.json"))
-    ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
-    tokenizer = load_tokenizer(ref)
-    ensure_chat_template(tokenizer, spec.model.chat_template)
-    base = load_model(ref, "none", torch.device("cpu"))
-    merged = PeftModel.from_pretrained(base, persona_dir).merge_and_unload()
-    merged.to(DTYPES[dtype])
+    merged = merge_persona(persona_dir)
+    spec, ref, tokenizer = merged.spec, merged.ref, merged.tokenizer
+    model = merged.model.to(pick_dtype(dtype, merged.base_dtype))
 
     work = partial_dir(out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        merged.save_pretrained(work)
+        model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         if (persona_dir / "persona.json").exists():
             shutil.copy(persona_dir / "persona.json", work / "persona.json")
