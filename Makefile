@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all set-up on a fresh machine: `make demo` and `make check`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -53,6 +53,7 @@ lint: $(BIN)/personatune
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# Everything CI runs (.ci/run): ruff lint, ruff format check, unit then integration tests.
 check: lint test
 
 clean:
