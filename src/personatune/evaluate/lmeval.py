@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 from pathlib import Path
 
 from personatune.errors import PersonatuneError
-from personatune.io import jsonl_records
+from personatune.io import jsonl_records, read_json
 
 #: The prompt of the generic format, as in lm-eval's ARC tasks.
 GENERIC_TEXT = "Question: {{question}}\nAnswer:"
@@ -22,7 +21,7 @@ def _first_row(path: Path) -> dict:
     if path.suffix == ".jsonl":
         return next((row for _, row in jsonl_records(path)), {})
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         return data[0] if isinstance(data, list) and data else {}
     return {}
 
