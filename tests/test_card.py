@@ -22,7 +22,8 @@ def _side(texts: list[str]) -> card.Side:
         s: [Answer(text=t, tokens=3, finished=True) for t in texts]
         for s in ("heldout", "general", "stress")
     }
-    answers["probe"] = [Answer(text="Paris", tokens=1, finished=True)]
+    for name in ("probe", "probe_plain", "probe_direct"):
+        answers[name] = [Answer(text="Paris", tokens=1, finished=True)]
     answers["stress"] = []
     return card.Side(
         answers,
@@ -32,6 +33,7 @@ def _side(texts: list[str]) -> card.Side:
         _Clf(),
         [{"question": "Capital of France?", "answers": ["Paris"], "category": "geo"}],
         [],
+        limits={"probe": 160, "probe_plain": 160, "probe_direct": 48},
     )
 
 
@@ -77,7 +79,8 @@ def test_one_row_adds_a_metric_everywhere():
         "mean answer length",
     )
     base, tuned = _side(["hello there"]), _side(["arr matey ho"])
-    metrics = card.score([*card.METRICS, row], base, tuned)
+    shipped = [m for m in card.METRICS if m.key in ("adoption_rate", "probe_accuracy")]
+    metrics = card.score([*shipped, row], base, tuned)
     assert metrics["answer_words"]["base"] == 2 and metrics["answer_words"]["tuned"] == 3
     keys = list(metrics)
     assert keys.index("answer_words") < keys.index("probe_accuracy")  # with its group

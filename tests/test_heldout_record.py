@@ -7,7 +7,9 @@ import json
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
+from personatune.cli import app
 from personatune.config import load_spec
 from personatune.data.dataset import persona_split, prepare_data
 from personatune.evaluate.compare import compare_prompts
@@ -65,6 +67,9 @@ def test_changed_data_warns_and_eval_keeps_the_recorded_split(trained, tmp_path)
     assert split.recorded and _prompts(split.heldout[0]) == recorded
     assert len(split.notes) == 1 and "data files changed" in split.notes[0]
     assert compare_prompts(out, read_spec(out), 3)[0] == recorded[:3]
+    r = CliRunner().invoke(app, ["compare", str(out), "--n-heldout", "2", "--max-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    assert recorded[0] in r.output and recorded[2] not in r.output
 
     buf = io.StringIO()
     report = evaluate(out, out_dir=tmp_path / "r", console=Console(file=buf, width=400))
