@@ -35,36 +35,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def cpu_model() -> dict:
-    """``{"cpu", "amx", "bf16_matmul_isa"}``: ``lscpu``'s model name (``/proc/cpuinfo``'s
-    when lscpu is missing), whether the CPU has AMX tiles (``amx_bf16``; Intel Sapphire
-    Rapids and later), and which bf16 matmul instruction sets it has (``avx512_bf16``,
-    ``amx_bf16``). Empty values where neither source exists (macOS)."""
-    name, flags = None, ""
+    """``{"cpu", "amx", "bf16_matmul_isa"}``: ``lscpu``'s model name, whether the CPU has
+    AMX tiles (``amx_bf16``; Intel Sapphire Rapids and later), and which bf16 matmul
+    instruction sets it has (``avx512_bf16``, ``amx_bf16``); None and empty without lscpu."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                name = value.strip()
-            elif key.strip() == "Flags":
-                flags = value
     except OSError:
-        pass
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        flags = flags or cpuinfo
-        name = name or next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in cpuinfo.splitlines()
-                if ln.startswith("model name")
-            ),
-            None,
-        )
-    except OSError:
-        pass
-    isa = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
-    return {"cpu": name, "amx": "amx_bf16" in isa, "bf16_matmul_isa": isa}
+        out = ""
+    fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
+    isa = [f for f in ("avx512_bf16", "amx_bf16") if f in fields.get("Flags", "").split()]
+    return {"cpu": fields.get("Model name"), "amx": "amx_bf16" in isa, "bf16_matmul_isa": isa}
 
 
 def machine_info(packages: tuple[str, ...] = ("transformers", "peft")) -> dict:
@@ -169,6 +149,20 @@ def flops_per_token(config, context: float, n_matmul: int | None = None) -> floa
     linear layers). Recomputation under gradient checkpointing is not counted."""
     n = matmul_params(config) if n_matmul is None else n_matmul
     return 4 * n + 12 * config.num_hidden_layers * context * config.hidden_size
+
+
+def pad_tokenizer(eos: bool = False):
+    """A one-token (``<pad>``; with ``eos`` also ``<eos>``) tokenizer for random-token
+    rows: the trainer's collators only need it to pad."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **({"<eos>": 1} if eos else {})}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+        pad_token="<pad>",
+        **({"eos_token": "<eos>"} if eos else {}),
+    )
 
 
 def step_timer(memory: bool = False):

@@ -353,18 +353,6 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pad_tokenizer():
-    """A one-token tokenizer: the padding collator needs ``pad()``, and full-length
-    random rows need no vocabulary."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
-        pad_token="<pad>",
-    )
-
-
 def model_dir(shape: str) -> Path:
     """The random-weight model folder for ``shape``, saved like hf_peft_baseline.py does
     (same config, ``torch.manual_seed(0)``, same path), built if missing."""
@@ -469,7 +457,7 @@ def run_one(name: str, peak_flops: float | None) -> dict:
     callbacks = [timer, KeepLayers()] if extra.get("keep_layers") else [timer]
     work = Path(tempfile.mkdtemp(prefix=f"gpu-speed-{name}-"))
     trainer = build_trainer(
-        spec, model, pad_tokenizer(), PreparedData(rows, [], []), work, callbacks
+        spec, model, common.pad_tokenizer(), PreparedData(rows, [], []), work, callbacks
     )
     if "every_n_layers" in extra:
         trainer.args.activation_checkpointing_kwargs = {
@@ -586,7 +574,7 @@ def run_unsloth(names: list[str], peak_flops: float | None) -> None:
         tok_path.mkdir()
         for f in path.iterdir():
             (tok_path / f.name).symlink_to(f)
-        pad_tokenizer().save_pretrained(tok_path)
+        common.pad_tokenizer().save_pretrained(tok_path)
     torch.cuda.reset_peak_memory_stats()
     model, _ = FastLanguageModel.from_pretrained(
         model_name=str(tok_path),

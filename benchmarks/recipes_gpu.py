@@ -160,21 +160,6 @@ def count_linear(model) -> tuple[int, int]:
     return four, sum(isinstance(m, torch.nn.Linear) for m in blocks)
 
 
-def tiny_tokenizer():
-    """A two-token tokenizer: the trainer only needs it to pad (Falcon's padding collator);
-    the rows are random token ids of the model's own vocabulary."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1}
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
-        pad_token="<pad>",
-        eos_token="<eos>",
-    )
-    return tok
-
-
 def save_random(name: str, path: Path) -> tuple[object, int]:
     """Save a randomly initialised bf16 model of ``name``'s shape to ``path``; return its
     config and the number of matmul parameters (every Linear, output head included)."""
@@ -238,7 +223,7 @@ def run_recipe(
     work.mkdir(parents=True, exist_ok=True)
     timer = common.step_timer(memory=True)
     trainer = build_trainer(
-        spec, model, tiny_tokenizer(), PreparedData(rows, [], []), work, [timer]
+        spec, model, common.pad_tokenizer(eos=True), PreparedData(rows, [], []), work, [timer]
     )
     trainer.train()
     step_s = sum(timer.times[1:]) / max(1, len(timer.times) - 1)
