@@ -462,7 +462,7 @@ def print_gate(result: dict, console: Console) -> None:
         "checkpoint",
         "persona score",
         "probe %",
-        "drop (points)",
+        "probe change (points)",
         "drift ratio",
         "verdict",
         title="retention gate (whole probe, held-out general prompts)",
@@ -472,7 +472,7 @@ def print_gate(result: dict, console: Console) -> None:
             str(c["step"]),
             f"{c['persona_score']:.2f}",
             f"{c['probe_accuracy']:.1f}",
-            f"{c['probe_drop']:+.1f}",
+            f"{-c['probe_drop']:+.1f}",
             f"{c['drift_ratio']:.2f}",
             "[green]pass[/]" if c["passed"] else "[red]" + "; ".join(c["reasons"]),
         )
