@@ -63,23 +63,27 @@ def choose(logits: torch.Tensor, settings: list[Sampling], generators: list) -> 
     Greedy rows take the argmax; sampled rows divide by the temperature, keep the
     smallest set of tokens whose probability reaches ``top_p`` (transformers'
     ``TopPLogitsWarper``) and draw by inverting the cumulative distribution at one uniform
-    number from the row's own generator. (``torch.multinomial`` draws the same
-    distribution but took 54 ms per row over a 49,152-token vocabulary on the 2-core CPU,
-    against 0.4 ms for the cumulative sum and ``searchsorted``.)
+    number from the row's own generator, so a row's draw does not depend on the others.
+    (``torch.multinomial`` draws the same distribution but took 54 ms per row over a
+    49,152-token vocabulary on the 2-core CPU, against 0.4 ms for the cumulative sum and
+    ``searchsorted``.) One device-to-host copy for the whole batch.
     """
     from transformers import TopPLogitsWarper
 
-    out = logits.argmax(-1).tolist()
-    for i, (s, g) in enumerate(zip(settings, generators)):
-        if s.temperature <= 0:
-            continue
-        row = logits[i : i + 1].float() / s.temperature
-        if s.top_p < 1:
-            row = TopPLogitsWarper(s.top_p)(None, row)
-        cdf = torch.softmax(row, -1).cumsum(-1)
-        u = torch.rand(1, 1, generator=g, device=cdf.device) * cdf[:, -1:]
-        out[i] = min(int(torch.searchsorted(cdf, u).item()), cdf.shape[-1] - 1)
-    return out
+    picks = logits.argmax(-1)
+    rows = [i for i, s in enumerate(settings) if s.temperature > 0]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        temps = torch.tensor([settings[i].temperature for i in rows], device=logits.device)
+        scaled = logits.index_select(0, idx).float() / temps[:, None]
+        for k, i in enumerate(rows):
+            if settings[i].top_p < 1:
+                scaled[k : k + 1] = TopPLogitsWarper(settings[i].top_p)(None, scaled[k : k + 1])
+        cdf = torch.softmax(scaled, -1).cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in rows])
+        drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
+        picks = picks.index_copy(0, idx, drawn.clamp(max=cdf.shape[-1] - 1))
+    return picks.tolist()
 
 
 def visible_text(text: str, stops: list[str], final: bool) -> tuple[str, bool]:
