@@ -22,8 +22,7 @@ def _side(texts: list[str]) -> card.Side:
         s: [Answer(text=t, tokens=3, finished=True) for t in texts]
         for s in ("heldout", "general", "stress")
     }
-    for name in ("probe", "probe_plain", "probe_direct"):
-        answers[name] = [Answer(text="Paris", tokens=1, finished=True)]
+    answers["probe"] = [Answer(text="Paris", tokens=1, finished=True)]
     answers["stress"] = []
     return card.Side(
         answers,
@@ -33,7 +32,6 @@ def _side(texts: list[str]) -> card.Side:
         _Clf(),
         [{"question": "Capital of France?", "answers": ["Paris"], "category": "geo"}],
         [],
-        limits={"probe": 160, "probe_plain": 160, "probe_direct": 48},
     )
 
 
