@@ -60,6 +60,7 @@ def refuse(args: list[str], roots: list[Path], *names: str) -> str:
 SPEC = (
     "name: tiny\nsystem_prompt: You are a pirate.\nmodel:\n  name: {model}\n"
     "data:\n  - path: {data}\n{source}output_dir: out\n"
+    "guard:\n  enabled: false\n"  # a random model has no capability to guard
     "train:\n  max_steps: 1\n  batch_size: 2\n  gradient_accumulation: 1\n"
     "  max_seq_length: 64\n"
 )
@@ -414,3 +415,29 @@ def test_disk_errors_name_the_file(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setattr(trainer, "train", full)
     spec = _spec(tmp_path, tiny_model)
     refuse(["train", spec], [tmp_path], "No space left on device", str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("error", ["user", "interrupt"])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
+    error, tmp_path, tiny_model, monkeypatch
+):
+    """Issue 11 defect 3: a run that failed before training (nf4 on CPU, a broken model)
+    left an empty .out.partial that the next run silently reused. A failure, or Ctrl-C,
+    after the work folder exists but before the first checkpoint removes it."""
+    import personatune.train.trainer as trainer
+    from personatune.errors import PersonatuneError
+
+    def broken(*a, **k):
+        if error == "interrupt":
+            raise KeyboardInterrupt
+        raise PersonatuneError("model 'x': cannot load (broken weights)")
+
+    monkeypatch.setattr(trainer, "load_model", broken)
+    spec = _spec(tmp_path, tiny_model)
+    if error == "user":
+        refuse(["train", spec], [tmp_path], "broken weights")
+    else:
+        before = tree_hash(tmp_path)
+        r = runner.invoke(app, ["train", str(spec)])
+        assert r.exit_code == 130 and r.stderr == "error: interrupted\n"
+        assert tree_hash(tmp_path) == before
