@@ -441,3 +441,17 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
         r = runner.invoke(app, ["train", str(spec)])
         assert r.exit_code == 130 and r.stderr == "error: interrupted\n"
         assert tree_hash(tmp_path) == before
+
+
+def test_corpus_output_that_cannot_be_written(tmp_path):
+    """data from-corpus --out /proc/x failed inside mkdir; it must name the folder."""
+    corpus = tmp_path / "hamlet.txt"
+    corpus.write_bytes(
+        (Path(__file__).parent / "fixtures/scripts/hamlet_act1_scene1.txt").read_bytes()
+    )
+    refuse(
+        ["data", "from-corpus", corpus, "--character", "Horatio", "--out", "/proc/x"],
+        [tmp_path],
+        "/proc/x",
+        "cannot write",
+    )

@@ -283,10 +283,19 @@ def check_writable(target: Path, what: str = "output") -> None:
 
 def new_work_dir(output: Path) -> Path:
     """Make an empty, private-name work folder beside ``output`` (``.NAME.partial-XXXX``),
-    with normal permissions, for a writer that publishes with :func:`publish`."""
+    with normal permissions, for a writer that publishes with :func:`publish`.
+
+    Raises:
+        PersonatuneError: the folder cannot be made there (read-only, no permission).
+    """
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    except OSError as e:
+        raise PersonatuneError(
+            f"{output}: cannot write there ({e.strerror}); choose a folder you can write to"
+        ) from None
     work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal folder
     return work
 
