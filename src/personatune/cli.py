@@ -430,11 +430,19 @@ def chat(
         bool,
         typer.Option("--quick-test", help="answer every persona's test_prompts and print a table"),
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="torch, or llama-cpp: the base model as a GGUF in llama.cpp with the "
+            "adapters as llama.cpp LoRA adapters (CPU; pip install 'personatune[llama-cpp]')"
+        ),
+    ] = "torch",
 ):
     """Chat with personas in the terminal (streamed): /persona NAME switches, /personas
     lists, /reset clears, /exit quits. All personas share one base model in memory."""
-    from personatune.engine import BASE_ID, Delta, Sampling, ask, load_registry
+    from personatune.engine import BASE_ID, Delta, Sampling
 
+    load_registry, ask = _engine(engine)
     reg = load_registry(persona_dirs)
     names = [n for n in reg.personas if n != BASE_ID]
     current = names[0]
@@ -743,11 +751,18 @@ def serve(
         ),
     ] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="torch, or llama-cpp: the base model as a GGUF in llama.cpp with the "
+            "adapters as llama.cpp LoRA adapters (CPU; pip install 'personatune[llama-cpp]')"
+        ),
+    ] = "torch",
 ):
     """Serve personas behind an OpenAI-compatible API (/v1/chat/completions, /v1/models),
     with a web chat at / . One base model in memory, one LoRA adapter per persona, many
     requests decoded together; or, with --upstream, generation forwarded elsewhere."""
-    from personatune.engine import describe_personas, load_registry
+    from personatune.engine import describe_personas
     from personatune.serve.app import bind, create_app, run_server
     from personatune.serve.backend import UpstreamBackend
 
@@ -763,13 +778,20 @@ def serve(
     if max_queue < 1 or max_tokens < 1 or max_batch < 1:
         raise PersonatuneError("--max-batch, --max-queue and --max-tokens must be at least 1")
     if upstream is not None:
+        if engine != "torch":
+            raise PersonatuneError("--engine: generation happens at --upstream; drop --engine")
         if not upstream.startswith(("http://", "https://")):
             raise PersonatuneError(f"--upstream {upstream}: give an http:// or https:// URL")
         ref, personas = describe_personas(persona_dirs)
         reg = UpstreamBackend(upstream, personas, ref.name, upstream_key)
     else:
+        load_registry, _ = _engine(engine)
         with console.status("loading the base model and adapters"):
             reg = load_registry(persona_dirs)
+        if engine == "llama-cpp":
+            from personatune.serve.llama_cpp import LlamaCppBackend
+
+            reg = LlamaCppBackend(reg, max_queue)
     app_ = create_app(
         reg,
         api_key=api_key,
@@ -868,6 +890,20 @@ def export(
             with console.status(f"uploading to {push_to_hub}"):
                 url = push(target, push_to_hub, private=private)
             console.print(f"[green]pushed to {url}[/]")
+
+
+def _engine(name: str):
+    """``(load_registry, ask)`` of ``--engine NAME``: the torch engine, or llama.cpp
+    (:mod:`personatune.engine.llama_cpp`)."""
+    if name == "torch":
+        from personatune.engine import ask, load_registry
+
+        return load_registry, ask
+    if name == "llama-cpp":
+        from personatune.engine.llama_cpp import ask, load_llama_cpp
+
+        return load_llama_cpp, ask
+    raise PersonatuneError(f"--engine {name}: choose torch or llama-cpp")
 
 
 if __name__ == "__main__":

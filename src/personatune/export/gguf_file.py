@@ -11,6 +11,7 @@ conversion follows llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``, ``Qwen
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import shutil
 import tempfile
@@ -423,7 +424,14 @@ def llama_cpp_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    log = logging.getLogger("llama-cpp-python")  # llama.cpp's log, printed per tensor
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                            ctypes.byref(params))  # fmt: skip
+    finally:
+        log.setLevel(level)
     if rc != 0:
         raise PersonatuneError(f"--quant {quant}: llama.cpp's quantizer failed (code {rc})")
 
