@@ -8,7 +8,8 @@ tell requests apart and it cannot serve several adapters in one batch. Here each
 its own slice of one transformers ``DynamicCache`` (``(batch, heads, seq, head_dim)``,
 left-padded); a joining row is prefilled alone (so its prompt's KV cache equals the one it
 gets when alone) and padded in on the left; ``batch_select_indices`` drops finished rows
-and all-padding columns on the left are cut.
+and all-padding columns on the left are cut. Each row's persona is applied by a per-row
+mask in every LoRA layer (:mod:`personatune.engine.lora`, measured there).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from personatune.engine.lora import masked_state
 from personatune.engine.sampling import Sampling, choose, end_of_turn_ids, visible_text
 
 log = logging.getLogger("personatune.engine")
@@ -158,6 +160,8 @@ class Batch:
         self.mask: torch.Tensor | None = None  # (batch, seq) 1 = real token, 0 = left padding
         self._ends: dict[int, frozenset[int]] = {}
         self._state: str | None = None  # what the peft model is set to: adapter, base, mixed
+        self._lora = masked_state(model) if self.peft else None
+        self._mask_cache: tuple[tuple, dict] = ((), {})
         if self.peft:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -171,11 +175,24 @@ class Batch:
 
     def _use(self, adapters: list[str | None]) -> dict:
         """Set the peft model up for ``adapters`` (one per row); return forward kwargs.
-        A batch of one adapter runs as a plain forward with it active: peft's mixed-batch
-        path splits every LoRA matmul per adapter, which costs time even for one."""
+        Per-row masks (:mod:`personatune.engine.lora`) where every LoRA layer allows;
+        else peft: a batch of one adapter as a plain forward with it active, a mixed one
+        through ``adapter_names``."""
         if not self.peft:
             if any(a is not None for a in adapters):
                 raise ValueError(f"adapter {adapters} requested but the model has no adapters")
+            return {}
+        if self._lora is not None:
+            key = tuple(adapters)
+            if key != self._mask_cache[0]:
+                masks = {
+                    name: torch.tensor([a == name for a in adapters], device=self.device)
+                    .float()
+                    .view(-1, 1, 1)
+                    for name in dict.fromkeys(a for a in adapters if a is not None)
+                }
+                self._mask_cache = (key, masks)
+            self._lora.masks = self._mask_cache[1]
             return {}
         names = set(adapters)
         want = "mixed" if len(names) > 1 else NO_ADAPTER if None in names else next(iter(names))
@@ -205,15 +222,19 @@ class Batch:
             self._state = None
 
     def _forward(self, ids, mask, positions, cache, adapters) -> torch.Tensor:
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **self._use(adapters),
-        )
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **self._use(adapters),
+            )
+        finally:
+            if self._lora is not None:
+                self._lora.masks = None  # the model is plain peft again outside the engine
         return out.logits[:, -1, :]
 
     # ------------------------------------------------------------ rows
