@@ -83,6 +83,7 @@ def _train_tiny(root: Path, model: Path, count: int) -> list[Path]:
             "data": [{"path": "pairs.csv"}],
             "output_dir": name,
             "test_prompts": prompts,
+            "guard": {"enabled": False},  # a random model has no capability to guard
             "train": {
                 "max_steps": 2,
                 "batch_size": 2,
@@ -640,3 +641,12 @@ def test_visible_text_holds_back_partial_stop_sequences():
     assert shown == "Hello there EN ok\nthen"
     assert visible_text("Hello E", stops, final=False) == ("Hello", False)
     assert visible_text("Hello E", stops, final=True) == ("Hello E", False)
+
+
+def test_cli_serve_defaults_are_the_engines():
+    """Guards against ``personatune serve --help`` showing other defaults than the
+    engine's measured ones (the CLI keeps copies so that --help imports no torch)."""
+    from personatune import cli
+    from personatune.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+
+    assert (cli.SERVE_MAX_BATCH, cli.SERVE_MAX_QUEUE) == (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE)

@@ -12,9 +12,10 @@ from personatune.engine.batcher import Batch, Done, Request
 
 log = logging.getLogger("personatune.engine")
 
-#: Defaults measured with benchmarks/serve_load.py (README, serving section): on the
-#: 2-core CPU with the embedded model, 8 rows gave 3.9x the tokens/s of one and more
-#: rows added latency without throughput; on an H200 with the 0.5B shape, 32 rows.
+#: Defaults from benchmarks/serve_load.py: on one H200 (Qwen2.5-0.5B shape, two adapters
+#: and the base mixed) 8 rows gave 3.0x and 32 rows 10.1x the tokens/s of one, so a GPU
+#: wants ``--max-batch 32``; 8 keeps a 2-core CPU's steps short (serve_load_cpu.md). The
+#: queue holds 64 as the issue's 32-client test asks (429 only beyond it).
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 64
 
