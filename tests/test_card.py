@@ -22,7 +22,8 @@ def _side(texts: list[str]) -> card.Side:
         s: [Answer(text=t, tokens=3, finished=True) for t in texts]
         for s in ("heldout", "general", "stress")
     }
-    answers["probe"] = [Answer(text="Paris", tokens=1, finished=True)]
+    for name in ("probe", "probe_plain", "probe_direct"):
+        answers[name] = [Answer(text="Paris", tokens=1, finished=True)]
     answers["stress"] = []
     return card.Side(
         answers,
@@ -32,6 +33,7 @@ def _side(texts: list[str]) -> card.Side:
         _Clf(),
         [{"question": "Capital of France?", "answers": ["Paris"], "category": "geo"}],
         [],
+        limits={"probe": 160, "probe_plain": 160, "probe_direct": 48},
     )
 
 
@@ -101,3 +103,21 @@ def test_probe_rise_is_not_called_a_drop():
     card.print_summary(report, Path("out"), Console(file=buf, width=200))
     assert "probe change +20.2 points" in buf.getvalue()
     assert card.probe_change(_report({}, 3.5)) == "probe change -3.5 points"
+
+
+def test_summary_prints_degeneration_reasons_and_adoption_by_turn():
+    """Guards against a terminal summary that hides why the degeneration target failed
+    or the persona's drift over a conversation (issue 13)."""
+    report = {
+        **_report({}, 0.0),
+        "degeneration_failures": ["answers cut at the token limit 100.0% against 4.0%"],
+        "conversations": {
+            "base": {"adoption_by_turn": [90.0, 40.0]},
+            "tuned": {"adoption_by_turn": [100.0, None]},
+        },
+    }
+    buf = io.StringIO()
+    card.print_summary(report, Path("out"), Console(file=buf, width=200))
+    out = buf.getvalue()
+    assert "degeneration: answers cut at the token limit 100.0%" in out
+    assert "by conversation turn: base 90 40; tuned 100 -" in out

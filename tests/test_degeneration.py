@@ -138,3 +138,48 @@ def test_identity_claim_share():
     assert M.identity_claim_share(answers, ["Qwen", "Alibaba Cloud"]) == 0.5
     assert M.identity_claim_share([], ["Qwen"]) == 0.0
     assert not M.claims_identity("I am Qwen.", [])
+
+
+def _answer(text, tokens, reason):
+    from personatune.engine import Answer
+
+    return Answer(text, tokens, reason == "stop", reason)
+
+
+def test_answer_degeneration_reads_the_engine_finish_reason_and_each_sets_limit():
+    """Guards against the old limit_rate, which counted every unfinished answer (an error
+    too) as cut, and against pooling answer sets made with different token limits under
+    one limit: a 48-token answer of the 160-token set is not cut, one of the 48-token set
+    is."""
+    short = [_answer("Paris.", 2, "stop"), _answer("It goes on", 48, "length")]
+    long = [_answer("It goes on", 48, "length"), _answer("", 0, "error")]
+    d = M.answer_degeneration([(short, 48), (long, 160)])
+    assert d == {"empty": 0.25, "cut": 0.25, "repetitive": 0.0, "end_of_turn": 0.25, "answers": 4}
+    assert M.ended_turn(_answer("x", 1, "stop")) and not M.ended_turn(_answer("x", 1, "length"))
+
+
+def test_degeneration_failures_compare_with_the_base_model_in_points():
+    """Guards against absolute thresholds (a base model that is cut 30% of the time is
+    not degenerate) and against reading fewer end-of-turn endings as an improvement: each
+    share may worsen by at most the tolerance, in percentage points, in its own
+    direction."""
+    base = {"empty": 0.0, "cut": 0.30, "repetitive": 0.02, "end_of_turn": 0.70}
+    same = dict(base)
+    assert M.degeneration_failures(base, same, 5.0) == []
+    worse = {"empty": 0.06, "cut": 0.34, "repetitive": 0.02, "end_of_turn": 0.60}
+    reasons = M.degeneration_failures(base, worse, 5.0)
+    assert len(reasons) == 2
+    assert reasons[0].startswith("empty answers 6.0% against the base model's 0.0%")
+    assert "end-of-turn token 60.0% against the base model's 70.0%" in reasons[1]
+    better = {"empty": 0.0, "cut": 0.0, "repetitive": 0.0, "end_of_turn": 1.0}
+    assert M.degeneration_failures(base, better, 0.0) == []
+
+
+def test_degeneration_shares_takes_a_limit_per_answer():
+    """Guards against the per-answer limits being zipped wrongly or checked loosely."""
+    s = M.degeneration_shares(["a", "b"], [4, 4], [4, 8], [False, False])
+    assert s["cut"] == 0.5
+    with pytest.raises(ValueError):
+        M.degeneration_shares(["a", "b"], [4, 9], [4, 8], [False, False])
+    with pytest.raises(ValueError):
+        M.degeneration_shares(["a"], [1], [4, 8], [False])

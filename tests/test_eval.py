@@ -24,6 +24,7 @@ eval:
   general_prompts: 6
   max_new_tokens: 6
   probe_max_new_tokens: 4
+  knowledge_max_new_tokens: 8
   classifier_pairs: 10
 """
 
@@ -78,7 +79,8 @@ def test_eval_is_deterministic_and_writes_the_report(tiny_persona, tmp_path, mon
     a, b = reports
     assert a["metrics"] == b["metrics"] and a["answers"] == b["answers"]
     assert a["classifier"] == b["classifier"]
-    for name in ("report.json", "report.html", "report_loss.png", "report_metrics.png"):
+    for name in ("report.json", "report.html", "report_loss.png", "report_metrics.png",
+                 "report_turns.png"):  # fmt: skip
         assert (tmp_path / "r0" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "r0" / "report.json").read_text())
     assert set(saved["metrics"]) >= {
@@ -97,11 +99,22 @@ def test_eval_is_deterministic_and_writes_the_report(tiny_persona, tmp_path, mon
         "distinct_2",
         "empty_rate",
         "limit_rate",
+        "end_of_turn_rate",
+        "identity_in_persona",
+        "identity_claims_base",
+        "conversation_adoption_turn_1",
+        "conversation_adoption_turn_8",
+        "probe_plain_accuracy",
+        "probe_direct_accuracy",
     }
+    assert len(saved["conversations"]["tuned"]["adoption_by_turn"]) == 8
+    assert {"SmolLM", "Hugging Face"} <= set(saved["identity"]["base_names"])
+    assert set(saved["targets"]) >= {"degeneration_within_tolerance", "probe_within_tolerance"}
     assert saved["data"]["probe_questions"] == 192 and saved["data"]["general_prompts"] == 6
     assert len(saved["answers"]["probe"]) == 192
     html = (tmp_path / "r0" / "report.html").read_text()
     assert "data:image/png;base64," in html and "Factual probe" in html
+    assert "Identity questions" in html and 'href="report_turns.png"' in html
     with pytest.raises(PersonatuneError, match="--overwrite"):
         evaluate(tiny_persona, out_dir=tmp_path / "r0")
 

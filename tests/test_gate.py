@@ -119,6 +119,8 @@ GUARD_YAML = """guard:
   preservation_ratio: 0.25
   eval_probe_questions: 4
   eval_general_prompts: 4
+  beat_prompting: false
+  search_budget_s: 0
 eval:
   general_prompts: 8
   max_new_tokens: 4
@@ -209,3 +211,159 @@ def test_passing_gate_publishes_the_chosen_checkpoint(persona_yaml, monkeypatch)
     assert gate["chosen"] == first == 2
     chosen = out / "checkpoints" / f"checkpoint-{first}" / "adapter_model.safetensors"
     assert (out / "adapter_model.safetensors").read_bytes() == chosen.read_bytes()
+
+
+# ---- knowledge and degeneration in the gate (issue 13) ---------------------------------
+
+SHARES = {"empty": 0.0, "cut": 0.05, "repetitive": 0.0, "end_of_turn": 0.95, "answers": 384}
+
+
+def _row(step, score, **over):
+    return {
+        "step": step,
+        "persona_score": score,
+        "probe_accuracy": 50.0,
+        "probe_plain_accuracy": 60.0,
+        "drift_ratio": 1.0,
+        "degeneration": dict(SHARES),
+        **over,
+    }
+
+
+def test_gate_refuses_degeneration_against_the_base_model():
+    """Guards against issue 13's gate, which passed a tuned model whose answers were 54%
+    empty and 100% cut at the token limit: a checkpoint with the best persona score but
+    more cut answers and fewer end-of-turn endings than the base model (beyond the
+    tolerance, in points) is refused with the reason; one within tolerance passes."""
+    base = _row(0, 0.0)
+    looping = _row(80, 0.9, degeneration={**SHARES, "cut": 1.0, "end_of_turn": 0.0})
+    slightly = _row(40, 0.6, degeneration={**SHARES, "cut": 0.09, "end_of_turn": 0.91})
+    r = select_checkpoint([looping, slightly], base, degeneration_tolerance=5.0)
+    assert r["chosen"] == 40 and r["degeneration_tolerance"] == 5.0
+    reasons = r["checked"][0]["reasons"]
+    assert any(x.startswith("answers cut at the token limit 100.0%") for x in reasons)
+    assert any("end-of-turn token 0.0% against the base model's 95.0%" in x for x in reasons)
+    assert "answers cut at the token limit" in select_checkpoint([looping], base)["verdict"]
+    strict = select_checkpoint([slightly], base, degeneration_tolerance=2.0)
+    assert strict["chosen"] is None
+
+
+def test_gate_is_on_knowledge_without_the_system_prompt_too():
+    """Guards against a gate that reads only the probe under the persona's system prompt:
+    a checkpoint that keeps that probe but forgot facts when asked plainly is refused,
+    and a criterion the base row lacks (an older log) is not checked."""
+    base = _row(0, 0.0)
+    forgot = _row(40, 0.9, probe_plain_accuracy=50.0)
+    r = select_checkpoint([forgot], base)
+    assert r["chosen"] is None
+    assert "probe without the system prompt 50.0% is 10.0 points below" in r["verdict"]
+    old_base = {"probe_accuracy": 50.0}
+    assert select_checkpoint([forgot], old_base)["chosen"] == 40
+    mc = select_checkpoint([_row(40, 0.9, mc_accuracy=70.0)], {**base, "mc_accuracy": 80.0},
+                           mc_tolerance=5.0)  # fmt: skip
+    assert mc["chosen"] is None and "multiple choice" in mc["verdict"]
+
+
+def _eot_model(tiny_model, out, tokenizer):
+    """The tiny random model with its end-of-turn rows of the output layer scaled up, so
+    that, like a real chat model, it ends most answers within a few tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from personatune.engine.sampling import end_of_turn_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ends = sorted(end_of_turn_ids(model, tokenizer))
+    with torch.no_grad():
+        for i in ends:
+            model.lm_head.weight[i] *= 12
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, model.lm_head.weight[ends].detach().clone()
+
+
+def plant_never_ending(adapter_file, eot_rows, layer=1):
+    """Rewrite an adapter so the last layer's MLP adds ``-c z^2 u`` to the residual
+    stream, ``u`` the end-of-turn rows of the output layer and ``z`` a projection of the
+    layer's input: gate_proj and up_proj put ``+z`` and ``-z`` in two channels, whose SiLU
+    products sum to ``z^2 >= 0`` (``silu(z) z + silu(-z) (-z) = z^2``), and down_proj
+    reads both into ``-u``. The end-of-turn logit is pushed down whatever the input, so
+    the model never ends its turn."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(adapter_file))
+    pre = f"base_model.model.model.layers.{layer}.mlp."
+    torch.manual_seed(0)
+    a = torch.randn(w[pre + "gate_proj.lora_A.weight"].shape[1])
+    a /= a.norm()
+    u = eot_rows.sum(0)
+    u /= u.norm()
+    for proj in ("gate_proj", "up_proj"):
+        A, B = w[pre + proj + ".lora_A.weight"], w[pre + proj + ".lora_B.weight"]
+        A.zero_(), B.zero_()
+        A[0] = 10 * a
+        B[0, 0], B[1, 0] = 1.0, -1.0
+    A, B = w[pre + "down_proj.lora_A.weight"], w[pre + "down_proj.lora_B.weight"]
+    A.zero_(), B.zero_()
+    A[0, 0] = A[0, 1] = 1.0
+    B[:, 0] = -10 * u
+    save_file(w, str(adapter_file))
+
+
+PLANT_YAML = """guard:
+  enabled: true
+  preservation_ratio: 0.25
+  eval_probe_questions: 8
+  eval_general_prompts: 4
+  beat_prompting: false
+  search_budget_s: 0
+eval:
+  general_prompts: 8
+  max_new_tokens: 4
+  knowledge_max_new_tokens: 12
+  classifier_pairs: 10
+"""
+
+
+def test_gate_refuses_a_planted_degenerate_adapter(persona_yaml, tmp_path, monkeypatch,
+                                                   tiny_model, embedded_tokenizer):  # fmt: skip
+    """Guards against issue 13's gate that published a model that no longer ends its
+    turns. A tiny model that ends its answers is trained with the guard (learning rate
+    so small that every checkpoint keeps the base model's behaviour); before the gate,
+    the earliest checkpoint, made the most persona-like, gets a planted adapter that
+    pushes the end-of-turn logit down. The real gate measures it on the whole probe,
+    refuses it with the degeneration reason (in gate.json and the printed verdict) and
+    publishes a later checkpoint."""
+    from personatune.config import load_spec
+    from personatune.train import guard as guard_mod
+    from personatune.train.trainer import train
+
+    model_dir, eot_rows = _eot_model(tiny_model, tmp_path / "eot-model", embedded_tokenizer)
+    spec_path = persona_yaml(PLANT_YAML)
+    text = spec_path.read_text().replace(str(tiny_model), str(model_dir))
+    spec_path.write_text(text.replace("learning_rate: 0.01", "learning_rate: 1.0e-7"))
+    real_measure, real_gate = guard_mod.Guard.measure, guard_mod.Guard.gate
+
+    def measure(self, model, fingerprint=None, progress=None):
+        m = real_measure(self, model, fingerprint, progress)
+        measure.n += 1
+        return {**m, "persona_score": 1.0 / measure.n}  # the earliest scores highest
+
+    measure.n = 0
+
+    def gate(self, model, work, console=None):
+        plant_never_ending(work / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors",
+                           eot_rows)  # fmt: skip
+        return real_gate(self, model, work, console)
+
+    monkeypatch.setattr(guard_mod.Guard, "measure", measure)
+    monkeypatch.setattr(guard_mod.Guard, "gate", gate)
+    out = train(load_spec(spec_path))
+    result = json.loads((out / "gate.json").read_text())
+    planted = result["checked"][0]
+    assert planted["step"] == 2 and not planted["passed"]
+    assert planted["degeneration"]["end_of_turn"] == 0.0
+    assert result["base_full"]["degeneration"]["end_of_turn"] >= 0.5
+    assert any("end-of-turn token 0.0%" in r for r in planted["reasons"])
+    assert result["chosen"] not in (None, 2) and result["checked"][-1]["passed"]

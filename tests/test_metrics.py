@@ -99,23 +99,9 @@ def test_term_frequency_counts_words_of_single_and_multi_word_terms():
     assert M.term_frequency([""], terms) == 0.0
 
 
-def test_repetition_rate_is_seq_rep_4():
-    """Guards against counting repeated words rather than repeated 4-grams.
-    "a b c d a b c d" has 5 4-grams, 4 distinct: 0.2; "x y" has none: 0."""
-    assert M.repetition_rate(["a b c d a b c d", "x y"]) == pytest.approx(0.1)
-
-
 def test_distinct_2_is_pooled_over_texts():
     """Guards against averaging per text: bigrams ab, ba, ab | ab -> 2 distinct of 4."""
     assert M.distinct_n(["a b a b", "a b"], 2) == pytest.approx(0.5)
-
-
-def test_degeneration_empty_and_limit_rates():
-    """Guards against counting punctuation-only answers as content, or the token-limit
-    share from text length instead of the end-of-turn flag."""
-    d = M.degeneration(["", " ...", "hi there", "ok"], [True, False, False, True])
-    assert d["empty_rate"] == pytest.approx(0.5)
-    assert d["limit_rate"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(

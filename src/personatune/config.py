@@ -199,6 +199,22 @@ class GuardSettings(_Section):
     eval_general_prompts: int = Field(16, ge=0)
     """General prompts for the persona adoption rate and drift at each checkpoint during
     training (a fixed subset of ``eval.general_prompts``)."""
+    degeneration_tolerance: float = Field(5.0, ge=0)
+    """Largest allowed rise, in percentage points over the base model, of the share of
+    empty answers, of answers cut at the token limit and of repetition loops, and largest
+    allowed fall of the share ending with the model's end-of-turn token, on the factual
+    probe's answers with the knowledge budget (``eval.knowledge_max_new_tokens``), with
+    and without the system prompt. 5 points: on the whole probe (384 answers) one answer
+    is 0.26 points, so it allows the handful of long answers a verbose persona cuts at
+    the limit, and refuses a model that stops ending its turns (the planted degenerate
+    adapter of tests/test_gate.py: 100 points)."""
+    mc_tolerance: float | None = Field(None, ge=0)
+    """Largest allowed drop of multiple-choice accuracy (log-likelihood through lm-eval,
+    the shipped 20-item ``mc_tiny`` set, which a verbose voice cannot fail) below the base
+    model's, in percentage points. None (the default) does not score it: measured on the
+    embedded model, it costs 13 CPU seconds per model and checkpoint, and one item is 5
+    points (base accuracy 60%), too coarse to gate within a few points by default; the
+    192-question probe with and without the system prompt gates knowledge."""
 
 
 class Benchmark(_Section):
@@ -220,7 +236,12 @@ class EvalSettings(_Section):
     max_new_tokens: int = Field(64, ge=1)
     """Longest generated answer in tokens for persona, general and stress prompts."""
     probe_max_new_tokens: int = Field(48, ge=1)
-    """Longest answer in tokens to a factual-probe question."""
+    """Short budget in tokens for a factual-probe answer: the report card's directness
+    row (how much a verbose voice delays the answer), not gated."""
+    knowledge_max_new_tokens: int = Field(160, ge=1)
+    """Budget in tokens for a factual-probe answer when measuring knowledge (the gate and
+    the report card's probe rows): long enough that a long-winded persona still reaches
+    its answer, which is then found anywhere in the text."""
     batch_size: int = Field(64, ge=1)
     """Prompts per generation batch (left-padded, greedy, grouped by prompt length)."""
     classifier_pairs: int = Field(128, ge=8)

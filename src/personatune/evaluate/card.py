@@ -14,11 +14,26 @@ from rich.console import Console
 from rich.table import Table
 
 from personatune.evaluate import metrics as M
+from personatune.evaluate.conversations import score_conversations
+from personatune.evaluate.identity import score_identity
 from personatune.evaluate.probe import score_probe, score_stress
 
 FIDELITY, RETENTION, DEGENERATION = "persona fidelity", "capability retention", "degeneration"
-#: The answer sets of an evaluation (see :func:`personatune.evaluate.run.answer_sets`).
-SETS = ("heldout", "general", "probe", "stress", "drift")
+HOLDING = "identity and long conversations"
+#: The answer sets of an evaluation (see :func:`personatune.evaluate.run.answer_sets`):
+#: ``probe`` and ``probe_plain`` are the factual probe with the knowledge budget, under
+#: the persona's system prompt and without one; ``probe_direct`` is the probe answer cut
+#: to the short budget (directness); ``identity`` the identity questions under the
+#: persona's system prompt; ``conversations`` the scripted conversations (see
+#: :mod:`personatune.evaluate.conversations`).
+SETS = (
+    "heldout", "general", "probe", "probe_plain", "probe_direct", "stress", "identity", "drift",
+    "conversations",
+)  # fmt: skip
+#: The answer sets degeneration is measured on, as the gate measures it: the factual
+#: probe with the knowledge budget (``eval.knowledge_max_new_tokens``), with and without
+#: the persona's system prompt, where a verbose voice has room to end its turn.
+DEGENERATION_SETS = ("probe", "probe_plain")
 
 
 @dataclass
@@ -34,6 +49,11 @@ class Side:
         classifier: the fitted adoption classifier.
         probe_items, stress_items: the probe questions and stress prompts asked.
         benchmarks: per multiple-choice task, lm-eval's ``{"acc", "n"}``.
+        limits: per answer set, the token limit its answers were made with.
+        identity_names: the base model's names and makers (see
+            :func:`personatune.evaluate.identity.identity_names`).
+        conversations: ``(conversations, turns)`` answers to the scripted conversations.
+        conversation_items: the scripted conversations asked.
     """
 
     answers: dict[str, list]
@@ -44,6 +64,10 @@ class Side:
     probe_items: list[dict]
     stress_items: list[dict]
     benchmarks: dict[str, dict] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=dict)
+    identity_names: list[str] = field(default_factory=list)
+    conversations: list[list] = field(default_factory=list)
+    conversation_items: list[dict] = field(default_factory=list)
 
     def texts(self, sets: Sequence[str]) -> list[str]:
         """The answers' texts of ``sets``, in order."""
@@ -64,13 +88,37 @@ class Side:
         return score_probe(self.texts(["probe"]), self.probe_items)
 
     @cached_property
+    def probe_plain(self) -> dict:
+        """:func:`score_probe` of the probe answers without a system prompt."""
+        return score_probe(self.texts(["probe_plain"]), self.probe_items)
+
+    @cached_property
+    def probe_direct(self) -> dict:
+        """:func:`score_probe` of the probe answers cut to the short budget."""
+        return score_probe(self.texts(["probe_direct"]), self.probe_items)
+
+    @cached_property
+    def identity(self) -> dict:
+        """:func:`personatune.evaluate.identity.score_identity` of the identity answers."""
+        texts = self.texts(["identity"])
+        proba = self.classifier.adoption(texts)["proba"] if texts else []
+        return score_identity(texts, proba, self.identity_names)
+
+    @cached_property
+    def turns(self) -> dict:
+        """:func:`personatune.evaluate.conversations.score_conversations` of the
+        conversations."""
+        return score_conversations(self.conversations, self.conversation_items, self.classifier)
+
+    @cached_property
     def stress(self) -> dict:
         """:func:`personatune.evaluate.probe.score_stress` of the stress answers."""
         return score_stress(self.texts(["stress"]), self.stress_items)
 
     def degeneration(self, sets: Sequence[str]) -> dict:
-        """:func:`personatune.evaluate.metrics.degeneration` of the answers of ``sets``."""
-        return M.degeneration(self.texts(sets), self.finished(sets))
+        """:func:`personatune.evaluate.metrics.answer_degeneration` of the answers of
+        ``sets``, each against its own token limit."""
+        return M.answer_degeneration([(self.answers.get(s, []), self.limits[s]) for s in sets])
 
 
 @dataclass(frozen=True)
@@ -104,7 +152,17 @@ def _degen(key):
     return lambda s, on: 100 * s.degeneration(on)[key]
 
 
+def _turn(key, index):
+    def compute(s, on):
+        by_turn = s.turns[key]
+        v = by_turn[index] if index < len(by_turn) else None
+        return float("nan") if v is None else v
+
+    return compute
+
+
 _ANSWERED = ("general", "heldout", "stress")
+_DEG = DEGENERATION_SETS
 #: The report card. Sources of the formulas are in :mod:`personatune.evaluate.metrics`,
 #: :mod:`personatune.evaluate.probe` and :mod:`personatune.evaluate.classifier`.
 METRICS: tuple[Metric, ...] = (
@@ -120,19 +178,39 @@ METRICS: tuple[Metric, ...] = (
            "%", True, FIDELITY, "persona-term frequency (general prompts)"),
     Metric("adoption_rate", ("general",), lambda s, on: 100 * s.adoption["rate"], "%", True,
            FIDELITY, "persona adoption rate (general prompts)"),
+    Metric("identity_in_persona", ("identity",), lambda s, on: s.identity["in_persona"], "%",
+           True, HOLDING, "identity questions answered in persona, not as the base model"),
+    Metric("identity_claims_base", ("identity",), lambda s, on: s.identity["claims_base"], "%",
+           False, HOLDING, "identity answers claiming the base model's name or maker"),
+    Metric("conversation_adoption_turn_1", ("conversations",), _turn("adoption_by_turn", 0),
+           "%", True, HOLDING, "persona adoption at turn 1 of 8 (scripted conversations)"),
+    Metric("conversation_adoption_turn_8", ("conversations",), _turn("adoption_by_turn", 7),
+           "%", True, HOLDING, "persona adoption at turn 8 of 8"),
+    Metric("conversation_correct_turn_1", ("conversations",), _turn("correct_by_turn", 0),
+           "%", True, HOLDING, "questions answered correctly at turn 1 of 8"),
+    Metric("conversation_correct_turn_8", ("conversations",), _turn("correct_by_turn", 7),
+           "%", True, HOLDING, "questions answered correctly at turn 8 of 8"),
     Metric("probe_accuracy", ("probe",), lambda s, on: s.probe["accuracy"], "%", True,
-           RETENTION, "factual probe accuracy"),
+           RETENTION, "factual probe accuracy (knowledge budget, answer found anywhere)"),
+    Metric("probe_plain_accuracy", ("probe_plain",), lambda s, on: s.probe_plain["accuracy"],
+           "%", True, RETENTION, "factual probe accuracy without the system prompt"),
     Metric("drift_perplexity", ("drift",), lambda s, on: s.perplexity[on[0]], "", False,
            RETENTION, "perplexity on base model's own answers"),
     Metric("stress_pass_rate", ("stress",), lambda s, on: s.stress["pass_rate"], "%", True,
            RETENTION, "stress checks passed"),
-    Metric("repetition_rate", _ANSWERED, _degen("repetition_rate"), "%", False, DEGENERATION,
-           "repetition rate (seq-rep-4)"),
-    Metric("distinct_2", _ANSWERED, _degen("distinct_2"), "%", True, DEGENERATION, "distinct-2"),
-    Metric("empty_rate", _ANSWERED, _degen("empty_rate"), "%", False, DEGENERATION,
-           "empty answers"),
-    Metric("limit_rate", _ANSWERED, _degen("limit_rate"), "%", False, DEGENERATION,
-           "answers cut at the token limit"),
+    Metric("probe_direct_accuracy", ("probe_direct",), lambda s, on: s.probe_direct["accuracy"],
+           "%", True, RETENTION, "directness: probe answered within the short budget (style, "
+           "not gated)"),
+    Metric("empty_rate", _DEG, _degen("empty"), "%", False, DEGENERATION,
+           "empty answers (probe, knowledge budget)"),
+    Metric("limit_rate", _DEG, _degen("cut"), "%", False, DEGENERATION,
+           "answers cut at the token limit (probe, knowledge budget)"),
+    Metric("repetition_rate", _DEG, _degen("repetitive"), "%", False, DEGENERATION,
+           f"repetition loops (seq-rep-4 above {M.REPETITIVE_SEQ_REP:g})"),
+    Metric("end_of_turn_rate", _DEG, _degen("end_of_turn"), "%", True, DEGENERATION,
+           "answers ending with the end-of-turn token"),
+    Metric("distinct_2", _ANSWERED, lambda s, on: 100 * M.distinct_n(s.texts(on), 2), "%", True,
+           DEGENERATION, "distinct-2 (general, held-out, stress)"),
 )  # fmt: skip
 
 
@@ -208,6 +286,19 @@ def print_summary(report: dict, out, console: Console) -> None:
     )
     for name, ok in report["targets"].items():
         console.print(f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'}  {name}")
+    for reason in report.get("degeneration_failures") or []:
+        console.print(f"  [red]degeneration:[/] {reason}")
+    conv = report.get("conversations")
+    if conv and conv["base"]["adoption_by_turn"]:
+
+        def turns(side):
+            return " ".join(
+                "-" if v is None else f"{v:.0f}" for v in conv[side]["adoption_by_turn"]
+            )
+
+        console.print(
+            f"persona adoption % by conversation turn: base {turns('base')}; tuned {turns('tuned')}"
+        )
     console.print(
         f"[green]wrote {out / 'report.json'} and {out / 'report.html'}[/] "
         f"({report['timings_s']['total']:.0f} s)"

@@ -1,5 +1,7 @@
 """Text metrics of the report card: overlap with references (ROUGE-L, BLEU, Jaccard,
-embedding cosine), persona-term frequency and degeneration.
+embedding cosine), persona-term frequency, degeneration against the base model (one
+definition, :func:`degeneration_shares`, for the gate and the report card) and the base
+model's identity.
 
 Conditional perplexity lives in :mod:`personatune.evaluate.perplexity`.
 """
@@ -179,40 +181,11 @@ def _ngrams(ws: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
 
 
-def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
-    """Mean share (0..1) of repeated word n-grams within each text: ``1 - unique n-grams
-    / n-grams``, the seq-rep-n of Welleck et al. 2019 (arXiv:1908.04319), default n=4.
-    A text with no n-gram counts 0. 0.0 for no texts."""
-    rates = []
-    for text in texts:
-        grams = _ngrams(words(text), n)
-        rates.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
-    return float(np.mean(rates)) if rates else 0.0
-
-
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     """distinct-n (0..1) of Li et al. 2016 (arXiv:1510.03055): distinct word n-grams over
     all n-grams, pooled across ``texts``; default n=2. 0.0 when there is no n-gram."""
     grams = [g for text in texts for g in _ngrams(words(text), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def empty_rate(texts: Sequence[str]) -> float:
-    """Share (0..1) of texts without a single word. 0.0 for no texts."""
-    return sum(not words(t) for t in texts) / len(texts) if texts else 0.0
-
-
-def degeneration(texts: Sequence[str], finished: Sequence[bool]) -> dict[str, float]:
-    """Degeneration metrics of generated answers: ``repetition_rate`` (seq-rep-4),
-    ``distinct_2``, ``empty_rate`` and ``limit_rate``, the share of answers that hit the
-    token limit without ending their turn (``finished`` False)."""
-    _check_pairs(texts, finished)
-    return {
-        "repetition_rate": repetition_rate(texts, 4),
-        "distinct_2": distinct_n(texts, 2),
-        "empty_rate": empty_rate(texts),
-        "limit_rate": sum(not f for f in finished) / len(finished) if finished else 0.0,
-    }
 
 
 # ---- degeneration against the token budget and the end-of-turn token (issue 13) ------
@@ -238,7 +211,7 @@ def seq_rep_n(text: str, n: int = 4) -> float:
 def degeneration_shares(
     texts: Sequence[str],
     n_tokens: Sequence[int],
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     ended_turn: Sequence[bool],
     *,
     n: int = 4,
@@ -248,8 +221,10 @@ def degeneration_shares(
 
     Args:
         texts: the decoded answers, one per prompt.
-        n_tokens: generated tokens per answer (the end-of-turn token included if emitted).
-        max_new_tokens: the generation limit in tokens the answers were made with.
+        n_tokens: generated tokens per answer (the end-of-turn token may be included or
+            not: an answer that ended its turn is never cut).
+        max_new_tokens: the generation limit in tokens the answers were made with: one
+            for all, or one per answer (answer sets of different budgets pooled).
         ended_turn: per answer, whether generation stopped on the model's own end-of-turn
             token (``<|im_end|>`` for ChatML models) rather than on the limit.
         n: word n-gram order of the repetition test (default 4).
@@ -266,19 +241,23 @@ def degeneration_shares(
         are 0.0 for no answers.
 
     Raises:
-        ValueError: the sequences differ in length, ``max_new_tokens < 1``, or a token
-            count is negative or above ``max_new_tokens``.
+        ValueError: the sequences differ in length, a limit is below 1, or a token count
+            is negative or above its limit.
     """
-    if not len(texts) == len(n_tokens) == len(ended_turn):
+    limits = (
+        [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    )
+    if not len(texts) == len(n_tokens) == len(ended_turn) == len(limits):
         raise ValueError(
-            f"{len(texts)} texts, {len(n_tokens)} token counts and {len(ended_turn)} "
-            "end-of-turn flags: give one of each per answer"
+            f"{len(texts)} texts, {len(n_tokens)} token counts, {len(ended_turn)} "
+            f"end-of-turn flags and {len(limits)} limits: give one of each per answer"
         )
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    bad = [k for k in n_tokens if not 0 <= k <= max_new_tokens]
+    low = [m for m in limits if m < 1]
+    if low:
+        raise ValueError(f"max_new_tokens must be at least 1, got {low[0]}")
+    bad = [(k, m) for k, m in zip(n_tokens, limits) if not 0 <= k <= m]
     if bad:
-        raise ValueError(f"token count {bad[0]} is outside 0..max_new_tokens={max_new_tokens}")
+        raise ValueError(f"token count {bad[0][0]} is outside 0..max_new_tokens={bad[0][1]}")
     total = len(texts)
 
     def share(flags) -> float:
@@ -286,11 +265,59 @@ def degeneration_shares(
 
     return {
         "empty": share(not t.strip() for t in texts),
-        "cut": share(k >= max_new_tokens and not e for k, e in zip(n_tokens, ended_turn)),
+        "cut": share(k >= m and not e for k, m, e in zip(n_tokens, limits, ended_turn)),
         "repetitive": share(seq_rep_n(t, n) > repetitive_above for t in texts),
         "end_of_turn": share(bool(e) for e in ended_turn),
         "answers": total,
     }
+
+
+def ended_turn(answer) -> bool:
+    """Whether an engine answer (:class:`personatune.engine.Answer`) ended with the
+    model's own end-of-turn token: ``finish_reason == "stop"``. The engine also stops
+    with ``stop`` on a request's stop sequences, but the evaluation and the guard never
+    set any, so there it means an end-of-turn token (any of
+    :func:`personatune.engine.sampling.end_of_turn_ids`: the chat template's turn end,
+    the tokenizer's and the generation config's EOS)."""
+    return answer.finish_reason == "stop"
+
+
+def answer_degeneration(groups: Sequence[tuple[Sequence, int]]) -> dict[str, float]:
+    """:func:`degeneration_shares` of engine answers, pooled over ``groups`` of
+    ``(answers, max_new_tokens they were made with)``."""
+    answers = [(a, limit) for group, limit in groups for a in group]
+    return degeneration_shares(
+        [a.text for a, _ in answers],
+        [min(a.tokens, limit) for a, limit in answers],
+        [limit for _, limit in answers],
+        [ended_turn(a) for a, _ in answers],
+    )
+
+
+#: The degeneration shares a gate compares, and the direction that is worse.
+DEGENERATION_CHECKS: tuple[tuple[str, str, bool], ...] = (
+    ("empty", "empty answers", True),
+    ("cut", "answers cut at the token limit", True),
+    ("repetitive", "repetition loops", True),
+    ("end_of_turn", "answers ending with the end-of-turn token", False),
+)
+
+
+def degeneration_failures(base: dict, tuned: dict, tolerance_points: float) -> list[str]:
+    """Why ``tuned`` degenerates against ``base`` (both :func:`degeneration_shares`
+    results): one reason per share that is worse than the base model's by more than
+    ``tolerance_points`` percentage points (more empty, cut or repetitive answers; fewer
+    ending with the end-of-turn token). Empty list when within tolerance."""
+    reasons = []
+    for key, label, higher_is_worse in DEGENERATION_CHECKS:
+        b, t = 100 * base[key], 100 * tuned[key]
+        worse = t - b if higher_is_worse else b - t
+        if worse > tolerance_points + 1e-9:
+            reasons.append(
+                f"{label} {t:.1f}% against the base model's {b:.1f}% "
+                f"(tolerance {tolerance_points:g} points)"
+            )
+    return reasons
 
 
 # ---- base-model identity (issue 13) ----------------------------------------------------
@@ -432,3 +459,37 @@ def identity_claim_share(answers: Sequence[str], names: Sequence[str]) -> float:
     """Share (0..1) of ``answers`` for which :func:`claims_identity` is True; 0.0 for no
     answers."""
     return sum(claims_identity(a, names) for a in answers) / len(answers) if answers else 0.0
+
+
+# What a model says about itself: "I am SmolLM", "my name is Qwen", "I'm Llama, a ...",
+# "created by Hugging Face", "developed by the team at Meta".
+_SELF_NAME = re.compile(
+    rf"(?:\bI am|\bI'm|\bI’m|\b[Mm]y name is|\b[Cc]all me)\s+(?P<name>{_PROPER})"
+    rf"|(?:created|trained|made|developed|built|designed) by\s+(?:the team at\s+)?"
+    rf"(?P<maker>{_PROPER})"
+)
+#: Capitalised words that start a self-description without naming anyone.
+_NOT_NAMES = frozenset(
+    "a an the ai assistant i it this here just not sorry yes no hello hi sure "
+    "chatbot bot language model human person".split()
+)
+
+
+def names_in_answers(texts: Sequence[str], min_answers: int = 2) -> list[str]:
+    """Names and makers the answers give themselves ("I am SmolLM", "my name is Qwen",
+    "created by Hugging Face"), for :func:`claims_identity`: the base model's own
+    answers to the identity questions without a system prompt name what a persona must
+    not claim, beyond what :func:`base_identity` reads from its config and template.
+
+    A name counts when it appears in at least ``min_answers`` answers (default 2: a name
+    a model gives itself once may be a slip, one it keeps giving is its identity), and
+    its first word is not a generic word (:data:`_NOT_NAMES`: "I am an AI Assistant").
+    Returned in order of first appearance, without a trailing version or full stop.
+    """
+    seen: dict[str, set[int]] = {}
+    for i, text in enumerate(texts):
+        for m in _SELF_NAME.finditer(text):
+            name = (m.group("name") or m.group("maker") or "").rstrip(".-")
+            if name and name.split()[0].lower() not in _NOT_NAMES:
+                seen.setdefault(name, set()).add(i)
+    return [n for n, hits in seen.items() if len(hits) >= min_answers]

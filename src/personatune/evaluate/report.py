@@ -1,5 +1,6 @@
 """Write the report card: ``report.json``, and ``report.html`` with plots (the training
-loss curve, base-against-tuned bars for every metric) and a side-by-side answers table."""
+loss curve, base-against-tuned bars for every metric, persona adoption by conversation
+turn) and side-by-side answer tables."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from personatune.evaluate.card import probe_change
 from personatune.io import read_jsonl, write_json, write_text
 
-PLOTS = ("report_loss.png", "report_metrics.png")
+PLOTS = ("report_loss.png", "report_metrics.png", "report_turns.png")
 
 
 def _save(fig, path: Path) -> bytes:
@@ -68,6 +69,37 @@ def plot_loss(log: list[dict], path: Path) -> bytes | None:
         lines2 = g2.get_legend_handles_labels()
         g.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center right")
         g.set_title("guard metrics on fixed subsets, per checkpoint")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_turns(conversations: dict, path: Path) -> bytes | None:
+    """Persona adoption (left) and questions answered correctly (right) per user turn
+    of the scripted conversations, base against tuned, in percent. Returns the PNG
+    bytes, or None when there are no turns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not conversations or not conversations["base"]["adoption_by_turn"]:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = (("adoption_by_turn", "persona adoption %"), ("correct_by_turn", "correct %"))
+    for ax, (key, ylabel) in zip(axes, panels):
+        for side, style, colour in (("base", "o--", "tab:gray"), ("tuned", "s-", "tab:orange")):
+            vals = conversations[side][key]
+            turns = [i + 1 for i, v in enumerate(vals) if v is not None]
+            ax.plot(turns, [v for v in vals if v is not None], style, color=colour, label=side)
+        ax.set_xlabel("user turn")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(-5, 105)
+        ax.set_xticks(range(1, len(conversations["base"][key]) + 1))
+        ax.legend(fontsize=8)
+    axes[0].set_title("persona adoption by turn (system prompt, own answers in context)")
+    axes[1].set_title("questions answered correctly by turn")
+    for ax in axes:
+        ax.title.set_fontsize(9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -166,8 +198,11 @@ th{background:#f3f3f3}.ok{color:#080}.bad{color:#b00}.cut{color:#b60;font-size:1
 img{max-width:100%}"""
 
 
-def render_html(report: dict, loss_png: bytes | None, metrics_png: bytes) -> str:
-    """The report as one self-contained HTML page (plots inlined as PNG data URLs)."""
+def render_html(
+    report: dict, loss_png: bytes | None, metrics_png: bytes, turns_png: bytes | None = None
+) -> str:
+    """The report as one self-contained HTML page (plots inlined as PNG data URLs; the
+    adoption-by-turn plot also links its file, ``report_turns.png``, beside the page)."""
     e = html.escape
     rows = []
     for key, m in report["metrics"].items():
@@ -201,6 +236,29 @@ def render_html(report: dict, loss_png: bytes | None, metrics_png: bytes) -> str
             f"<th>drift ratio</th><th>verdict</th></tr>{checked}</table>"
         )
     ans = report["answers"]
+    turns_html = ""
+    if turns_png:
+        turns_html = (
+            "<h2>Long conversations</h2><p>Persona adoption and correctness per user turn "
+            "of the scripted conversations, each answered with the model's own earlier "
+            'answers in the context (<a href="report_turns.png">report_turns.png</a>).</p>'
+            + _img(turns_png, "adoption by turn")
+        )
+    identity_html = ""
+    if report.get("identity"):
+        idn = report["identity"]
+        identity_html = (
+            "<p>Identity: the base model's names and makers, which a persona must not "
+            f"claim: {e(', '.join(idn['base_names']) or 'none found')} "
+            f"({e('; '.join(idn['sources']))}).</p>"
+        )
+    degen_html = ""
+    if report.get("degeneration_failures"):
+        degen_html = (
+            "<p class='bad'>Degeneration against the base model: "
+            + e("; ".join(report["degeneration_failures"]))
+            + "</p>"
+        )
     sections = [
         (
             "General prompts (adoption)",
@@ -225,10 +283,35 @@ def render_html(report: dict, loss_png: bytes | None, metrics_png: bytes) -> str
             ),
         ),
     ]
+    keys = ["general", "heldout", "stress", "probe"]
+    if "identity" in ans:
+        sections.append(
+            (
+                "Identity questions",
+                _answers_table(
+                    ans["identity"],
+                    "prompt",
+                    [("category", "category"), ("held", "in persona, base, tuned")],
+                ),
+            )
+        )
+        keys.append("identity")
+    if "conversations" in ans:
+        sections.append(
+            (
+                "Scripted conversations",
+                _answers_table(
+                    ans["conversations"],
+                    "prompt",
+                    [("kind", "kind"), ("in_persona", "in persona, base, tuned")],
+                ),
+            )
+        )
+        keys.append("conversations")
     details = "".join(
         f"<details{' open' if i == 0 else ''}><summary><b>{e(t)}</b> "
         f"({len(ans[k])})</summary>{tbl}</details>"
-        for i, ((t, tbl), k) in enumerate(zip(sections, ans))
+        for i, ((t, tbl), k) in enumerate(zip(sections, keys))
     )
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>personatune report: {e(report["persona"])}</title><style>{CSS}</style></head><body>
@@ -243,7 +326,9 @@ questions ({report["data"]["probe_seen_in_training"]} dropped as seen in trainin
 {_fmt(report["drift_ratio"])}.</p>
 <h2>Metrics</h2><table><tr><th>group</th><th>metric</th><th>base</th><th>tuned</th>
 <th>tuned − base</th></tr>{"".join(rows)}</table>
+{degen_html}{identity_html}
 {_img(metrics_png, "metrics plot")}
+{turns_html}
 <p>Adoption classifier: {e(clf["method"])}, {clf["cv_folds"]}-fold cross-validated error
 {100 * clf["cv_error"]:.1f}% on {clf["n_persona"]} persona and {clf["n_plain"]} base answers.</p>
 {gate_html}
@@ -254,10 +339,11 @@ questions ({report["data"]["probe_seen_in_training"]} dropped as seen in trainin
 
 
 def write_report(report: dict, out_dir: Path, train_log: Path) -> None:
-    """Write ``report.json``, ``report.html`` and the two plot PNGs to ``out_dir``, each
+    """Write ``report.json``, ``report.html`` and the plot PNGs to ``out_dir``, each
     through a temporary file and a rename."""
     out_dir.mkdir(parents=True, exist_ok=True)
     loss = plot_loss(read_jsonl(train_log) if train_log.exists() else [], out_dir / PLOTS[0])
     bars = plot_metrics(report["metrics"], out_dir / PLOTS[1])
+    turns = plot_turns(report.get("conversations") or {}, out_dir / PLOTS[2])
     write_json(out_dir / "report.json", report)
-    write_text(out_dir / "report.html", render_html(report, loss, bars))
+    write_text(out_dir / "report.html", render_html(report, loss, bars, turns))

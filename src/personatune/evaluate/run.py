@@ -24,15 +24,20 @@ from personatune.engine import Answer
 from personatune.errors import PersonatuneError
 from personatune.evaluate import card
 from personatune.evaluate.answers import cached_answers, inference_copy
+from personatune.evaluate.conversations import load_conversations, run_conversations
+from personatune.evaluate.identity import identity_names, load_identity_prompts
+from personatune.evaluate.metrics import degeneration_failures
 from personatune.evaluate.probe import drift_ratio
 from personatune.evaluate.progress import phase, progress_bar
 from personatune.evaluate.suite import (
     EvalData,
     classifier_examples,
+    cut_answers,
     drift_conversations,
     eval_data,
     example_prompt,
     fit_adoption_classifier,
+    knowledge_failures,
     perplexity,
     persona_conv,
     plain_conv,
@@ -40,7 +45,13 @@ from personatune.evaluate.suite import (
 from personatune.io import check_replaceable_file, check_writable, sha256_file
 from personatune.persona import ADAPTER_WEIGHTS, TRAIN_LOG, read_manifest, read_spec
 
-REPORT_FILES = ("report.json", "report.html", "report_loss.png", "report_metrics.png")
+REPORT_FILES = (
+    "report.json",
+    "report.html",
+    "report_loss.png",
+    "report_metrics.png",
+    "report_turns.png",
+)
 
 
 def check_report_target(out_dir: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
@@ -81,16 +92,28 @@ class Models:
     tuned_fp: str
 
 
+#: Answer sets asked of the base model only, without a system prompt: the drift set's
+#: references, and the base model's own answers to the identity questions (the names it
+#: gives itself).
+BASE_ONLY = ("drift", "identity_plain")
+
+
 def answer_sets(spec: PersonaSpec, data: EvalData) -> dict[str, tuple[list, int]]:
     """Per answer set (:data:`personatune.evaluate.card.SETS`), the conversations asked
-    and their token limit. ``drift`` is asked of the base model only, without a system
-    prompt: its answers are the drift set's references."""
+    and their token limit; the sets of :data:`BASE_ONLY` are asked of the base model
+    only. ``probe_direct`` is not asked: it is ``probe`` cut to the short budget
+    (:func:`personatune.evaluate.suite.cut_answers`)."""
     ev = spec.eval
+    knowledge = ev.knowledge_max_new_tokens
+    identity = [r["prompt"] for r in load_identity_prompts()]
     return {
         "heldout": ([example_prompt(spec, e) for e in data.heldout], ev.max_new_tokens),
         "general": ([persona_conv(spec, r["prompt"]) for r in data.general], ev.max_new_tokens),
-        "probe": ([persona_conv(spec, r["question"]) for r in data.probe], ev.probe_max_new_tokens),
+        "probe": ([persona_conv(spec, r["question"]) for r in data.probe], knowledge),
+        "probe_plain": ([plain_conv(r["question"]) for r in data.probe], knowledge),
         "stress": ([persona_conv(spec, r["prompt"]) for r in data.stress], ev.max_new_tokens),
+        "identity": ([persona_conv(spec, p) for p in identity], ev.max_new_tokens),
+        "identity_plain": ([plain_conv(p) for p in identity], ev.max_new_tokens),
         "drift": ([plain_conv(r["prompt"]) for r in data.general], ev.max_new_tokens),
     }
 
@@ -114,9 +137,13 @@ def evaluate(
     printed when the data files changed since, or when the directory has no record.
 
     The metrics are the rows of :data:`personatune.evaluate.card.METRICS`: persona
-    fidelity on held-out persona examples and general prompts, capability retention
-    (factual probe, self-distillation drift, stress checks, multiple-choice benchmarks)
-    and degeneration.
+    fidelity on held-out persona examples and general prompts; identity (the identity
+    questions under the system prompt) and persona adoption and correctness per turn of
+    the scripted conversations (plotted in ``report_turns.png``); capability retention
+    (factual probe with the knowledge budget, with and without the system prompt,
+    self-distillation drift, stress checks, multiple-choice benchmarks, and the
+    directness row); and degeneration against the base model (empty, cut, repetitive
+    answers and end-of-turn emission).
 
     Args:
         persona_dir: a persona directory from ``personatune train``.
@@ -155,10 +182,20 @@ def evaluate(
         with phase(bar, "adoption classifier", n_clf, timings, cpu) as adv:
             clf = fit_adoption_classifier(spec, data, models.base, tok, models.base_fp, adv)
         answers = _answer(bar, models, tok, sets, spec.eval.batch_size, timings, cpu)
+        convs = _conversations(bar, spec, models, tok, timings, cpu)
         ppl = _perplexities(bar, spec, models, tok, data, answers, timings, cpu)
         bench_results = _benchmarks(bar, models, tok, benches, timings, cpu)
 
     t0 = time.time()
+    limits = {name: limit for name, (_, limit) in sets.items()}
+    limits["probe_direct"] = spec.eval.probe_max_new_tokens
+    for side in ("base", "tuned"):
+        answers[side]["probe_direct"] = cut_answers(
+            answers[side]["probe"], tok, spec.eval.probe_max_new_tokens
+        )
+    names = identity_names(
+        models.base.config, tok, [a.text for a in answers["base"]["identity_plain"]]
+    )
     sides = {
         side: card.Side(
             answers[side],
@@ -169,6 +206,10 @@ def evaluate(
             data.probe,
             data.stress,
             {b["task"]: b[side] for b in bench_results},
+            limits,
+            names["names"],
+            convs[side],
+            convs["items"],
         )
         for side in ("base", "tuned")
     }
@@ -180,6 +221,7 @@ def evaluate(
     timings["metrics"] = round(time.time() - t0, 1)
     report = _report(spec, persona_dir, data, models, clf, metrics, sides, bench_results)
     report["data"].update(classifier_pairs=n_clf, split_notes=split_notes)
+    report["identity"] = {"base_names": names["names"], "sources": names["sources"]}
     report["timings_s"] = {**timings, "total": round(time.time() - start, 1)}
     report["cpu_s"] = {**cpu, "total": round(time.process_time() - start_cpu, 1)}
     write_report(report, out_dir, persona_dir / TRAIN_LOG)
@@ -221,13 +263,34 @@ def _answer(bar: Progress, models: Models, tok, sets, batch_size, timings, cpu) 
         ("base", models.base, models.base_fp),
         ("tuned", models.tuned, models.tuned_fp),
     ):
-        names = [n for n in sets if side == "base" or n != "drift"]
+        names = [n for n in sets if side == "base" or n not in BASE_ONLY]
         total = sum(len(sets[n][0]) for n in names)
         with phase(bar, f"{side} answers", total, timings, cpu) as adv:
             for name in names:
                 convs, limit = sets[name]
+                t0, c0 = time.time(), time.process_time()  # per set, for the cost of each
                 answers[side][name] = cached_answers(model, tok, convs, fp, limit, batch_size, adv)
+                timings[f"{side} answers: {name}"] = round(time.time() - t0, 1)
+                cpu[f"{side} answers: {name}"] = round(time.process_time() - c0, 1)
     return answers
+
+
+def _conversations(bar: Progress, spec, models: Models, tok, timings, cpu) -> dict:
+    """Both models' answers to the scripted conversations under the persona's system
+    prompt, turn by turn (:func:`run_conversations`), and the conversations asked."""
+    items = load_conversations()
+    out: dict = {"items": items}
+    total = 2 * sum(len(c["turns"]) for c in items)
+    with phase(bar, "conversations", total, timings, cpu) as adv:
+        for side, model, fp in (
+            ("base", models.base, models.base_fp),
+            ("tuned", models.tuned, models.tuned_fp),
+        ):
+            out[side] = run_conversations(
+                model, tok, items, spec.system_prompt, fp, spec.eval.max_new_tokens,
+                spec.eval.batch_size, adv,
+            )  # fmt: skip
+    return out
 
 
 def _perplexities(bar, spec, models: Models, tok, data: EvalData, answers, timings, cpu) -> dict:
@@ -262,13 +325,30 @@ def _benchmarks(bar, models: Models, tok, benches, timings, cpu) -> list[dict]:
     return results
 
 
-def targets(spec: PersonaSpec, metrics: dict, probe_drop: float, drift: float) -> dict:
-    """The report card's pass/fail targets: adoption at least 90%, the probe and drift
-    within the guard's tolerances."""
+def targets(spec: PersonaSpec, metrics: dict, drift: float, degeneration: dict) -> dict:
+    """The report card's pass/fail targets, the gate's criteria on the whole sets:
+    adoption at least 90%; ROUGE-L on the held-out references above the base model's
+    given the same system prompt (the adapter beats prompting); knowledge (the probe with the knowledge budget, with and
+    without the system prompt) within ``guard.probe_tolerance`` points of the base
+    model; drift within ``guard.max_drift_ratio``; degeneration within
+    ``guard.degeneration_tolerance`` points of the base model (``degeneration`` is
+    ``{"base", "tuned"}`` shares, see :func:`degeneration_failures`)."""
+    g = spec.guard
+
+    def side(s):
+        return {k: metrics[k][s] for k in ("probe_accuracy", "probe_plain_accuracy")}
+
     return {
         "adoption_rate_at_least_90": metrics["adoption_rate"]["tuned"] >= 90.0,
-        "probe_within_tolerance": probe_drop <= spec.guard.probe_tolerance,
-        "drift_within_tolerance": drift <= spec.guard.max_drift_ratio,
+        # a persona adapter must beat the base model given the same system prompt
+        "beats_prompting_rouge_l": metrics["rouge_l"]["tuned"] > metrics["rouge_l"]["base"],
+        "probe_within_tolerance": not knowledge_failures(
+            side("base"), side("tuned"), g.probe_tolerance
+        ),
+        "drift_within_tolerance": drift <= g.max_drift_ratio,
+        "degeneration_within_tolerance": not degeneration_failures(
+            degeneration["base"], degeneration["tuned"], g.degeneration_tolerance
+        ),
     }
 
 
@@ -276,6 +356,7 @@ def _report(spec, persona_dir, data, models: Models, clf, metrics, sides, bench_
     base, tuned = sides["base"], sides["tuned"]
     drift = drift_ratio(tuned.perplexity["drift"], base.perplexity["drift"])
     drop = base.probe["accuracy"] - tuned.probe["accuracy"]
+    degeneration = {s: sides[s].degeneration(card.DEGENERATION_SETS) for s in sides}
     manifest = read_manifest(persona_dir)
     return {
         "persona": spec.name,
@@ -288,6 +369,7 @@ def _report(spec, persona_dir, data, models: Models, clf, metrics, sides, bench_
             "decoding": "greedy",
             "probe_tolerance": spec.guard.probe_tolerance,
             "max_drift_ratio": spec.guard.max_drift_ratio,
+            "degeneration_tolerance": spec.guard.degeneration_tolerance,
             "dtype": str(next(models.tuned.parameters()).dtype),
         },
         "data": {
@@ -295,13 +377,20 @@ def _report(spec, persona_dir, data, models: Models, clf, metrics, sides, bench_
             "general_prompts": len(data.general),
             "probe_questions": len(data.probe),
             "stress_prompts": len(data.stress),
+            "identity_prompts": len(sides["base"].answers["identity"]),
+            "conversations": len(sides["base"].conversation_items),
             **data.excluded,
         },
         "classifier": clf.summary(),
         "metrics": metrics,
         "drift_ratio": drift,
         "probe_drop_points": drop,
-        "targets": targets(spec, metrics, drop, drift),
+        "degeneration": degeneration,
+        "degeneration_failures": degeneration_failures(
+            degeneration["base"], degeneration["tuned"], spec.guard.degeneration_tolerance
+        ),
+        "conversations": {s: _turn_summary(sides[s]) for s in sides},
+        "targets": targets(spec, metrics, drift, degeneration),
         "probe_by_category": {s: sides[s].probe["by_category"] for s in sides},
         "stress_by_kind": {s: sides[s].stress["by_kind"] for s in sides},
         "benchmarks": bench_results,
@@ -311,12 +400,22 @@ def _report(spec, persona_dir, data, models: Models, clf, metrics, sides, bench_
     }
 
 
+def _turn_summary(side: card.Side) -> dict:
+    t = side.turns
+    return {k: t[k] for k in ("adoption_by_turn", "correct_by_turn", "questions_by_turn")}
+
+
 def _answer_tables(data: EvalData, sides: dict[str, card.Side]) -> dict:
     def side(s, name, i):
         a = sides[s].answers[name][i]
         return {"text": a.text, "finished": a.finished}
 
     refs = sides["base"].references
+
+    def _conv_answer(s, ci, t):
+        a = s.conversations[ci][t]
+        return {"text": a.text, "finished": a.finished}
+
     return {
         "general": [
             {
@@ -350,6 +449,30 @@ def _answer_tables(data: EvalData, sides: dict[str, card.Side]) -> dict:
                 "correct": [sides["base"].probe["correct"][i], sides["tuned"].probe["correct"][i]],
             }
             for i, r in enumerate(data.probe)
+        ],
+        "identity": [
+            {
+                "prompt": r["prompt"],
+                "category": r.get("category"),
+                "base": side("base", "identity", i),
+                "tuned": side("tuned", "identity", i),
+                "held": [sides["base"].identity["held"][i], sides["tuned"].identity["held"][i]],
+            }
+            for i, r in enumerate(load_identity_prompts())
+        ],
+        "conversations": [
+            {
+                "prompt": f"{c['id']} turn {t + 1}: {turn['prompt']}",
+                "kind": turn["kind"],
+                "base": _conv_answer(sides["base"], ci, t),
+                "tuned": _conv_answer(sides["tuned"], ci, t),
+                "in_persona": [
+                    sides["base"].turns["in_persona"][ci][t],
+                    sides["tuned"].turns["in_persona"][ci][t],
+                ],
+            }
+            for ci, c in enumerate(sides["base"].conversation_items)
+            for t, turn in enumerate(c["turns"])
         ],
         "stress": [
             {

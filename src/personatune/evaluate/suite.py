@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 
 from personatune.config import PersonaSpec
 from personatune.data.chat import with_system_prompt
@@ -14,8 +15,13 @@ from personatune.data.dataset import Split, persona_system_prompt
 from personatune.data.loaders import Example
 from personatune.evaluate.answers import Answer, cached_answers
 from personatune.evaluate.classifier import PersonaClassifier, fit_classifier
+from personatune.evaluate.metrics import degeneration_failures
 from personatune.evaluate.perplexity import conditional_perplexity
-from personatune.evaluate.probe import general_split, load_set, prompt_key, unseen
+from personatune.evaluate.probe import DATA, general_split, load_set, prompt_key, unseen
+
+#: The shipped multiple-choice set (20 items) as a ``(task, path)`` benchmark, scored by
+#: log-likelihood through lm-eval (:func:`personatune.evaluate.lmeval.run_benchmark`).
+MC_TINY = ("mc_tiny", str(resources.files(DATA).joinpath("data", "mc_tiny.jsonl")))
 
 
 @dataclass
@@ -147,3 +153,81 @@ def perplexity(
     if not conversations:
         return float("nan")
     return conditional_perplexity(model, tokenizer, conversations, batch_size=batch_size).perplexity
+
+
+def cut_answers(answers: Sequence[Answer], tokenizer, max_new_tokens: int) -> list[Answer]:
+    """``answers`` as they would read with a budget of ``max_new_tokens`` tokens: an answer
+    longer than that is cut to its first ``max_new_tokens`` tokens (re-encoded from its
+    text) and marked cut at the limit; shorter ones are unchanged. Greedy decoding makes
+    this the answer a shorter budget gives, without generating it again (the report
+    card's directness row: the probe within ``eval.probe_max_new_tokens``)."""
+    out = []
+    for a in answers:
+        if a.tokens <= max_new_tokens:
+            out.append(a)
+            continue
+        ids = tokenizer(a.text, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        out.append(Answer(text, max_new_tokens, False, "length", a.prompt_tokens))
+    return out
+
+
+def knowledge_failures(
+    base: dict,
+    tuned: dict,
+    probe_tolerance: float,
+    mc_tolerance: float | None = None,
+) -> list[str]:
+    """Why ``tuned`` lost knowledge against ``base``: measures a verbose voice cannot fail
+    by itself. Each is ``{"probe_accuracy", "probe_plain_accuracy", "mc_accuracy"}``
+    (percent; a key absent from ``base`` is not checked). The probe under the persona's
+    system prompt (knowledge budget, answer found anywhere) and without it may drop at
+    most ``probe_tolerance`` points; multiple choice by log-likelihood at most
+    ``mc_tolerance`` points (None: not checked)."""
+    reasons = []
+    checks = [
+        ("probe_accuracy", "probe", probe_tolerance),
+        ("probe_plain_accuracy", "probe without the system prompt", probe_tolerance),
+        ("mc_accuracy", "multiple choice (log-likelihood)", mc_tolerance),
+    ]
+    for key, label, tolerance in checks:
+        if tolerance is None or base.get(key) is None:
+            continue
+        if tuned.get(key) is None:
+            reasons.append(f"{label} not measured")
+            continue
+        drop = base[key] - tuned[key]
+        if drop > tolerance + 1e-9:
+            reasons.append(
+                f"{label} {tuned[key]:.1f}% is {drop:.1f} points below the base model's "
+                f"{base[key]:.1f}% (tolerance {tolerance:g})"
+            )
+    return reasons
+
+
+def retention_failures(
+    base: dict,
+    tuned: dict,
+    probe_tolerance: float,
+    max_drift_ratio: float,
+    degeneration_tolerance: float,
+    mc_tolerance: float | None = None,
+) -> list[str]:
+    """Every reason ``tuned`` fails the retention criteria that the gate and the report
+    card's targets share (the tolerances are :class:`personatune.config.GuardSettings`'s):
+    knowledge (:func:`knowledge_failures`), drift (``tuned["drift_ratio"]`` above
+    ``max_drift_ratio``) and degeneration against the base model (``base["degeneration"]``
+    and ``tuned["degeneration"]``, :func:`personatune.evaluate.metrics.degeneration_failures`,
+    when the base has it). Empty when ``tuned`` passes."""
+    reasons = knowledge_failures(base, tuned, probe_tolerance, mc_tolerance)
+    drift = tuned.get("drift_ratio")
+    if drift is not None and not drift <= max_drift_ratio:
+        reasons.append(f"drift ratio {drift:.2f} above {max_drift_ratio:g}")
+    if base.get("degeneration"):
+        if not tuned.get("degeneration"):
+            reasons.append("degeneration not measured")
+        else:
+            reasons += degeneration_failures(
+                base["degeneration"], tuned["degeneration"], degeneration_tolerance
+            )
+    return reasons

@@ -34,9 +34,11 @@ from personatune.engine import Answer, generate_answers
 from personatune.errors import PersonatuneError
 from personatune.evaluate.answers import cached_answers, inference_copy
 from personatune.evaluate.classifier import PersonaClassifier
+from personatune.evaluate.metrics import answer_degeneration
 from personatune.evaluate.probe import drift_ratio, general_split, score_probe, stratified
 from personatune.evaluate.progress import phase, progress_bar
 from personatune.evaluate.suite import (
+    MC_TINY,
     EvalData,
     classifier_examples,
     drift_conversations,
@@ -45,6 +47,7 @@ from personatune.evaluate.suite import (
     perplexity,
     persona_conv,
     plain_conv,
+    retention_failures,
 )
 from personatune.io import read_jsonl, sha256_file, write_json
 from personatune.persona import ADAPTER_WEIGHTS, CHECKPOINTS, TRAIN_LOG
@@ -99,50 +102,67 @@ def select_checkpoint(
     probe_tolerance: float = 2.0,
     max_drift_ratio: float = 1.5,
     measure: Callable[[int], dict] | None = None,
+    *,
+    degeneration_tolerance: float = 5.0,
+    mc_tolerance: float | None = None,
 ) -> dict:
     """The retention gate: the checkpoint with the highest persona score among those
-    within tolerance of the base model.
+    within tolerance of the base model on knowledge, drift and degeneration.
 
     Candidates are tried in order of ``persona_score`` (ties: the later step first); each
     is confirmed with ``measure(step)`` when given (whole-probe metrics replace the
     subset ones), and the first within tolerance is chosen, so no candidate with a higher
-    score passes.
+    score passes. The criteria are
+    :func:`personatune.evaluate.suite.retention_failures`: knowledge (the probe under the
+    persona's system prompt and without it, within ``probe_tolerance`` points;
+    multiple choice within ``mc_tolerance``), drift, and degeneration (empty, cut,
+    repetitive answers, end-of-turn emission) within ``degeneration_tolerance`` points
+    of the base model's shares. A criterion whose metric the base row lacks is not
+    checked (histories logged before it existed).
 
     Args:
         candidates: ``{"step", "persona_score", "probe_accuracy", "drift_ratio"}`` per
-            checkpoint (probe accuracy in percent).
-        base: ``{"probe_accuracy"}`` of the base model on the same questions.
-        probe_tolerance: largest allowed drop below the base probe accuracy, in points.
+            checkpoint (probe accuracy in percent), optionally ``probe_plain_accuracy``,
+            ``mc_accuracy`` (percent) and ``degeneration``
+            (:func:`personatune.evaluate.metrics.degeneration_shares`).
+        base: the same metrics of the base model on the same questions.
+        probe_tolerance: largest allowed drop below the base probe accuracies, in points.
         max_drift_ratio: largest allowed drift perplexity ratio.
-        measure: step -> ``{"probe_accuracy", "drift_ratio"}`` on the full sets.
+        measure: step -> the metrics on the full sets.
+        degeneration_tolerance: largest allowed worsening of a degeneration share, in
+            percentage points (default 5.0, :class:`GuardSettings`).
+        mc_tolerance: largest allowed multiple-choice drop in points; None: unchecked.
 
     Returns:
         ``{"chosen": step or None, "checked": [{"step", "persona_score",
-        "probe_accuracy", "probe_drop", "drift_ratio", "passed", "reasons"}],
-        "base_probe_accuracy", "probe_tolerance", "max_drift_ratio", "verdict"}``.
+        "probe_accuracy", "probe_drop", "probe_plain_accuracy", "mc_accuracy",
+        "drift_ratio", "degeneration", "passed", "reasons"}], "base_probe_accuracy",
+        "probe_tolerance", "max_drift_ratio", "degeneration_tolerance", "mc_tolerance",
+        "verdict"}``.
     """
     checked = []
     chosen = None
     for c in sorted(candidates, key=lambda c: (-c["persona_score"], -c["step"])):
         m = {**c, **(measure(c["step"]) if measure else {})}
-        drop = base["probe_accuracy"] - m["probe_accuracy"]
-        reasons = []
-        if drop > probe_tolerance + 1e-9:
-            reasons.append(
-                f"probe {m['probe_accuracy']:.1f}% is {drop:.1f} points below the "
-                f"base model's {base['probe_accuracy']:.1f}% "
-                f"(tolerance {probe_tolerance:g})"
-            )
-        if not m["drift_ratio"] <= max_drift_ratio:
-            reasons.append(f"drift ratio {m['drift_ratio']:.2f} above {max_drift_ratio:g}")
+        reasons = retention_failures(
+            base,
+            m,
+            probe_tolerance,
+            max_drift_ratio,
+            degeneration_tolerance,
+            mc_tolerance,
+        )
         checked.append(
             {
                 "step": m["step"],
                 "persona_score": m["persona_score"],
                 "adoption_rate": m.get("adoption_rate"),
                 "probe_accuracy": m["probe_accuracy"],
-                "probe_drop": drop,
+                "probe_drop": base["probe_accuracy"] - m["probe_accuracy"],
+                "probe_plain_accuracy": m.get("probe_plain_accuracy"),
+                "mc_accuracy": m.get("mc_accuracy"),
                 "drift_ratio": m["drift_ratio"],
+                "degeneration": m.get("degeneration"),
                 "passed": not reasons,
                 "reasons": reasons,
             }
@@ -164,6 +184,8 @@ def select_checkpoint(
         "base_probe_accuracy": base["probe_accuracy"],
         "probe_tolerance": probe_tolerance,
         "max_drift_ratio": max_drift_ratio,
+        "degeneration_tolerance": degeneration_tolerance,
+        "mc_tolerance": mc_tolerance,
         "verdict": verdict,
     }
 
@@ -263,7 +285,7 @@ class Guard:
             with phase(
                 bar,
                 "measuring the base model",
-                2 * len(general_subset) + len(probe_subset),
+                2 * len(general_subset) + 2 * len(probe_subset),
                 timings,
             ) as adv:
                 drift_answers = cached_answers(
@@ -318,31 +340,59 @@ class Guard:
         self, model, fingerprint: str | None = None, progress: Callable[[int], None] | None = None
     ) -> dict:
         """Guard metrics of an inference model (see :func:`inference_copy`) on the fixed
-        subsets: ``adoption_rate`` (0..1), ``persona_score`` (mean P(persona)),
-        ``probe_accuracy`` (percent), ``drift_ppl`` and ``drift_ratio``. Answers are cached
-        when ``fingerprint`` is given."""
+        subsets: ``adoption_rate`` (0..1) and ``persona_score`` (mean P(persona)) on the
+        general prompts under the persona's system prompt; knowledge
+        (:meth:`knowledge`: ``probe_accuracy`` and ``probe_plain_accuracy`` in percent,
+        ``degeneration``, and ``mc_accuracy`` with ``guard.mc_tolerance``); ``drift_ppl``
+        and ``drift_ratio``. Answers are cached when ``fingerprint`` is given."""
         ev, tok = self.spec.eval, self.tokenizer
         general = [persona_conv(self.spec, r["prompt"]) for r in self.general_subset]
-        probe = [persona_conv(self.spec, r["question"]) for r in self.probe_subset]
-
-        def answer(convs, limit):
-            if fingerprint:
-                return cached_answers(
-                    model, tok, convs, fingerprint, limit, ev.batch_size, progress
-                )
-            return generate_answers(model, tok, convs, limit, ev.batch_size, progress)
-
-        g = [a.text for a in answer(general, ev.max_new_tokens)]
-        p = [a.text for a in answer(probe, ev.probe_max_new_tokens)]
-        adoption = self.classifier.adoption(g)
+        g = self._answers(model, general, ev.max_new_tokens, fingerprint, progress)
+        adoption = self.classifier.adoption([a.text for a in g])
         ppl = perplexity(model, tok, self.drift_subset)
         return {
             "adoption_rate": adoption["rate"],
             "persona_score": adoption["score"],
-            "probe_accuracy": score_probe(p, self.probe_subset)["accuracy"],
+            **self.knowledge(model, self.probe_subset, fingerprint, progress),
             "drift_ppl": ppl,
             "drift_ratio": drift_ratio(ppl, self.base_drift_ppl),
         }
+
+    def _answers(self, model, convs, limit, fingerprint, progress) -> list[Answer]:
+        ev, tok = self.spec.eval, self.tokenizer
+        if fingerprint:
+            return cached_answers(model, tok, convs, fingerprint, limit, ev.batch_size, progress)
+        return generate_answers(model, tok, convs, limit, ev.batch_size, progress)
+
+    def knowledge(
+        self,
+        model,
+        items: Sequence[dict],
+        fingerprint: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict:
+        """What a verbose voice cannot fail by itself: the factual probe ``items`` with
+        the knowledge budget (``eval.knowledge_max_new_tokens``), the accepted answer
+        found anywhere in the answer (:func:`score_probe`), under the persona's system
+        prompt (``probe_accuracy``) and without one (``probe_plain_accuracy``), percent;
+        ``degeneration``, the :func:`answer_degeneration` shares of both answer sets;
+        and, when ``guard.mc_tolerance`` is set, ``mc_accuracy``: the shipped
+        ``mc_tiny`` multiple choice by log-likelihood through lm-eval, percent."""
+        limit = self.spec.eval.knowledge_max_new_tokens
+        persona = [persona_conv(self.spec, r["question"]) for r in items]
+        plain = [plain_conv(r["question"]) for r in items]
+        p = self._answers(model, persona, limit, fingerprint, progress)
+        q = self._answers(model, plain, limit, fingerprint, progress)
+        out = {
+            "probe_accuracy": score_probe([a.text for a in p], items)["accuracy"],
+            "probe_plain_accuracy": score_probe([a.text for a in q], items)["accuracy"],
+            "degeneration": answer_degeneration([(p, limit), (q, limit)]),
+        }
+        if self.spec.guard.mc_tolerance is not None:
+            from personatune.evaluate.lmeval import run_benchmark
+
+            out["mc_accuracy"] = 100 * run_benchmark(model, self.tokenizer, *MC_TINY)["acc"]
+        return out
 
     def callback(self, log_path: Path) -> GuardCallback:
         """The transformers callback that logs guard metrics at every checkpoint."""
@@ -355,21 +405,13 @@ class Guard:
         drift_convs: list[list[dict]],
         progress: Callable[[int], None] | None = None,
     ) -> dict:
-        """Probe accuracy on every held-out probe question (answers cached by
-        ``fingerprint``) and perplexity on ``drift_convs``, the base model's answers to
-        every held-out general prompt."""
-        ev, tok = self.spec.eval, self.tokenizer
-        probe = cached_answers(
-            model,
-            tok,
-            [persona_conv(self.spec, r["question"]) for r in self.data.probe],
-            fingerprint,
-            ev.probe_max_new_tokens,
-            ev.batch_size,
-            progress,
-        )
-        accuracy = score_probe([a.text for a in probe], self.data.probe)["accuracy"]
-        return {"probe_accuracy": accuracy, "drift_ppl": perplexity(model, tok, drift_convs)}
+        """:meth:`knowledge` on every held-out probe question (answers cached by
+        ``fingerprint``; ``2 x len(data.probe)`` answers) and perplexity on
+        ``drift_convs``, the base model's answers to every held-out general prompt."""
+        return {
+            **self.knowledge(model, self.data.probe, fingerprint, progress),
+            "drift_ppl": perplexity(model, self.tokenizer, drift_convs),
+        }
 
     def gate(self, model, work: Path, console: Console | None = None) -> dict:
         """Run the retention gate over the checkpoints in ``work`` and copy the chosen
@@ -402,7 +444,7 @@ class Guard:
         ev = self.spec.eval
         base = inference_copy(model, merge=False)
         with progress_bar(console) as bar:
-            n_probe, n_general = len(self.data.probe), len(self.data.general)
+            n_probe, n_general = 2 * len(self.data.probe), len(self.data.general)
             with phase(
                 bar, "gate: base model, whole probe and drift set", n_probe + n_general
             ) as adv:
@@ -426,15 +468,12 @@ class Guard:
                 fp = f"{self.fingerprint}+adapter:{sha256_file(adapter)}"
                 with phase(bar, f"gate: checkpoint-{step}, whole probe", n_probe) as adv:
                     m = self.full_metrics(tuned, fp, drift_convs, adv)
-                return {
-                    "probe_accuracy": m["probe_accuracy"],
-                    "drift_ppl": m["drift_ppl"],
-                    "drift_ratio": drift_ratio(m["drift_ppl"], base_full["drift_ppl"]),
-                }
+                return {**m, "drift_ratio": drift_ratio(m["drift_ppl"], base_full["drift_ppl"])}
 
             result = select_checkpoint(
-                candidates, base_full, g.probe_tolerance, g.max_drift_ratio, measure
-            )
+                candidates, base_full, g.probe_tolerance, g.max_drift_ratio, measure,
+                degeneration_tolerance=g.degeneration_tolerance, mc_tolerance=g.mc_tolerance,
+            )  # fmt: skip
         published = (
             result["chosen"] if result["chosen"] is not None else (last if not g.gate else None)
         )
