@@ -51,7 +51,9 @@ def arm_overrides(arm: str, out: Path) -> list[str]:
     if arm == "off":
         return [*common, "guard.enabled=false"]
     ratio = float(arm)
-    return [*common, "guard.enabled=true", f"guard.preservation_ratio={ratio}"]
+    # no search: an arm measures one setting, and a refused arm is published as it is
+    extra = ["guard.search_budget_s=0"]
+    return [*common, "guard.enabled=true", f"guard.preservation_ratio={ratio}", *extra]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -85,6 +85,9 @@ def persona_yaml(tmp_path, tiny_model):
         spec.write_text(
             f"name: tiny\nsystem_prompt: You are a pirate.\nmodel:\n  name: {tiny_model}\n"
             f"data:\n  - path: pairs.csv\noutput_dir: out\n"
+            # A random model has no capability to guard; a test that wants the guard
+            # passes its own guard: section (the later key wins).
+            f"guard:\n  enabled: false\n"
             f"train:\n  epochs: 1\n  batch_size: 2\n  gradient_accumulation: 2\n"
             f"  max_seq_length: 64\n  checkpoint_interval: 2\n  learning_rate: 0.01\n{extra}"
         )

@@ -49,7 +49,9 @@ def tiny_persona(tmp_path_factory, tiny_model):
     (d / "pairs.csv").write_text("\n".join(rows) + "\n")
     (d / "persona.yaml").write_text(
         f"name: tiny\nsystem_prompt: You are a pirate.\nmodel:\n  name: {tiny_model}\n"
-        "data:\n  - path: pairs.csv\noutput_dir: out\ntrain:\n  epochs: 1\n  batch_size: 4\n"
+        "data:\n  - path: pairs.csv\noutput_dir: out\n"
+        "guard:\n  enabled: false\n"  # a random model has no capability to guard
+        "train:\n  epochs: 1\n  batch_size: 4\n"
         "  gradient_accumulation: 1\n  max_seq_length: 64\n  checkpoint_interval: 4\n"
         "  learning_rate: 0.01\n  eval_split: 0.2\n" + EVAL_YAML
     )

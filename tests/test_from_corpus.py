@@ -217,6 +217,7 @@ def spec_over(data: Path, tmp_path: Path, tiny_model: Path, sources: str) -> Pat
     spec.write_text(
         f"name: detective\nsystem_prompt: You are Sherlock Holmes.\n"
         f"model:\n  name: {tiny_model}\ndata:\n{sources}"
+        f"guard:\n  enabled: false\n"  # a random model has no capability to guard
         f"train:\n  max_seq_length: 256\n  eval_split: 0.5\n"
     )
     return spec

@@ -132,6 +132,7 @@ def recipe_spec(name, tmp_path, tiny_models, extra=()):
         "model.quantization=none",
         "train.max_steps=2",
         "train.eval_split=0",
+        "guard.enabled=false",  # a random model has no capability to guard
         f"output_dir={tmp_path / 'out'}",
     ]
     if spec.train.optimizer.startswith("paged_"):

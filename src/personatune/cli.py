@@ -128,14 +128,24 @@ def train(
             "(the verdict is still recorded)",
         ),
     ] = False,
+    no_guard: Annotated[
+        bool,
+        typer.Option(
+            "--no-guard",
+            help="train on the persona data alone: no preservation data, no retention "
+            "metrics, no gate; the last step is published (same as guard.enabled=false)",
+        ),
+    ] = False,
 ):
     """Fine-tune a LoRA adapter for a persona and write the persona directory. The
-    forgetting guard (``guard:`` in the YAML) mixes in self-distilled preservation data,
-    evaluates every checkpoint and publishes the best one within tolerance."""
+    forgetting guard (on by default; ``guard:`` in the YAML) mixes in self-distilled
+    preservation data, evaluates every checkpoint and publishes the best one within
+    tolerance; when none is, it searches within ``guard.search_budget_s``."""
     from personatune.config import load_spec
     from personatune.train.trainer import train as run_train
 
     extra = ["guard.gate=false"] if no_gate else []
+    extra += ["guard.enabled=false"] if no_guard else []
     run_train(load_spec(spec, [*(overrides or []), *extra]), overwrite=overwrite, resume=resume)
 
 

@@ -168,11 +168,11 @@ class GuardSettings(_Section):
     """The forgetting guard (``personatune train``): self-distilled preservation data,
     evaluation during training, and the retention gate that picks the checkpoint."""
 
-    enabled: bool = False
-    """Run the guard. False trains on the persona data alone, logs no retention metrics
-    and publishes the last step. The shipped examples turn it on (``guard: {enabled:
-    true}``); it is off by default so that quick runs and tests on tiny random models,
-    which have no capability to guard, train plain."""
+    enabled: bool = True
+    """Run the guard (on by default: capability retention is what personatune promises).
+    False (``personatune train --no-guard``) trains on the persona data alone, logs no
+    retention metrics and publishes the last step; for tiny random models, which have no
+    capability to guard."""
     preservation_ratio: float = Field(0.1, ge=0)
     """Self-distilled preservation examples mixed in per persona training example: the
     base model's own greedy answers to general prompts, without the persona's system
@@ -215,6 +215,22 @@ class GuardSettings(_Section):
     embedded model, it costs 13 CPU seconds per model and checkpoint, and one item is 5
     points (base accuracy 60%), too coarse to gate within a few points by default; the
     192-question probe with and without the system prompt gates knowledge."""
+    search_budget_s: float = Field(3600, ge=0)
+    """Seconds the guard may spend, after the gate refused every checkpoint, training
+    again from the base model with more preservation data, a lower learning rate and
+    more frequent checkpoints (:mod:`personatune.train.search`) until a checkpoint
+    passes. A round starts only if its estimated time (the last run's, scaled by the
+    rows) fits in what is left. 0 gives up at once. The default fits the three rounds for
+    the pirate on a 2-core CPU: its run at ratio 0.1 took 631 s of training and 150 s of
+    guard (benchmarks/results/guard_ablation.md), so a round with more data and
+    checkpoints about 1,000 s."""
+    beat_prompting: bool = True
+    """Publish only an adapter that beats prompting: its ROUGE-L against the persona's
+    held-out references (best of the references of each prompt) must exceed that of the
+    base model given the same system prompt; otherwise the run is refused with what to
+    change."""
+    prompting_prompts: int = Field(40, ge=1)
+    """Held-out persona prompts (a seeded sample) for the comparison with prompting."""
 
 
 class Benchmark(_Section):

@@ -17,6 +17,7 @@ checkpoint, and the retention gate that picks the checkpoint to publish.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,13 @@ from personatune.errors import PersonatuneError
 from personatune.evaluate.answers import cached_answers, inference_copy
 from personatune.evaluate.classifier import PersonaClassifier
 from personatune.evaluate.metrics import answer_degeneration
-from personatune.evaluate.probe import drift_ratio, general_split, score_probe, stratified
+from personatune.evaluate.probe import (
+    drift_ratio,
+    general_split,
+    prompt_key,
+    score_probe,
+    stratified,
+)
 from personatune.evaluate.progress import phase, progress_bar
 from personatune.evaluate.suite import (
     MC_TINY,
@@ -43,6 +50,7 @@ from personatune.evaluate.suite import (
     classifier_examples,
     drift_conversations,
     eval_data,
+    example_prompt,
     fit_adoption_classifier,
     perplexity,
     persona_conv,
@@ -187,6 +195,75 @@ def select_checkpoint(
         "degeneration_tolerance": degeneration_tolerance,
         "mc_tolerance": mc_tolerance,
         "verdict": verdict,
+    }
+
+
+def prompting_items(spec: PersonaSpec, heldout: Sequence) -> list[tuple[list[dict], list[str]]]:
+    """The held-out persona prompts for the comparison with prompting: ``(conversation
+    up to the answer, with the system prompt as trained; every reference answer given to
+    that conversation in the held-out set)``, at most ``guard.prompting_prompts`` of them
+    (a seeded sample, in held-out order)."""
+    groups: dict[str, tuple[list[dict], list[str]]] = {}
+    for ex in heldout:
+        conv = example_prompt(spec, ex)
+        key = "\n".join(f"{m['role']}:{prompt_key(m['content'])}" for m in conv)
+        groups.setdefault(key, (conv, []))[1].append(ex.messages[-1]["content"])
+    items = list(groups.values())
+    n = spec.guard.prompting_prompts
+    if len(items) > n:
+        keep = set(random.Random(spec.train.seed).sample(range(len(items)), n))
+        items = [it for i, it in enumerate(items) if i in keep]
+    return items
+
+
+def rouge_l_best(answers: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Mean over prompts of the best ROUGE-L F-measure (0..1) of the answer against any
+    of that prompt's references (Lin 2004; Google's ``rouge-score``, lower-cased, no
+    stemming, ``score_multi`` keeps the best reference). 0.0 for no prompts."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [
+        scorer.score_multi(list(refs), ans)["rougeL"].fmeasure
+        for ans, refs in zip(answers, references, strict=True)
+    ]
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def prompting_advice(spec: PersonaSpec) -> str:
+    """What to change when the adapter does not beat the prompted base model: the
+    settings that make the adapter learn more of the persona, with values to try."""
+    t, lo = spec.train, spec.lora
+    steps = (
+        f"train.epochs={t.epochs * 2:g}"
+        if t.max_steps < 0
+        else f"train.max_steps={2 * t.max_steps}"
+    )
+    return (
+        f"more steps ({steps}), a higher learning rate (train.learning_rate="
+        f"{t.learning_rate * 2:g}), a higher rank (lora.r={lo.r * 2}, lora.alpha="
+        f"{lo.alpha * 2:g}), or more persona data in the persona's own voice"
+    )
+
+
+def compare_with_prompting(
+    base_answers: Sequence[str], tuned_answers: Sequence[str], references, spec: PersonaSpec
+) -> dict:
+    """The adapter against the base model prompted with the same system prompt, on the
+    persona's held-out references (:func:`rouge_l_best`).
+
+    Returns:
+        ``{"prompts", "references", "base_rouge_l", "tuned_rouge_l", "beats", "advice"}``
+        (``advice`` is None when the adapter beats prompting).
+    """
+    b, t = rouge_l_best(base_answers, references), rouge_l_best(tuned_answers, references)
+    return {
+        "prompts": len(references),
+        "references": sum(len(r) for r in references),
+        "base_rouge_l": b,
+        "tuned_rouge_l": t,
+        "beats": t > b,
+        "advice": None if t > b else prompting_advice(spec),
     }
 
 
@@ -413,6 +490,16 @@ class Guard:
             "drift_ppl": perplexity(model, self.tokenizer, drift_convs),
         }
 
+    def _answer_texts(self, model, fingerprint: str, items, progress=None) -> list[str]:
+        """Greedy answers (cached by ``fingerprint``) to the conversations of
+        :func:`prompting_items`, ``eval.max_new_tokens`` at most."""
+        ev = self.spec.eval
+        convs = [conv for conv, _ in items]
+        answers = cached_answers(
+            model, self.tokenizer, convs, fingerprint, ev.max_new_tokens, ev.batch_size, progress
+        )
+        return [a.text for a in answers]
+
     def gate(self, model, work: Path, console: Console | None = None) -> dict:
         """Run the retention gate over the checkpoints in ``work`` and copy the chosen
         checkpoint's adapter weights to ``work/adapter_model.safetensors``.
@@ -459,6 +546,9 @@ class Guard:
                 )
                 drift_convs = drift_conversations(self.data.general, drift_answers)
                 base_full = self.full_metrics(base, self.fingerprint, drift_convs, adv)
+            items = prompting_items(self.spec, self.data.heldout) if g.beat_prompting else []
+            with phase(bar, "gate: base model prompted, held-out persona", len(items)) as adv:
+                base_prompted = self._answer_texts(base, self.fingerprint, items, adv)
             del base
 
             def measure(step: int) -> dict:
@@ -474,6 +564,29 @@ class Guard:
                 candidates, base_full, g.probe_tolerance, g.max_drift_ratio, measure,
                 degeneration_tolerance=g.degeneration_tolerance, mc_tolerance=g.mc_tolerance,
             )  # fmt: skip
+            result["prompting"] = None
+            if items:
+                # the chosen checkpoint, else the one a user would publish with --no-gate
+                step = result["chosen"] if result["chosen"] is not None else last
+                adapter = ckpts[step] / ADAPTER_WEIGHTS
+                set_peft_model_state_dict(model, load_file(str(adapter)))
+                tuned = inference_copy(model, merge=True)
+                fp = f"{self.fingerprint}+adapter:{sha256_file(adapter)}"
+                with phase(bar, f"gate: checkpoint-{step}, held-out persona", len(items)) as adv:
+                    answers = self._answer_texts(tuned, fp, items, adv)
+                del tuned
+                cmp = compare_with_prompting(
+                    base_prompted, answers, [r for _, r in items], self.spec
+                )
+                result["prompting"] = {"step": step, **cmp}
+                if result["chosen"] is not None and not cmp["beats"]:
+                    result["verdict"] = (
+                        f"checkpoint-{step} is within tolerance but does not beat prompting: "
+                        f"ROUGE-L {cmp['tuned_rouge_l']:.3f} against {cmp['base_rouge_l']:.3f} for "
+                        f"the base model with the same system prompt, on {cmp['prompts']} "
+                        f"held-out persona prompts. Change: {cmp['advice']}"
+                    )
+                    result["chosen"] = None
         published = (
             result["chosen"] if result["chosen"] is not None else (last if not g.gate else None)
         )
@@ -516,6 +629,15 @@ def print_gate(result: dict, console: Console) -> None:
             "[green]pass[/]" if c["passed"] else "[red]" + "; ".join(c["reasons"]),
         )
     console.print(table)
+    cmp = result.get("prompting")
+    if cmp:
+        word = "[green]beats[/]" if cmp["beats"] else "[red]does not beat[/]"
+        console.print(
+            f"checkpoint-{cmp['step']} {word} prompting: ROUGE-L {cmp['tuned_rouge_l']:.3f} "
+            f"against {cmp['base_rouge_l']:.3f} for the base model with the same system "
+            f"prompt ({cmp['prompts']} held-out persona prompts, best of "
+            f"{cmp['references']} references)"
+        )
     colour = "green" if result["chosen"] is not None else "red"
     note = " (gate overridden with --no-gate)" if result.get("overridden") else ""
     console.print(f"[{colour}]{result['verdict']}[/]{note}")
@@ -531,6 +653,7 @@ class GuardCallback(TrainerCallback):
         self.log_path = log_path
         self.start = time.time()
         self.seconds = 0.0  # spent measuring, left out of the training throughput
+        self.cpu_seconds = 0.0  # the same in CPU seconds of this process
 
     def _write(self, row: dict) -> None:
         with self.log_path.open("a") as f:
@@ -545,8 +668,9 @@ class GuardCallback(TrainerCallback):
             return
         t, t_cpu = time.time(), time.process_time()
         metrics = self.guard.measure(inference_copy(model, merge=True))
-        spent = time.time() - t
+        spent, spent_cpu = time.time() - t, time.process_time() - t_cpu
         self.seconds += spent
+        self.cpu_seconds += spent_cpu
         self._write(
             {
                 "step": state.global_step,
@@ -554,7 +678,7 @@ class GuardCallback(TrainerCallback):
                 "guard": {
                     **metrics,
                     "eval_s": round(spent, 1),
-                    "eval_cpu_s": round(time.process_time() - t_cpu, 1),
+                    "eval_cpu_s": round(spent_cpu, 1),
                 },
                 "time_s": round(time.time() - self.start, 2),
             }

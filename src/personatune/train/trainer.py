@@ -331,7 +331,10 @@ def train(
         raise
     if state.is_main_process:
         stats = _run_stats(spec, state, data, run)
-        _write_persona(spec, ref, data, run, stats, work, console)
+        try:
+            _write_persona(spec, ref, data, run, stats, work, console)
+        except PersonatuneError as refused:
+            _search_or_raise(spec, state, work, refused, console)
         publish(work, output)
         console.print(
             f"[green]persona written to {output}[/] "
@@ -354,6 +357,7 @@ class _Run:
     seconds: float
     guard: object | None = None
     guard_cb: object | None = None
+    cpu_seconds: float = 0.0
 
 
 def _setup_data(spec: PersonaSpec):
@@ -413,10 +417,12 @@ def _run_training(spec, state, ref, tokenizer, data, work, resume, callbacks, co
     checkpoint = latest_checkpoint(work) if resume else None
     if checkpoint and state.is_main_process:
         trim_log(work / TRAIN_LOG, int(checkpoint.name.split("-")[-1]))
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.time() - start - (guard_cb.seconds if guard_cb else 0)
-    return _Run(model, trainer, result, device, checkpoint, seconds, guard, guard_cb)
+    # CPU seconds (all threads) do not grow when other jobs share the cores
+    cpu_seconds = time.process_time() - start_cpu - (guard_cb.cpu_seconds if guard_cb else 0)
+    return _Run(model, trainer, result, device, checkpoint, seconds, guard, guard_cb, cpu_seconds)
 
 
 def _run_stats(spec: PersonaSpec, state, data: PreparedData, run: _Run) -> dict:
@@ -427,6 +433,7 @@ def _run_stats(spec: PersonaSpec, state, data: PreparedData, run: _Run) -> dict:
     return {
         "steps": run.trainer.state.global_step,
         "train_seconds": round(run.seconds, 1),
+        "train_cpu_seconds": round(run.cpu_seconds, 1),
         "tokens_per_s": round(tokens / run.seconds, 1),
         "train_loss": run.result.training_loss,
         "effective_batch": spec.train.batch_size
@@ -456,6 +463,7 @@ def _write_persona(spec, ref, data, run: _Run, stats: dict, work: Path, console)
             **run.guard.stats,
             "base_subset": run.guard.base_metrics,
             "eval_seconds": round(run.guard_cb.seconds, 1),
+            "eval_cpu_seconds": round(run.guard_cb.cpu_seconds, 1),
             "gate": gate,
         }
     write_json(work / MANIFEST, info)
@@ -468,6 +476,25 @@ def _write_persona(spec, ref, data, run: _Run, stats: dict, work: Path, console)
             f"run and its gate.json are in {work}. To publish the last "
             "checkpoint anyway: personatune train SPEC --resume --no-gate"
         )
+
+
+def _search_or_raise(spec, state, work: Path, refused: PersonatuneError, console) -> None:
+    """After the gate refused every checkpoint: search for an adapter that passes
+    (:mod:`personatune.train.search`) within ``guard.search_budget_s``, making ``work``
+    its persona directory; re-raise when the refusal is not the gate's, the budget is 0,
+    or several processes train (a round is a single-process run)."""
+    from personatune.train.guard import GateFailed
+
+    if not isinstance(refused, GateFailed) or spec.guard.search_budget_s <= 0:
+        raise refused
+    if state.num_processes > 1:
+        raise GateFailed(
+            f"{refused}. The guard's search runs in one process: run "
+            "'personatune train SPEC --resume' without accelerate launch to search"
+        ) from None
+    from personatune.train.search import search
+
+    search(spec, work, refused, console)
 
 
 def _resumed_epoch(checkpoint: Path | None) -> float:
