@@ -396,6 +396,7 @@ def test_a_bug_is_one_line_with_exit_1_and_debug_shows_the_traceback(
 
 
 def test_user_errors_keep_exit_2_under_debug(tmp_path, tiny_model):
+    """--debug adds the traceback but must not turn a user error into exit 1."""
     spec = _spec(tmp_path, tiny_model)
     r = runner.invoke(app, ["--debug", "train", str(spec), "train.epoch=1"])
     assert r.exit_code == 2 and "Traceback" in r.stderr

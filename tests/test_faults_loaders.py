@@ -81,6 +81,7 @@ def test_csv_made_of_quotes_commas_and_newlines(tmp_path, header, rows):
 @SETTINGS
 @given(data=st.binary(max_size=300))
 def test_random_bytes_as_jsonl_and_json(tmp_path, data):
+    """Random bytes as JSONL and JSON: a number, a string or deep nesting must not crash."""
     _check(tmp_path, "d.jsonl", data)
     _check(tmp_path, "d.json", data)
 
@@ -99,6 +100,7 @@ def test_random_records_as_jsonl(tmp_path, rows):
     fmt=st.sampled_from(["auto", "messages", "sharegpt", "personachat", "alpaca", "text"]),
 )
 def test_random_json_documents_in_every_format(tmp_path, value, fmt):
+    """A format: set by hand on records that lack its keys was a KeyError."""
     _check(tmp_path, "d.json", json.dumps(value).encode(), format=fmt)
 
 

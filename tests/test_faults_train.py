@@ -78,19 +78,18 @@ class Watcher(threading.Thread):
             time.sleep(0.01)
 
 
-def kill_at(proc: subprocess.Popen, work: Path, point: tuple[str, float]) -> bool:
-    """SIGKILL ``proc`` at ``point``: ``("time", s)`` seconds after it started, or
-    ``("step", n)`` once ``checkpoint-n`` appears, after a further random pause of up to
-    0.3 s (so the kill lands before, during or after the save). False if the run ended
-    first."""
-    kind, value = point
+def kill_at(proc: subprocess.Popen, work: Path, point: tuple[str, float, float]) -> bool:
+    """SIGKILL ``proc`` at ``point``: ``("time", s, 0)`` s seconds after it started, or
+    ``("step", n, pause)`` pause seconds after ``checkpoint-n`` appears (a pause of up to
+    0.3 s lands the kill during or after the save). False if the run ended first."""
+    kind, value, pause = point
     deadline = time.monotonic() + 600
     start = time.monotonic()
     while proc.poll() is None and time.monotonic() < deadline:
         if kind == "time" and time.monotonic() - start >= value:
             break
         if kind == "step" and (work / "checkpoints" / f"checkpoint-{int(value)}").exists():
-            time.sleep(random.Random(int(value)).uniform(0, 0.3))
+            time.sleep(pause)
             break
         time.sleep(0.005)
     if proc.poll() is not None:
@@ -100,7 +99,7 @@ def kill_at(proc: subprocess.Popen, work: Path, point: tuple[str, float]) -> boo
     return True
 
 
-def run_with_kills(spec: Path, points: list[tuple[str, float]]) -> dict:
+def run_with_kills(spec: Path, points: list[tuple[str, float, float]]) -> dict:
     """Train with a SIGKILL at each point in turn, resuming (or restarting when no
     checkpoint is left) after each, then once more to the end. Returns what happened."""
     out = load_spec(spec).output_path
@@ -150,7 +149,7 @@ def test_sigkill_after_a_checkpoint_then_resume(spec, monkeypatch):
     """One SIGKILL right after a checkpoint appears: --resume must publish the adapter
     an uninterrupted run publishes, bit for bit (the unit-tier version)."""
     reference = reference_adapter(spec, monkeypatch)
-    result = run_with_kills(spec, [("step", 3)])
+    result = run_with_kills(spec, [("step", 3, 0.1)])
     assert result["kills"] == 1 and result["resumes"] == 1
     assert_same_adapter(result["out"], reference)
 
@@ -162,8 +161,10 @@ def test_sigkill_at_random_points_then_resume(spec, monkeypatch, seed):
     checkpoints, inside or around the save), each followed by --resume or a restart."""
     rng = random.Random(seed)
     steps = sorted(rng.sample(range(1, STEPS), 3))
-    points = [("time", rng.uniform(0.5, 8.0)), *(("step", s) for s in steps)]
+    points = [("time", rng.uniform(0.5, 8.0), 0)]
+    points += [("step", s, rng.uniform(0, 0.3)) for s in steps]
     reference = reference_adapter(spec, monkeypatch)
     result = run_with_kills(spec, points)
+    print(f"\nseed {seed}: kill points {points}: {result}")
     assert result["kills"] >= 3, result
     assert_same_adapter(result["out"], reference)
