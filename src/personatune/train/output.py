@@ -79,8 +79,10 @@ def check_runnable(spec: PersonaSpec, device: torch.device) -> None:
             "model.quantization: nf4 needs a CUDA GPU (bitsandbytes); "
             "use model.quantization=none on this machine"
         )
-    try:  # transformers itself knows which optimizers need which library
-        args = TrainingArguments(output_dir=None, optim=spec.train.optimizer, use_cpu=True)
+    try:  # transformers itself knows which optimizers need which library; the device
+        # settings are build_trainer's, as TrainingArguments sets up the device state
+        use_cpu = device.type == "cpu"
+        args = TrainingArguments(output_dir=None, optim=spec.train.optimizer, use_cpu=use_cpu)
         Trainer.get_optimizer_cls_and_kwargs(args)
     except ImportError as e:
         reason = str(e).splitlines()[0].split(":")[0].rstrip(". ")
