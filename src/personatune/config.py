@@ -208,13 +208,13 @@ class GuardSettings(_Section):
     is 0.26 points, so it allows the handful of long answers a verbose persona cuts at
     the limit, and refuses a model that stops ending its turns (the planted degenerate
     adapter of tests/test_gate.py: 100 points)."""
-    mc_tolerance: float | None = Field(None, ge=0)
+    mc_tolerance: float | None = Field(15.0, ge=0)
     """Largest allowed drop of multiple-choice accuracy (log-likelihood through lm-eval,
     the shipped 20-item ``mc_tiny`` set, which a verbose voice cannot fail) below the base
-    model's, in percentage points. None (the default) does not score it: measured on the
-    embedded model, it costs 13 CPU seconds per model and checkpoint, and one item is 5
-    points (base accuracy 60%), too coarse to gate within a few points by default; the
-    192-question probe with and without the system prompt gates knowledge."""
+    model's, in percentage points; None does not score it. One item is 5 points, so the
+    default 15 allows three items to flip and refuses a model that lost more (chance is
+    25%; the embedded model scores 60%). Measured on the embedded model: 1.1 to 1.7 CPU
+    seconds per model and checkpoint (one thread, the 2-core CPU)."""
     search_budget_s: float = Field(3600, ge=0)
     """Seconds the guard may spend, after the gate refused every checkpoint, training
     again from the base model with more preservation data, a lower learning rate and

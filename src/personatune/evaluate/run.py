@@ -30,6 +30,7 @@ from personatune.evaluate.metrics import degeneration_failures
 from personatune.evaluate.probe import drift_ratio
 from personatune.evaluate.progress import phase, progress_bar
 from personatune.evaluate.suite import (
+    MC_TINY,
     EvalData,
     classifier_examples,
     cut_answers,
@@ -175,6 +176,8 @@ def evaluate(
     data, split_notes = _eval_inputs(spec, persona_dir, console)
     benches = [(b.task, str(spec.resolve(b.path))) for b in spec.eval.benchmarks]
     benches += list(benchmarks)
+    if spec.guard.mc_tolerance is not None and MC_TINY[0] not in {t for t, _ in benches}:
+        benches.append(MC_TINY)  # the gate's knowledge measure, shown as the card's row
     models = _inference_models(persona, persona_dir)
     sets = answer_sets(spec, data)
     with progress_bar(console) as bar:
@@ -332,18 +335,21 @@ def targets(spec: PersonaSpec, metrics: dict, drift: float, degeneration: dict) 
     without the system prompt) within ``guard.probe_tolerance`` points of the base
     model; drift within ``guard.max_drift_ratio``; degeneration within
     ``guard.degeneration_tolerance`` points of the base model (``degeneration`` is
-    ``{"base", "tuned"}`` shares, see :func:`degeneration_failures`)."""
+    ``{"base", "tuned"}`` shares, see :func:`degeneration_failures`); the shipped
+    multiple choice (``mc_mc_tiny``, when scored) within ``guard.mc_tolerance``."""
     g = spec.guard
+    mc = f"mc_{MC_TINY[0]}"
 
     def side(s):
-        return {k: metrics[k][s] for k in ("probe_accuracy", "probe_plain_accuracy")}
+        out = {k: metrics[k][s] for k in ("probe_accuracy", "probe_plain_accuracy")}
+        return {**out, "mc_accuracy": metrics[mc][s]} if mc in metrics else out
 
     return {
         "adoption_rate_at_least_90": metrics["adoption_rate"]["tuned"] >= 90.0,
         # a persona adapter must beat the base model given the same system prompt
         "beats_prompting_rouge_l": metrics["rouge_l"]["tuned"] > metrics["rouge_l"]["base"],
         "probe_within_tolerance": not knowledge_failures(
-            side("base"), side("tuned"), g.probe_tolerance
+            side("base"), side("tuned"), g.probe_tolerance, g.mc_tolerance
         ),
         "drift_within_tolerance": drift <= g.max_drift_ratio,
         "degeneration_within_tolerance": not degeneration_failures(
