@@ -255,3 +255,35 @@ def test_gate_refuses_an_adapter_that_does_not_beat_prompting(persona_yaml, monk
     assert r.exit_code == 0, r.output
     gate = json.loads((spec.parent / "out" / "gate.json").read_text())
     assert gate["prompting"]["beats"] is True and gate["published"] == gate["chosen"]
+
+
+def test_report_card_says_plainly_when_the_adapter_does_not_beat_prompting():
+    """Guards against a report card that shows the ROUGE-L row but leaves the reader to
+    notice that prompting alone scored higher: the summary says so and what to change."""
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from personatune.evaluate import card
+
+    rouge = {"rouge_l": {"base": 0.241, "tuned": 0.207, "higher_is_better": True, "unit": "",
+                         "group": card.FIDELITY, "label": "ROUGE-L F1", "inputs": ["heldout"]}}  # fmt: skip
+    report = {
+        "persona": "tiny",
+        "metrics": rouge,
+        "targets": {"beats_prompting_rouge_l": False},
+        "classifier": {"cv_folds": 5, "cv_error": 0.1, "n_persona": 5, "n_plain": 5},
+        "probe_drop_points": 0.0,
+        "drift_ratio": 1.0,
+        "timings_s": {"total": 1.0},
+    }
+    buf = io.StringIO()
+    card.print_summary(report, Path("out"), Console(file=buf, width=200))
+    out = " ".join(buf.getvalue().split())
+    assert "FAIL beats_prompting_rouge_l" in out
+    assert "does not beat prompting: ROUGE-L 0.207 against 0.241" in out and "lora.r" in out
+    report["targets"]["beats_prompting_rouge_l"] = True
+    buf = io.StringIO()
+    card.print_summary(report, Path("out"), Console(file=buf, width=200))
+    assert "does not beat prompting" not in buf.getvalue()

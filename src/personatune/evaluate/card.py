@@ -288,6 +288,14 @@ def print_summary(report: dict, out, console: Console) -> None:
         console.print(f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'}  {name}")
     for reason in report.get("degeneration_failures") or []:
         console.print(f"  [red]degeneration:[/] {reason}")
+    if report["targets"].get("beats_prompting_rouge_l") is False:
+        r = report["metrics"]["rouge_l"]
+        console.print(
+            f"  [red]the adapter does not beat prompting[/]: ROUGE-L {r['tuned']:.3f} against "
+            f"{r['base']:.3f} for the base model with the same system prompt; train more "
+            "steps (train.epochs), at a higher learning rate or rank (lora.r), or on more "
+            "persona data"
+        )
     conv = report.get("conversations")
     if conv and conv["base"]["adoption_by_turn"]:
 
