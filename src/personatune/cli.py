@@ -735,8 +735,8 @@ def serve(
     max_batch: Annotated[
         int,
         typer.Option(
-            help="requests decoded together (continuous batching); the default is the "
-            "measured knee on a 2-core CPU, use 32 or more on a GPU"
+            help="requests decoded together (continuous batching); 8 suits a small CPU, "
+            "use 32 or more on a GPU (benchmarks/results/serve_load_*.md)"
         ),
     ] = SERVE_MAX_BATCH,
     max_queue: Annotated[
