@@ -5,6 +5,7 @@ what the chat template renders."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 from personatune.cli import app
 from personatune.data.chat import with_system_prompt
-from personatune.engine import end_of_turn_ids, load_persona
+from personatune.engine import encode, end_of_turn_ids, load_persona
 from personatune.errors import PersonatuneError
 from personatune.export.gguf_file import write_model_gguf
 from personatune.export.modelfile import chat_frame
@@ -33,6 +34,12 @@ GO_RENDER = Path(__file__).parent / "gotemplate" / "main.go"
 #: on the tiny llama (logits up to ~0.5, the adapter moves them by ~0.8): f32 2.4e-7,
 #: f16 2.4e-4, q8_0 8.1e-3.
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "q8_0": 3e-2}
+#: The same on the embedded model, whose adapter moves logits by up to 13: measured on
+#: the 30-step pirate (benchmarks/results/gguf_speed.md) f16 0.036, q8_0 0.91.
+EMBEDDED_TOLERANCE = {"f16": 0.1, "q8_0": 2.0}
+#: Greedy tokens llama.cpp on the f16 GGUF must share with transformers base + adapter
+#: before the first difference (measured on the pirate: 40 of 128 on average).
+EMBEDDED_LLAMA_CPP_SHARED = 8
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,9 @@ def gguf_fields(path: Path) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if k not in skip}
 
 
-def compare_with_persona(persona: Path, folder: Path, gguf_file: str, tolerance: float):
+def compare_with_persona(
+    persona: Path, folder: Path, gguf_file: str, tolerance: float, greedy: bool = True
+):
     """Load ``gguf_file`` with transformers and check it against base + adapter: same
     prompt token ids, logits within ``tolerance``, the same greedy answer, the adapter in
     (the base's logits are further away), and the chat template and end-of-turn tokens in
@@ -101,8 +110,9 @@ def compare_with_persona(persona: Path, folder: Path, gguf_file: str, tolerance:
         expected = p.model.generate(**batch, **kw)
     diff = (got - want).abs().max().item()
     assert diff <= tolerance, diff
-    assert (base - want).abs().max().item() > 10 * tolerance  # the adapter is merged in
-    assert torch.equal(answer, expected)
+    assert (got - base).abs().max().item() > 5 * diff  # the adapter is merged in
+    if greedy:
+        assert torch.equal(answer, expected)
 
     meta = gguf_fields(folder / gguf_file)
     assert meta["tokenizer.chat_template"] == p.tokenizer.chat_template == tok.chat_template
@@ -174,13 +184,19 @@ def test_modelfile_template_renders_like_the_chat_template(personas, tmp_path):
     check_modelfile(personas["llama"], out)
 
 
-def test_lora_gguf_is_base_plus_adapter(personas, tmp_path):
+@pytest.mark.parametrize("scaling", ["alpha/r", "rslora"])
+def test_lora_gguf_is_base_plus_adapter(personas, tmp_path, scaling):
     """Guards against a LoRA GGUF whose names, alpha or B row order (llama's Q/K
-    permutation) do not rebuild the merged weights on the base GGUF, or that lacks the
-    adapter metadata llama.cpp's --lora reads."""
+    permutation) do not rebuild the merged weights on the base GGUF, that lacks the
+    adapter metadata llama.cpp's --lora reads, or that scales an rsLoRA adapter
+    (alpha/sqrt(r)) by llama.cpp's alpha/r."""
     import gguf
 
     persona = personas["llama"]
+    if scaling == "rslora":
+        persona = Path(shutil.copytree(persona, tmp_path / "rslora"))
+        cfg = json.loads((persona / "adapter_config.json").read_text())
+        (persona / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
     merged = export(persona, tmp_path / "merged", "--quant", "f32")
     out = export(persona, tmp_path / "lora", "--quant", "f32", "--lora-gguf")
     assert {f.name for f in out.iterdir()} >= {"base-f32.gguf", "alpha-lora-f32.gguf"}
@@ -301,3 +317,31 @@ def test_llama_cpp_quant_keeps_the_persona_metadata(personas, tmp_path):
     assert not list(out.glob("*.tmp"))
     model = AutoModelForCausalLM.from_pretrained(out, gguf_file=f.name)
     assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.integration
+def test_embedded_pirate_gguf_round_trip(tmp_path):
+    """Guards against an export of the real model (SmolLM2-135M, 30 layers, tied
+    embeddings, GQA) that transformers or llama.cpp read differently from base + adapter,
+    or whose Modelfile template differs from its chat template."""
+    from test_serve import train_embedded_personas
+
+    persona = train_embedded_personas(tmp_path / "personas")[0]
+    out = export(persona, tmp_path / "f16", "--quant", "f16")
+    p, _ = compare_with_persona(persona, out, "pirate-f16.gguf", EMBEDDED_TOLERANCE["f16"])
+    q8 = export(persona, tmp_path / "q8", "--quant", "q8_0")
+    compare_with_persona(persona, q8, "pirate-q8_0.gguf", EMBEDDED_TOLERANCE["q8_0"], greedy=False)
+    if shutil.which("go"):
+        check_modelfile(persona, out)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    ids = encode(p.tokenizer, with_system_prompt(USER, p.spec.system_prompt))
+    llm = llama_cpp.Llama(str(out / "pirate-f16.gguf"), n_ctx=512, n_threads=2, verbose=False)
+    n = EMBEDDED_LLAMA_CPP_SHARED
+    got = list(itertools.islice(llm.generate(ids, temp=0.0, top_k=1), n))
+    with torch.inference_mode():
+        want = p.model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=0)[0, len(ids):].tolist()  # fmt: skip
+    assert got == want

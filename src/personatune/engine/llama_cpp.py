@@ -7,7 +7,7 @@ the engine's interface: a :class:`~personatune.engine.Registry`, :func:`ask` (as
 Why: batch-1 greedy decoding of the embedded pirate on the shared 2-core CPU (1 thread
 each, load average ~15) ran at 33.2 tokens/s in llama.cpp on the q8_0 GGUF against
 4.0 in transformers with the peft adapter, 8.6x, time to first token 512 ms against
-772 ms (benchmarks/results/gguf_speed_1thread.md). Requests run one at
+772 ms (benchmarks/results/gguf_speed.md). Requests run one at
 a time (llama.cpp through llama-cpp-python decodes one sequence per context here); prompts
 are the engine's own token ids (:func:`personatune.engine.encode`), and the next token,
 the end-of-turn set, stop strings and events are the engine's (:mod:`.sampling`,
@@ -44,7 +44,7 @@ log = logging.getLogger("personatune.engine")
 
 #: Weight type of the base model's GGUF: q8_0 decoded fastest on the embedded model
 #: (33.2 tokens/s against 26.2 for f16 and 27.0 for q4_k_m, whose 576-wide rows fall back
-#: to q5_0/q8_0), at 0.9 of the float32 logits (q4_k_m: 6.2); gguf_speed_1thread.md.
+#: to q5_0/q8_0), at 0.9 of the float32 logits (q4_k_m: 6.2); gguf_speed.md.
 BASE_QUANT = "q8_0"
 #: KV cache size in tokens when the base model allows more (the cache is allocated whole).
 MAX_CONTEXT = 4096

@@ -464,6 +464,7 @@ def write_lora_gguf(
             not LoRA pairs of linear layers (embedding LoRA, ``modules_to_save``).
     """
     import gguf
+    from peft.utils.other import get_pattern_key
     from safetensors.torch import load_file
 
     from personatune.io import read_json
@@ -500,11 +501,12 @@ def write_lora_gguf(
     def tensors():
         for base, ab in sorted(pairs.items()):
             a, b = ab["A"].float(), ab["B"].float()
-            rank = a.shape[0]
-            module = base.rsplit(".", 2)[-2]
-            r = lcfg.get("rank_pattern", {}).get(module, lcfg["r"])
-            m_alpha = lcfg.get("alpha_pattern", {}).get(module, alpha)
-            peft_scale = m_alpha / (math.sqrt(r) if lcfg.get("use_rslora") else r)
+            rank = a.shape[0]  # rank_pattern shows in the shapes
+            module = base.removesuffix(".weight")
+            pattern = lcfg.get("alpha_pattern") or {}
+            key = get_pattern_key(list(pattern), module)  # peft's own matching
+            m_alpha = pattern.get(key, alpha)
+            peft_scale = m_alpha / (math.sqrt(rank) if lcfg.get("use_rslora") else rank)
             b = b * (peft_scale / (alpha / rank))
             b = _llama_layout(base, b, config)
             target = _gguf_name(tmap, base)
