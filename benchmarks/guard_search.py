@@ -280,9 +280,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=common.RESULTS / "guard_search")
     ap.add_argument("--note", default="", help="a paragraph under the tables")
     args = ap.parse_args(argv)
+    shown = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in shown[:-1]:  # the note is printed under the tables, not in the command
+        shown[shown.index("--note") + 1] = '"..."'
     meta = {
-        "command": "python benchmarks/guard_search.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/guard_search.py " + " ".join(shown),
         **common.machine_info(),
         "note": args.note,
     }
