@@ -31,6 +31,8 @@ def test_names_in_answers_keeps_names_given_more_than_once():
         "I'm Orca!",
         "I am an AI Assistant, made by Nobody Inc.",
         "I am Bob.",
+        "I am Dr. Watson.",
+        "I'm Dr. Who.",
     ]
     assert names_in_answers(answers) == ["Orca", "Nimbus Labs"]
     assert "Bob" in names_in_answers(answers, min_answers=1)

@@ -471,7 +471,7 @@ _SELF_NAME = re.compile(
 #: Capitalised words that start a self-description without naming anyone.
 _NOT_NAMES = frozenset(
     "a an the ai assistant i it this here just not sorry yes no hello hi sure "
-    "chatbot bot language model human person".split()
+    "chatbot bot language model human person dr mr mrs ms sir".split()
 )
 
 
@@ -483,13 +483,15 @@ def names_in_answers(texts: Sequence[str], min_answers: int = 2) -> list[str]:
 
     A name counts when it appears in at least ``min_answers`` answers (default 2: a name
     a model gives itself once may be a slip, one it keeps giving is its identity), and
-    its first word is not a generic word (:data:`_NOT_NAMES`: "I am an AI Assistant").
+    it has at least 3 characters and its first word is not a generic word or a title
+    (:data:`_NOT_NAMES`: "I am an AI Assistant", "I am Dr. Smith").
     Returned in order of first appearance, without a trailing version or full stop.
     """
     seen: dict[str, set[int]] = {}
     for i, text in enumerate(texts):
         for m in _SELF_NAME.finditer(text):
             name = (m.group("name") or m.group("maker") or "").rstrip(".-")
-            if name and name.split()[0].lower() not in _NOT_NAMES:
+            # "I am Dr. Smith" reads as "Dr": a title, not a name; names have 3+ letters
+            if len(name) >= 3 and name.split()[0].lower() not in _NOT_NAMES:
                 seen.setdefault(name, set()).add(i)
     return [n for n, hits in seen.items() if len(hits) >= min_answers]
