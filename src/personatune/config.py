@@ -204,10 +204,12 @@ class GuardSettings(_Section):
     empty answers, of answers cut at the token limit and of repetition loops, and largest
     allowed fall of the share ending with the model's end-of-turn token, on the factual
     probe's answers with the knowledge budget (``eval.knowledge_max_new_tokens``), with
-    and without the system prompt. 5 points: on the whole probe (384 answers) one answer
-    is 0.26 points, so it allows the handful of long answers a verbose persona cuts at
-    the limit, and refuses a model that stops ending its turns (the planted degenerate
-    adapter of tests/test_gate.py: 100 points)."""
+    and without the system prompt. Measured on the embedded model's whole probe (336
+    answers, with and without the pirate's system prompt): the base model is cut in
+    10.4% of answers, loops in 9.2% and ends its turn in 89.6%; the pirate after 30
+    steps in 0.9%, 1.2% and 99.1%. One answer is 0.3 points, so 5 points lets about 17
+    answers differ by chance, while a model that stops ending its turns (the planted
+    adapter of tests/test_gate.py) is 90 to 100 points worse."""
     mc_tolerance: float | None = Field(15.0, ge=0)
     """Largest allowed drop of multiple-choice accuracy (log-likelihood through lm-eval,
     the shipped 20-item ``mc_tiny`` set, which a verbose voice cannot fail) below the base
