@@ -9,30 +9,19 @@ line, and runs that delete, replace or leave behind files when they refuse.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from trees import tree_hash
 from typer.testing import CliRunner
 
 from personatune.cli import app
 from personatune.config import load_spec
 
 runner = CliRunner()
-
-
-def tree_hash(*roots: Path) -> str:
-    """sha256 over every path name (hidden ones too) and file's bytes under ``roots``."""
-    h = hashlib.sha256()
-    for root in roots:
-        for p in sorted(Path(root).rglob("*")):
-            h.update(str(p.relative_to(root)).encode() + b"\0")
-            if p.is_file():
-                h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(autouse=True)

@@ -62,3 +62,15 @@ def test_train_then_chat_prompt(persona_yaml, tmp_path):
 def test_chat_on_a_non_persona_dir(tmp_path):
     r = runner.invoke(app, ["chat", str(tmp_path), "--prompt", "hi"])
     assert r.exit_code == 2 and "not a persona directory" in r.stderr
+
+
+def test_debug_does_not_leak_into_the_next_command(tmp_path):
+    """--debug set PERSONATUNE_DEBUG for the whole process, so every later command in the
+    same process (tests, notebooks) printed tracebacks and broke its one-line errors."""
+    import os
+
+    r = runner.invoke(app, ["--debug", "train", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "Traceback" in r.stderr
+    assert "PERSONATUNE_DEBUG" not in os.environ
+    r = runner.invoke(app, ["train", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1

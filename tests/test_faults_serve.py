@@ -11,7 +11,6 @@ they are asserted.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,7 @@ import httpx
 import psutil
 import pytest
 from test_serve import train_tiny_personas
+from trees import tree_hash
 
 USER = [{"role": "user", "content": "Question 3, please"}]
 #: RSS may grow by at most this much once warmed up (the allocator keeps freed pages;
@@ -35,15 +35,6 @@ USER = [{"role": "user", "content": "Question 3, please"}]
 RSS_BOUND = 48 * 2**20
 #: open file descriptors may differ by at most this many (sockets closing lazily).
 FD_BOUND = 8
-
-
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode() + b"\0")
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

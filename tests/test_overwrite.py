@@ -1,10 +1,10 @@
 """--overwrite replaces only what personatune wrote (issue 11, defect 1: it deleted the
 folder holding the spec and its data, and any folder named by output_dir)."""
 
-import hashlib
 import os
 
 import pytest
+from trees import tree_hash
 from typer.testing import CliRunner
 
 from personatune.cli import app
@@ -12,15 +12,6 @@ from personatune.errors import PersonatuneError
 from personatune.io import check_replaceable
 
 runner = CliRunner()
-
-
-def tree_hash(root) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(autouse=True)

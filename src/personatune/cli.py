@@ -99,6 +99,7 @@ def _bug(e: BaseException) -> str:
     "130: interrupted."
 )
 def main(
+    ctx: typer.Context,
     debug: Annotated[
         bool,
         typer.Option(
@@ -109,8 +110,11 @@ def main(
     ] = False,
 ):
     """Give a chat LLM a persona with LoRA, without losing what it knew."""
-    if debug:
+    if debug and not debugging():
+        # Undone when the command ends, so an in-process runner (tests, notebooks) does
+        # not carry --debug into the next command.
         os.environ["PERSONATUNE_DEBUG"] = "1"
+        ctx.call_on_close(lambda: os.environ.pop("PERSONATUNE_DEBUG", None))
 
 
 @app.command()

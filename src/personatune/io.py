@@ -7,6 +7,7 @@ This module sits at the bottom: it imports nothing of personatune's but the erro
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
@@ -298,6 +299,20 @@ def new_work_dir(output: Path) -> Path:
         ) from None
     work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal folder
     return work
+
+
+@contextlib.contextmanager
+def building(output: Path) -> Iterator[Path]:
+    """Yield a new work folder beside ``output`` (:func:`new_work_dir`); when the block
+    ends it is published as ``output`` (:func:`publish`), and if the block raises it is
+    removed, so ``output`` appears whole or not at all."""
+    work = new_work_dir(output)
+    try:
+        yield work
+        publish(work, output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def publish(work: Path, output: Path) -> None:

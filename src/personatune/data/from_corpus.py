@@ -21,7 +21,6 @@ The folder is built beside the target under a temporary name and renamed when co
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,14 +41,7 @@ from personatune.data.corpus import (
     to_records,
 )
 from personatune.errors import PersonatuneError
-from personatune.io import (
-    check_replaceable,
-    jsonl_records,
-    new_work_dir,
-    publish,
-    write_json,
-    write_jsonl,
-)
+from personatune.io import building, check_replaceable, jsonl_records, write_json, write_jsonl
 
 FILES = ("dialogue_train.jsonl", "dialogue_eval.jsonl", "chunks_train.jsonl", "report.json")
 
@@ -418,13 +410,8 @@ def _write_folder(
     out: Path, train: list[dict], evals: list[dict], chunks: list[dict], report: dict
 ) -> None:
     """Write the four files into a temporary folder beside ``out``, then rename it."""
-    work = new_work_dir(out)
-    try:
+    with building(out) as work:
         write_jsonl(work / "dialogue_train.jsonl", train)
         write_jsonl(work / "dialogue_eval.jsonl", evals)
         write_jsonl(work / "chunks_train.jsonl", chunks)
         write_json(work / "report.json", report)
-        publish(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise

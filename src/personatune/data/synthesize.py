@@ -36,8 +36,7 @@ import numpy as np
 
 from personatune.config import PersonaSpec
 from personatune.errors import PersonatuneError
-from personatune.io import check_replaceable, new_work_dir, publish, read_jsonl, write_json
-from personatune.io import write_jsonl as _write_jsonl
+from personatune.io import building, check_replaceable, read_jsonl, write_json, write_jsonl
 
 #: Cosine similarity of MiniLM embeddings at or above which two answers are near
 #: duplicates: paraphrases of one canned answer score above it, different answers to
@@ -392,14 +391,7 @@ def synthesize(
             "persona_terms": terms,
         },
     }
-    work = new_work_dir(out)
-    try:
-        _write_jsonl(work / "synth.jsonl", rows)
+    with building(out) as work:
+        write_jsonl(work / "synth.jsonl", rows)
         write_json(work / "report.json", report)
-        publish(work, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return report

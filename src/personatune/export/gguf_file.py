@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from personatune.errors import PersonatuneError
-from personatune.io import check_replaceable, new_work_dir, publish, write_text
+from personatune.io import building, check_replaceable, write_text
 from personatune.persona import read_spec
 
 #: Architectures written, by transformers ``model_type``.
@@ -574,8 +574,7 @@ def export_gguf(
     frame = chat_frame(tokenizer)  # refuse before the slow write
     eot = stop_tokens(model, tokenizer, frame)
     stops = tokenizer.convert_ids_to_tokens(eot)
-    work = new_work_dir(out)
-    try:
+    with building(out) as work:
         if lora:
             model_file = f"base-{quant}.gguf"
             write_model_gguf(work / model_file, model, tokenizer, name=str(merged.ref.name),
@@ -592,8 +591,4 @@ def export_gguf(
         write_text(work / "Modelfile", text)
         if (persona_dir / "persona.json").exists():
             shutil.copy(persona_dir / "persona.json", work / "persona.json")
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    publish(work, out)
     return out

@@ -11,7 +11,7 @@ import torch
 
 from personatune.data.chat import ensure_chat_template
 from personatune.errors import PersonatuneError
-from personatune.io import check_replaceable, partial_dir, publish
+from personatune.io import building, check_replaceable
 from personatune.models import load_model, load_tokenizer, resolve_ref
 from personatune.persona import read_spec
 
@@ -143,10 +143,7 @@ def export_merged(
     spec, ref, tokenizer = merged.spec, merged.ref, merged.tokenizer
     model = merged.model.to(pick_dtype(dtype, merged.base_dtype))
 
-    work = partial_dir(out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with building(out) as work:
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         if (persona_dir / "persona.json").exists():
@@ -159,11 +156,6 @@ def export_merged(
                 system_prompt=spec.system_prompt,
             )
         )
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    out.parent.mkdir(parents=True, exist_ok=True)
-    publish(work, out)
     return out
 
 
