@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import statistics
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from personatune.errors import PersonatuneError
-from personatune.io import sha256_file, write_json
+from personatune.io import read_json, sha256_file, write_json
 from personatune.patches import drop_gguf_quantizer, falcon_linear_as_nn_linear
 
 EMBEDDED = "embedded"
@@ -143,8 +142,8 @@ def cpu_bf16_wins(repeats: int = 7) -> bool:
     key = f"{_cpu_name()}|{torch.get_num_threads()}|{torch.__version__}"
     path = cache_dir() / "cpu_bf16.json"
     try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
+        cached = read_json(path) if path.is_file() else {}
+    except PersonatuneError:  # a damaged cache only costs the probe again
         cached = {}
     if key in cached:
         return bool(cached[key]["bf16_wins"])
