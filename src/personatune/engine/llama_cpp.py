@@ -23,8 +23,6 @@ import copy
 import ctypes
 import logging
 import os
-import threading
-from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,19 +306,7 @@ class LlamaCppScheduler(Scheduler):
     def __init__(
         self, model: LlamaCppModel, max_batch: int = 1, max_queue: int = DEFAULT_MAX_QUEUE
     ):
-        # Scheduler.__init__ would build a torch Batch; these are its attributes.
-        self.model = model
-        self.max_batch = 1
-        self.max_queue = max_queue
-        self.finished: Counter[str] = Counter()
-        self._queue: deque[Request] = deque()
-        self._wake = threading.Condition()
-        self._gate = threading.Lock()
-        self._stopping = False
-        self._batch = LlamaCppBatch(model)
-        self._thread = threading.Thread(
-            target=self._loop, name="personatune-llama-cpp", daemon=True
-        )
+        super().__init__(model, 1, max_queue, batch=LlamaCppBatch(model))
 
 
 __all__ = ["LlamaCppModel", "LlamaCppScheduler", "ask", "load_llama_cpp", "run_requests"]

@@ -33,13 +33,19 @@ class Scheduler:
         max_batch: most requests decoded together (rows of one forward pass).
         max_queue: most requests waiting to join; more raise :class:`QueueFull`
             (HTTP 429).
+        batch: what decodes the rows (default a torch :class:`~personatune.engine.Batch`
+            on ``model``; the llama.cpp engine passes its own).
 
     Events go to each request's ``emit`` from this thread. A request whose prefill fails
     fails alone; a failing decoding step fails the rows in it, and the thread goes on.
     """
 
     def __init__(
-        self, model, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE
+        self,
+        model,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        batch=None,
     ):
         self.model = model
         self.max_batch = max_batch
@@ -50,7 +56,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._gate = threading.Lock()
         self._stopping = False
-        self._batch = Batch(model)
+        self._batch = batch if batch is not None else Batch(model)
         self._thread = threading.Thread(target=self._loop, name="personatune-generate", daemon=True)
 
     def start(self) -> None:
