@@ -123,6 +123,9 @@ def run_with_kills(spec: Path, points: list[tuple[str, float, float]]) -> dict:
                 )
             if point is not None and kill_at(proc, work, point):
                 log["kills"] += 1
+                if out.exists():  # the kill landed after the publishing rename, before exit
+                    log["killed_after_publish"] = 1
+                    break
                 continue
             assert proc.wait(600) == 0, err.read_text()[-3000:]
             break
