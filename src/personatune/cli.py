@@ -32,6 +32,13 @@ console = Console()
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=1")
 ]
+EngineChoice = Annotated[
+    str,
+    typer.Option(
+        help="torch, or llama-cpp: the base model as a GGUF in llama.cpp with the "
+        "adapters as llama.cpp LoRA adapters (CPU; pip install 'personatune[llama-cpp]')"
+    ),
+]
 
 
 #: Failures of the user's machine rather than of personatune: a full disk, a read-only or
@@ -444,13 +451,7 @@ def chat(
         bool,
         typer.Option("--quick-test", help="answer every persona's test_prompts and print a table"),
     ] = False,
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="torch, or llama-cpp: the base model as a GGUF in llama.cpp with the "
-            "adapters as llama.cpp LoRA adapters (CPU; pip install 'personatune[llama-cpp]')"
-        ),
-    ] = "torch",
+    engine: EngineChoice = "torch",
 ):
     """Chat with personas in the terminal (streamed): /persona NAME switches, /personas
     lists, /reset clears, /exit quits. All personas share one base model in memory."""
@@ -765,13 +766,7 @@ def serve(
         ),
     ] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="torch, or llama-cpp: the base model as a GGUF in llama.cpp with the "
-            "adapters as llama.cpp LoRA adapters (CPU; pip install 'personatune[llama-cpp]')"
-        ),
-    ] = "torch",
+    engine: EngineChoice = "torch",
 ):
     """Serve personas behind an OpenAI-compatible API (/v1/chat/completions, /v1/models),
     with a web chat at / . One base model in memory, one LoRA adapter per persona, many
