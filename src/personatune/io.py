@@ -82,13 +82,22 @@ def read_jsonl(path: Path) -> list:
 
 
 def read_json(path: Path) -> object:
-    """A JSON file's value.
+    """A JSON file's value (see :func:`parse_json`).
 
     Raises:
         PersonatuneError: the file is missing, a folder, or not valid JSON.
     """
+    return parse_json(read_text(Path(path)), path)
+
+
+def parse_json(text: str, path: Path | str) -> object:
+    """The value of the JSON document ``text``, read from ``path`` (named in errors).
+
+    Raises:
+        PersonatuneError: ``PATH: line N: invalid JSON (reason)``, or nested too deeply.
+    """
     try:
-        return json.loads(read_text(Path(path)))
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise PersonatuneError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
     except RecursionError:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from personatune.config import DataSource
 from personatune.errors import PersonatuneError
-from personatune.io import jsonl_records, read_text
+from personatune.io import jsonl_records, parse_json, read_text
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -109,12 +109,7 @@ def _json_records(path: Path, text: str, jsonl: bool) -> Iterator[tuple[str, dic
                 raise _row_error(f"{path}:line {n}", "expected a JSON object")
             yield f"{path}:line {n}", rec
         return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PersonatuneError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-    except RecursionError:
-        raise PersonatuneError(f"{path}: JSON nested too deeply to read") from None
+    data = parse_json(text, path)
     if isinstance(data, dict):  # {"data": [...]} style wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
