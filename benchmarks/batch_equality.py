@@ -30,6 +30,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=48, help="requests, cycling the models")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument(
+        "--init-range",
+        type=float,
+        help="--synthetic: weights' init std (default 0.02: nearly flat logits, many ties)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import torch
@@ -37,7 +42,7 @@ def main() -> None:
     from personatune.engine import Sampling, load_registry, persona_request, run_batch
 
     dirs = args.persona_dirs or synthetic_personas(
-        args.work, args.synthetic, args.tokenizer, args.quantization
+        args.work, args.synthetic, args.tokenizer, args.quantization, args.init_range
     )
     reg = load_registry(dirs)
     names = list(reg.personas)
@@ -75,6 +80,7 @@ def main() -> None:
         "tokens": args.tokens,
         "requests": args.prompts,
         "max_batch": args.max_batch,
+        "init_range": args.init_range or 0.02,
         "equal_share": round(sum(same) / len(same), 3),
         "equal_share_by_model": {k: round(v, 3) for k, v in by_model.items()},
         "alone_s": round(t_alone, 2),
@@ -88,6 +94,7 @@ def main() -> None:
     write_markdown(
         out.with_suffix(".md"),
         f"# Greedy answers alone vs in a mixed batch ({dtype}, {device})\n\n"
+        f"Random weights with init std {args.init_range or 0.02}. "
         f"{args.prompts} requests cycling {', '.join(names)}; first {args.tokens} tokens "
         f"equal alone and inside one continuous batch of at most {args.max_batch} rows. "
         f"Alone one after another: {t_alone:.1f} s; batched: {t_batched:.1f} s.\n\n"

@@ -332,6 +332,34 @@ SETUPS = {
         extra={"keep_layers": 6},
         what="as 7b-keep6-b4 with the padding collator",
     ),
+    # Lean-mode attempts of this call (issue 14): activations offloaded instead of
+    # recomputed, and fewer kernels per LoRA layer.
+    "7b-nopack-offload": Setup(
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        dict(LEAN, packing=False, gradient_checkpointing=False),
+        extra={"offload": True},
+        what="as 7b-nopack, no checkpointing: every saved activation offloaded to pinned "
+        "host memory (torch.autograd.graph.save_on_cpu)",
+    ),
+    "7b-nopack-fusedlora": Setup(
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        dict(LEAN, packing=False),
+        extra={"fused_lora": True},
+        what="as 7b-nopack, LoRA branch as one addmm into the base output (no clone, "
+        "scale or add kernels)",
+    ),
+    "7b-nopack-nodrop": Setup(
+        "qwen2.5-7b",
+        "nf4",
+        2,
+        dict(LEAN, packing=False),
+        extra={"lora_dropout": 0.0},
+        what="as 7b-nopack, LoRA dropout 0 (peft skips the dropout kernels)",
+    ),
 }
 
 
@@ -381,8 +409,64 @@ def model_dir(shape: str) -> Path:
     return path
 
 
-def run_one(name: str, peak_flops: float | None) -> dict:
-    """Train set-up ``name`` for WARM + STEPS steps in this process; return its row."""
+def fuse_lora(model) -> int:
+    """Replace the forward of every peft LoRA layer of ``model`` (single adapter, plain
+    LoRA) by one that adds the LoRA branch in the epilogue of one matmul,
+    ``addmm(base(x), A(dropout(x)), B^T, alpha=scaling)``: peft's forward also clones the
+    base output (bitsandbytes 4-bit) and runs the scale and the add as kernels of their
+    own. Returns the number of layers changed. Benchmark set-up ``fused_lora``."""
+    import types
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    def forward(self, x, *args, **kwargs):
+        result = self.base_layer(x, *args, **kwargs)
+        name = self.active_adapters[0]
+        h = self.lora_A[name](self.lora_dropout[name](x))
+        b = self.lora_B[name].weight
+        flat = torch.addmm(
+            result.reshape(-1, result.shape[-1]),
+            h.reshape(-1, h.shape[-1]).to(result.dtype),
+            b.t().to(result.dtype),
+            alpha=self.scaling[name],
+        )
+        return flat.view(result.shape)
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and hasattr(m, "base_layer"):
+            m.forward = types.MethodType(forward, m)
+            n += 1
+    return n
+
+
+def profile_summary(prof, steps: int) -> dict:
+    """Per training step, from a ``torch.profiler`` run over ``steps`` steps: host time
+    inside PyTorch operators and CUDA runtime calls (sum of self CPU time), device time
+    (sum of self CUDA time of kernels and copies) and kernel launches, in milliseconds
+    and counts."""
+    host = device = launches = 0.0
+    for e in prof.key_averages():
+        host += e.self_cpu_time_total
+        device += getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if "LaunchKernel" in e.key:
+            launches += e.count
+    return {
+        "profiled_steps": steps,
+        "host_op_ms_per_step": round(host / 1e3 / steps, 1),
+        "device_ms_per_step": round(device / 1e3 / steps, 1),
+        "kernel_launches_per_step": int(launches / steps),
+    }
+
+
+PROF_STEPS = 3
+
+
+def run_one(name: str, peak_flops: float | None, profile: bool = False) -> dict:
+    """Train set-up ``name`` for WARM + STEPS steps in this process; return its row.
+    With ``profile``, PROF_STEPS more steps run under ``torch.profiler`` after the timed
+    ones (:func:`profile_summary`; their wall time is ``profiled_wall_ms_per_step``)."""
     import torch
     from transformers import TrainerCallback, set_seed
 
@@ -410,12 +494,12 @@ def run_one(name: str, peak_flops: float | None) -> dict:
         name="bench",
         data=[DataSource(path="random")],
         model=ModelSettings(name=str(path), quantization=quant),
-        lora=LoraSettings(r=16, alpha=32, dropout=0.05),
+        lora=LoraSettings(r=16, alpha=32, dropout=extra.get("lora_dropout", 0.05)),
         train=TrainSettings(
             learning_rate=2e-4,
             batch_size=batch,
             gradient_accumulation=1,
-            max_steps=WARM + STEPS,
+            max_steps=WARM + STEPS + (PROF_STEPS if profile else 0),
             max_seq_length=SEQ,
             warmup_steps=1,
             optimizer="adamw_torch_fused",
@@ -453,8 +537,31 @@ def run_one(name: str, peak_flops: float | None) -> dict:
             for layer in layers[len(layers) - extra["keep_layers"] :]:
                 layer.gradient_checkpointing = False
 
+    class Profile(TrainerCallback):
+        """torch.profiler over the PROF_STEPS steps after the timed ones."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == WARM + STEPS:
+                self.prof = torch.profiler.profile(
+                    activities=[
+                        torch.profiler.ProfilerActivity.CPU,
+                        torch.profiler.ProfilerActivity.CUDA,
+                    ]
+                )
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == WARM + STEPS + PROF_STEPS:
+                common.sync()
+                self.prof.__exit__(None, None, None)
+
     timer = common.step_timer()
     callbacks = [timer, KeepLayers()] if extra.get("keep_layers") else [timer]
+    prof = Profile() if profile else None
+    if prof:
+        callbacks.append(prof)
+    if extra.get("fused_lora"):
+        extra = dict(extra, fused_lora_layers=fuse_lora(model))
     work = Path(tempfile.mkdtemp(prefix=f"gpu-speed-{name}-"))
     trainer = build_trainer(
         spec, model, common.pad_tokenizer(), PreparedData(rows, [], []), work, callbacks
@@ -464,8 +571,23 @@ def run_one(name: str, peak_flops: float | None) -> dict:
             "use_reentrant": False,
             "every_n_layers": extra["every_n_layers"],
         }
+    if extra.get("offload"):
+        step = trainer.training_step
+
+        def offloaded(*a, **kw):
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return step(*a, **kw)
+
+        trainer.training_step = offloaded
     result = trainer.train()
-    step_s = sum(timer.times[WARM:]) / len(timer.times[WARM:])
+    step_s = sum(timer.times[WARM : WARM + STEPS]) / STEPS
+    prof_row = {}
+    if prof:
+        prof_row = profile_summary(prof.prof, PROF_STEPS)
+        prof_row["profiled_wall_ms_per_step"] = round(
+            1e3 * sum(timer.times[WARM + STEPS :]) / PROF_STEPS, 1
+        )
+        prof_row["timed_wall_ms_per_step"] = round(1e3 * step_s, 1)
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -493,6 +615,62 @@ def run_one(name: str, peak_flops: float | None) -> dict:
         if peak_flops
         else None,
         "loss": round(result.training_loss, 3),
+        **({"profile": prof_row} if prof_row else {}),
+    }
+
+
+def profile_baseline(peak_flops: float | None) -> dict:
+    """The baseline's 7B QLoRA step under ``torch.profiler``: hf_peft_baseline.py's own
+    ``build`` and set-up (peft's kbit preparation with checkpointing, LoRA on all linear
+    layers, fused AdamW) and loop (bf16 autocast, backward, step), WARM steps, then
+    PROF_STEPS profiled. hf_peft_baseline.py stays a plain copy, so its loop is repeated
+    here."""
+    import torch
+    from hf_peft_baseline import build
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    bs = 2
+    m, cfg = build("qwen2.5-7b", True, False)
+    m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
+    m = get_peft_model(
+        m,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (bs, SEQ), device="cuda")
+    m.train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(WARM):
+        step()
+    common.sync()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(PROF_STEPS):
+            step()
+        common.sync()
+    wall = (time.perf_counter() - t) / PROF_STEPS
+    row = profile_summary(prof, PROF_STEPS)
+    row["profiled_wall_ms_per_step"] = round(1e3 * wall, 1)
+    return {
+        "setup": "baseline-profile",
+        "model": "qwen2.5-7b",
+        "quant": "nf4",
+        "batch": bs,
+        "profile": row,
     }
 
 
@@ -665,10 +843,18 @@ def _text(x) -> str:
     return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
 
 
-def run_all(out: Path, names: list[str], baseline: bool, deadline: float | None = None) -> dict:
+def run_all(
+    out: Path,
+    names: list[str],
+    baseline: bool,
+    deadline: float | None = None,
+    profile: tuple[str, ...] = (),
+) -> dict:
     """Baseline first (only the model shapes that ``names`` use), then each set-up in its
     own process (the Unsloth ones together in one). With ``deadline`` (seconds from the
-    start), a set-up gets only the time left and none starts with under 20 s left."""
+    start), a set-up gets only the time left and none starts with under 20 s left.
+    ``profile``: set-ups (and ``baseline``, in its own process after the baseline) that
+    also run PROF_STEPS profiled steps (rows' ``profile``; ``rows["baseline_profile"]``)."""
     import torch
 
     t_start = time.time()
@@ -703,6 +889,19 @@ def run_all(out: Path, names: list[str], baseline: bool, deadline: float | None 
         for line in proc.stdout.splitlines():
             if line.startswith("{") and '"model"' in line:
                 rows["baseline"].append(json.loads(line))
+        if "baseline" in profile:
+            cmd = [sys.executable, __file__, "--profile-baseline", "--peak", str(peak)]
+            try:
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, env=env, check=False, timeout=180
+                )
+                got = [x for x in proc.stdout.splitlines() if x.startswith('{"setup"')]
+                rows["baseline_profile"] = (
+                    json.loads(got[-1]) if got else {"error": proc.stderr[-1500:]}
+                )
+            except subprocess.TimeoutExpired:
+                rows["baseline_profile"] = {"error": "timeout after 180 s"}
+            print(json.dumps(rows["baseline_profile"]), flush=True)
     unsloth = [n for n in names if SETUPS[n].extra.get("unsloth")]
     groups = [[n] for n in names if n not in unsloth]
     if unsloth:
@@ -721,6 +920,8 @@ def run_all(out: Path, names: list[str], baseline: bool, deadline: float | None 
         if is_us:  # import, compilation and model load: capped so that the rest still runs
             left = min(left, UNSLOTH_TIMEOUT) if left is not None else UNSLOTH_TIMEOUT
         cmd = [sys.executable, __file__, "--unsloth" if is_us else "--one", ",".join(group)]
+        if not is_us and group[0] in profile:
+            cmd.append("--profile")
         try:
             proc = subprocess.run(
                 [*cmd, "--peak", str(peak)],
@@ -807,7 +1008,18 @@ def main() -> int:
     ap.add_argument("--unsloth", help=argparse.SUPPRESS)
     ap.add_argument("--peak", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--report", type=Path, help="print the table of a results JSON")
+    ap.add_argument(
+        "--profile",
+        nargs="?",
+        const="",
+        default=None,
+        help="comma-separated set-ups (and 'baseline') to profile after their timed steps",
+    )
+    ap.add_argument("--profile-baseline", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile_baseline:
+        print(json.dumps(profile_baseline(args.peak)), flush=True)
+        return 0
     if args.report:
         print(report(json.loads(args.report.read_text())))
         return 0
@@ -817,7 +1029,7 @@ def main() -> int:
     if args.one:
         from accelerate import PartialState
 
-        row = run_one(args.one, args.peak)
+        row = run_one(args.one, args.peak, profile=args.profile == "")
         if PartialState().is_main_process:
             print(json.dumps(row), flush=True)
         return 0
@@ -828,7 +1040,8 @@ def main() -> int:
     if bad:
         ap.error(f"unknown set-up(s) {bad}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = run_all(args.out, names, not args.no_baseline, args.deadline)
+    profile = tuple(p for p in (args.profile or "").split(",") if p)
+    rows = run_all(args.out, names, not args.no_baseline, args.deadline, profile)
     md = report(rows)
     common.write_markdown(args.out / "gpu_train_speed.md", md)
     print(md)

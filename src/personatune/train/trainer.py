@@ -427,7 +427,8 @@ def _run_training(spec, state, ref, tokenizer, data, work, resume, callbacks, co
 
 def _run_stats(spec: PersonaSpec, state, data: PreparedData, run: _Run) -> dict:
     """The ``training`` section of ``persona.json``: steps, seconds, trained tokens per
-    second (guard evaluation time left out), loss, effective batch and device."""
+    second (guard evaluation time left out), loss, effective batch, device and, on CUDA,
+    the peak GPU memory allocated (``peak_gpu_gib``, GiB)."""
     epochs_run = run.result.metrics.get("epoch", 0) - _resumed_epoch(run.checkpoint)
     tokens = data.train_tokens * epochs_run * state.num_processes
     return {
@@ -441,6 +442,12 @@ def _run_stats(spec: PersonaSpec, state, data: PreparedData, run: _Run) -> dict:
         * state.num_processes,
         "processes": state.num_processes,
         "device": str(run.device),
+        # torch.cuda.max_memory_allocated since the process started (base weights, adapter,
+        # optimizer state and activations; not the CUDA context or the allocator's cache),
+        # GiB; None off CUDA. benchmarks/recipes_gpu.py reads it.
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+        if run.device.type == "cuda"
+        else None,
         "bf16_autocast": run.trainer.args.bf16,
         "resumed_from": run.checkpoint.name if run.checkpoint else None,
     }
