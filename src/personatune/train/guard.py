@@ -610,23 +610,29 @@ class Guard:
 
 def print_gate(result: dict, console: Console) -> None:
     """Print the gate's checks as a table, and its verdict."""
+    # the reasons are in the verdict line below; a column of them wraps in a narrow console
     table = Table(
         "checkpoint",
         "persona score",
-        "probe %",
-        "probe change (points)",
+        "probe % (change)",
+        "probe % without system prompt",
         "drift ratio",
         "verdict",
         title="retention gate (whole probe, held-out general prompts)",
     )
+    base_plain = (result.get("base_full") or {}).get("probe_plain_accuracy")
     for c in result["checked"]:
+        plain = c.get("probe_plain_accuracy")
+        plain_txt = "–" if plain is None else f"{plain:.1f}"
+        if plain is not None and base_plain is not None:
+            plain_txt += f" ({plain - base_plain:+.1f})"
         table.add_row(
             str(c["step"]),
             f"{c['persona_score']:.2f}",
-            f"{c['probe_accuracy']:.1f}",
-            f"{-c['probe_drop']:+.1f}",
+            f"{c['probe_accuracy']:.1f} ({-c['probe_drop']:+.1f})",
+            plain_txt,
             f"{c['drift_ratio']:.2f}",
-            "[green]pass[/]" if c["passed"] else "[red]" + "; ".join(c["reasons"]),
+            "[green]pass[/]" if c["passed"] else "[red]refused[/]",
         )
     console.print(table)
     cmp = result.get("prompting")
