@@ -347,8 +347,7 @@ SETUPS = {
         "qwen2.5-7b",
         "nf4",
         2,
-        dict(LEAN, packing=False),
-        extra={"fused_lora": True},
+        dict(LEAN, packing=False, fused_lora=True),
         what="as 7b-nopack, LoRA branch as one addmm into the base output (no clone, "
         "scale or add kernels)",
     ),
@@ -409,47 +408,20 @@ def model_dir(shape: str) -> Path:
     return path
 
 
-def fuse_lora(model) -> int:
-    """Replace the forward of every peft LoRA layer of ``model`` (single adapter, plain
-    LoRA) by one that adds the LoRA branch in the epilogue of one matmul,
-    ``addmm(base(x), A(dropout(x)), B^T, alpha=scaling)``: peft's forward also clones the
-    base output (bitsandbytes 4-bit) and runs the scale and the add as kernels of their
-    own. Returns the number of layers changed. Benchmark set-up ``fused_lora``."""
-    import types
-
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    def forward(self, x, *args, **kwargs):
-        result = self.base_layer(x, *args, **kwargs)
-        name = self.active_adapters[0]
-        h = self.lora_A[name](self.lora_dropout[name](x))
-        b = self.lora_B[name].weight
-        flat = torch.addmm(
-            result.reshape(-1, result.shape[-1]),
-            h.reshape(-1, h.shape[-1]).to(result.dtype),
-            b.t().to(result.dtype),
-            alpha=self.scaling[name],
-        )
-        return flat.view(result.shape)
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, LoraLayer) and hasattr(m, "base_layer"):
-            m.forward = types.MethodType(forward, m)
-            n += 1
-    return n
-
-
 def profile_summary(prof, steps: int) -> dict:
     """Per training step, from a ``torch.profiler`` run over ``steps`` steps: host time
     inside PyTorch operators and CUDA runtime calls (sum of self CPU time), device time
     (sum of self CUDA time of kernels and copies) and kernel launches, in milliseconds
     and counts."""
+    from torch.autograd import DeviceType
+
     host = device = launches = 0.0
     for e in prof.key_averages():
-        host += e.self_cpu_time_total
-        device += getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        # A CPU operator's self device time repeats its kernels' own: count kernels only.
+        if getattr(e, "device_type", None) == DeviceType.CUDA:
+            device += e.self_device_time_total
+        else:
+            host += e.self_cpu_time_total
         if "LaunchKernel" in e.key:
             launches += e.count
     return {
@@ -560,8 +532,6 @@ def run_one(name: str, peak_flops: float | None, profile: bool = False) -> dict:
     prof = Profile() if profile else None
     if prof:
         callbacks.append(prof)
-    if extra.get("fused_lora"):
-        extra = dict(extra, fused_lora_layers=fuse_lora(model))
     work = Path(tempfile.mkdtemp(prefix=f"gpu-speed-{name}-"))
     trainer = build_trainer(
         spec, model, common.pad_tokenizer(), PreparedData(rows, [], []), work, callbacks

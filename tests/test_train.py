@@ -198,3 +198,37 @@ def test_packed_examples_do_not_attend_to_each_other(persona_yaml, tiny_model):
             alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
             torch.testing.assert_close(logits[start : start + n], alone, atol=1e-4, rtol=1e-4)
             start += n
+
+
+def test_fused_lora_matches_peft(tiny_model):
+    """Guards train.fused_lora against changing the maths: logits and LoRA gradients equal
+    peft's own forward (fp32, dropout off), and a disabled adapter still gives the base
+    model (the fused forward must fall back to peft's there)."""
+    from peft import LoraConfig, get_peft_model
+
+    from personatune.train.trainer import fuse_lora
+
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the update visible
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        assert not fused or fuse_lora(model) > 0
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        with model.disable_adapter(), torch.no_grad():
+            plain = model(ids).logits
+        return logits.detach(), grads, plain
+
+    ref_logits, ref_grads, ref_plain = run(False)
+    logits, grads, plain = run(True)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(plain, ref_plain)
+    assert not torch.allclose(plain, logits)

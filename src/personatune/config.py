@@ -156,6 +156,14 @@ class TrainSettings(_Section):
     """CPU threads for PyTorch's kernels. 0 picks, just before the first step, the faster
     of one thread and PyTorch's default (one per physical core) by a short matmul probe:
     on a busy shared machine one thread can be several times faster."""
+    fused_lora: bool = False
+    """Add each LoRA layer's update to the base layer's output inside one matmul,
+    ``addmm(base(x), A(dropout(x)), B^T, alpha=alpha / r)``, instead of peft's copy of
+    the output, two matmuls, a scale and an add: fewer kernel launches per adapted layer,
+    the same maths (:func:`personatune.train.trainer.fuse_lora`). Off by default: on an
+    H200 (7B NF4 QLoRA, batch 2 x 1024, checkpointing, padding collator) it gave +3.9% and
+    +14.2% tokens/s in two calls with the same loss, far from closing the gap to Unsloth
+    at batch 2 (benchmarks/results/gpu_train_speed.md, call D)."""
     torch_compile: bool = False
     """Compile the model with ``torch.compile`` (inductor) before training. Off by default:
     measured on an H200 it was slower than without (0.82x on the 0.5B shape) and, with
