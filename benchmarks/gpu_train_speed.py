@@ -33,6 +33,11 @@ another transformers, so ``GPU_SPEED_UNSLOTH_PATH`` may give that process its ow
 PYTHONPATH. ``--deadline S`` starts no set-up after S seconds and gives each only the time
 left (Unsloth's at most ``UNSLOTH_TIMEOUT``).
 
+``--profile baseline,7b-lean`` also runs PROF_STEPS steps of those set-ups under
+``torch.profiler`` after their timed steps and records host time in operators, device kernel
+time and kernel launches per step (:func:`profile_summary`; the baseline's in its own process,
+:func:`profile_baseline`).
+
 Data-parallel scaling: the same set-up under ``accelerate launch --multi_gpu
 --num_processes N benchmarks/gpu_train_speed.py --one NAME`` (one process per GPU, NCCL)
 reports the tokens/s of all GPUs together, ``processes`` and the per-GPU MFU.
@@ -76,7 +81,8 @@ class Setup:
         settings: ``TrainSettings`` fields that differ from the defaults.
         extra: ``lora_cast`` (peft's fp32 input copy kept), ``peft_prep`` (peft's kbit
             preparation), ``keep_layers`` / ``every_n_layers`` (checkpointing variants),
-            ``unsloth`` and ``skip`` (Unsloth set-ups).
+            ``unsloth`` and ``skip`` (Unsloth set-ups), ``offload`` (every saved activation
+            in pinned host memory, ``torch.autograd.graph.save_on_cpu``), ``lora_dropout``.
         what: what the set-up changes, for the table.
     """
 
