@@ -367,3 +367,20 @@ def test_gate_refuses_a_planted_degenerate_adapter(persona_yaml, tmp_path, monke
     assert result["base_full"]["degeneration"]["end_of_turn"] >= 0.5
     assert any("end-of-turn token 0.0%" in r for r in planted["reasons"])
     assert result["chosen"] not in (None, 2) and result["checked"][-1]["passed"]
+
+
+def test_gate_tries_the_highest_adoption_first():
+    """The report card's persona target is the adoption rate: a checkpoint with a higher
+    mean classifier probability but lower adoption (the pirate's step 25 of 69: 0.744
+    against 0.733, adoption 89.5% on the whole set) must not be published ahead of one
+    with higher adoption when both pass."""
+    base = {"probe_accuracy": 50.0}
+    cands = [
+        {"step": 25, "persona_score": 0.744, "adoption_rate": 0.9375, "probe_accuracy": 50.0,
+         "drift_ratio": 1.0},
+        {"step": 69, "persona_score": 0.733, "adoption_rate": 1.0, "probe_accuracy": 50.0,
+         "drift_ratio": 1.0},
+    ]  # fmt: skip
+    assert select_checkpoint(cands, base)["chosen"] == 69
+    cands[1]["adoption_rate"] = 0.9375  # a tie on adoption: the persona score decides
+    assert select_checkpoint(cands, base)["chosen"] == 25

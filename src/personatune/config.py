@@ -191,7 +191,7 @@ class GuardSettings(_Section):
     """Longest self-distilled answer in tokens. An answer cut at this limit is trained
     without its end-of-turn token, so the model does not learn to stop mid-sentence."""
     gate: bool = True
-    """Publish the checkpoint with the highest persona score among those within
+    """Publish the checkpoint with the highest persona adoption (then persona score) among those within
     tolerance, and fail the run (non-zero exit, reason in gate.json) if none is.
     ``personatune train --no-gate`` sets it false: the last step is published and the
     verdict only recorded."""

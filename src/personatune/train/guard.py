@@ -114,10 +114,11 @@ def select_checkpoint(
     degeneration_tolerance: float = 5.0,
     mc_tolerance: float | None = None,
 ) -> dict:
-    """The retention gate: the checkpoint with the highest persona score among those
+    """The retention gate: the checkpoint with the highest persona adoption among those
     within tolerance of the base model on knowledge, drift and degeneration.
 
-    Candidates are tried in order of ``persona_score`` (ties: the later step first); each
+    Candidates are tried in order of ``adoption_rate`` (the report card's persona
+    target), then ``persona_score``, then the later step; each
     is confirmed with ``measure(step)`` when given (whole-probe metrics replace the
     subset ones), and the first within tolerance is chosen, so no candidate with a higher
     score passes. The criteria are
@@ -150,7 +151,14 @@ def select_checkpoint(
     """
     checked = []
     chosen = None
-    for c in sorted(candidates, key=lambda c: (-c["persona_score"], -c["step"])):
+
+    # Adoption first: on the pirate the mean classifier probability peaked at step 25 of
+    # 69 (0.744 against 0.733) while adoption on the subset rose to 100% at step 69, and
+    # the whole-set adoption of step 25 was 89.5%, under the 90% target.
+    def rank(c: dict) -> tuple:
+        return (-(c.get("adoption_rate") or 0.0), -c["persona_score"], -c["step"])
+
+    for c in sorted(candidates, key=rank):
         m = {**c, **(measure(c["step"]) if measure else {})}
         reasons = retention_failures(
             base,
@@ -179,7 +187,7 @@ def select_checkpoint(
             chosen = m["step"]
             break
     if chosen is not None:
-        verdict = f"checkpoint-{chosen} chosen: highest persona score within tolerance"
+        verdict = f"checkpoint-{chosen} chosen: highest persona adoption within tolerance"
     elif checked:
         verdict = "no checkpoint within tolerance: " + " | ".join(
             f"checkpoint-{c['step']}: {'; '.join(c['reasons'])}" for c in checked

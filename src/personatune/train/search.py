@@ -13,7 +13,7 @@ read back from ``search.json``, an unfinished round is resumed from its last che
 
 Every checkpoint of every run is a point of the persona-against-retention frontier
 (``frontier.json`` and ``frontier.png`` in the run folder). The first round whose gate
-passes is published: the highest persona score within tolerance that the search found.
+passes is published: the highest persona adoption within tolerance that the search found.
 When none passes, the refusal says which lever to change, read from the frontier.
 """
 
