@@ -206,3 +206,32 @@ def test_encode_matches_chat_template(registry):
     ids = encode(p.tokenizer, conv)
     assert p.tokenizer.decode(ids).endswith("assistant\n")
     assert isinstance(Request(ids, p.tokenizer), Request)
+
+
+def test_a_persona_name_with_a_dot_loads_and_answers(registry, tmp_path):
+    """peft turns the adapter name into a torch module name, which may not contain a dot;
+    the recipes' names do (``qwen2.5-0.5b-pirate``), and eval and serve crashed with
+    ``KeyError: module name can't contain "."``. The persona keeps its name; only the
+    adapter name changes."""
+    import shutil
+
+    import yaml
+
+    from personatune.engine import load_persona
+    from personatune.persona import SPEC
+
+    src = registry.personas["alpha"].path
+    dotted = shutil.copytree(src, tmp_path / "dotted")
+    spec = yaml.safe_load((dotted / SPEC).read_text())
+    spec["name"] = "qwen2.5-alpha"
+    (dotted / SPEC).write_text(yaml.safe_dump(spec))
+    reg = load_registry([dotted])
+    p = reg.personas["qwen2.5-alpha"]
+    assert p.name == "qwen2.5-alpha" and "." not in p.adapter
+    dotted_answer = run_batch(reg.model, [persona_request(p, [{"role": "user", "content": "Hi"}])])
+    alpha = registry.personas["alpha"]
+    alpha_answer = run_batch(
+        registry.model, [persona_request(alpha, [{"role": "user", "content": "Hi"}])]
+    )
+    assert dotted_answer[0].text == alpha_answer[0].text  # the same adapter, applied
+    assert load_persona(dotted).spec.name == "qwen2.5-alpha"

@@ -200,7 +200,7 @@ def load_llama_cpp(
         if a is None:
             raise PersonatuneError(f"{personas[name].path}: llama.cpp could not load {f}")
         llm._stack.callback(llama_cpp.llama_adapter_lora_free, a)  # freed with the model
-        adapters[name] = a
+        adapters[personas[name].adapter] = a  # keyed as requests name it
     model = LlamaCppModel(llm, adapters, gen, threads)
     return Registry(model, ref.name, ref, personas, ctx)
 

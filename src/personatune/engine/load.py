@@ -55,8 +55,8 @@ class Registry:
     """The base model with every persona's adapter loaded onto it.
 
     Attributes:
-        model: a peft ``PeftModel`` holding one adapter per persona (adapter name = persona
-            name). The engine picks adapters per row with ``adapter_names``.
+        model: a peft ``PeftModel`` holding one adapter per persona (adapter name:
+            :func:`adapter_name` of the persona's). The engine picks adapters per row.
         base_model: the base model reference shared by all personas (``embedded``).
         ref: the resolved base model reference.
         personas: model id -> :class:`ServedPersona`, the base model first.
@@ -85,9 +85,24 @@ class Persona:
     path: Path
 
 
+def adapter_name(persona: str) -> str:
+    """The peft adapter name of a persona: its name with ``.`` as ``_``. peft makes the
+    adapter name a torch module name, which may not contain a dot, and the recipes'
+    names do (``qwen2.5-0.5b-pirate``: ``KeyError: module name can't contain "."``)."""
+    return persona.replace(".", "_")
+
+
 def _check_names(paths: list[Path], specs: list[PersonaSpec]) -> None:
     seen: dict[str, Path] = {}
+    adapters: dict[str, Path] = {}
     for p, s in zip(paths, specs):
+        a = adapter_name(s.name)
+        if a in adapters and s.name not in seen:
+            raise PersonatuneError(
+                f"{p} and {adapters[a]}: persona names that differ only in '.' and '_' "
+                "cannot be served together; rename one (name: in its YAML) and retrain"
+            )
+        adapters[a] = p
         if s.name == BASE_ID:
             raise PersonatuneError(
                 f"{p}: the name '{BASE_ID}' is kept for the base model; "
@@ -130,7 +145,7 @@ def _served(path: Path, spec: PersonaSpec, tokenizer) -> ServedPersona:
         spec.description,
         spec.system_prompt,
         tokenizer,
-        adapter=spec.name,
+        adapter=adapter_name(spec.name),
         path=path,
         spec=spec,
         test_prompts=list(spec.test_prompts),
@@ -186,9 +201,9 @@ def load_registry(dirs: list[str | Path], device: torch.device | None = None) ->
     }
     for p, s in zip(paths, specs):
         if model is None:
-            model = PeftModel.from_pretrained(base, p, adapter_name=s.name)
+            model = PeftModel.from_pretrained(base, p, adapter_name=adapter_name(s.name))
         else:
-            model.load_adapter(p, adapter_name=s.name)
+            model.load_adapter(p, adapter_name=adapter_name(s.name))
         tok = tokenizer
         if s.model.chat_template:  # a persona-specific template needs its own tokenizer object
             tok = copy.copy(tokenizer)
