@@ -206,7 +206,7 @@ def test_fused_lora_matches_peft(tiny_model):
     model (the fused forward must fall back to peft's there)."""
     from peft import LoraConfig, get_peft_model
 
-    from personatune.train.trainer import fuse_lora
+    from personatune.patches import fuse_lora
 
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 

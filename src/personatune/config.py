@@ -160,7 +160,7 @@ class TrainSettings(_Section):
     """Add each LoRA layer's update to the base layer's output inside one matmul,
     ``addmm(base(x), A(dropout(x)), B^T, alpha=alpha / r)``, instead of peft's copy of
     the output, two matmuls, a scale and an add: fewer kernel launches per adapted layer,
-    the same maths (:func:`personatune.train.trainer.fuse_lora`). Off by default: on an
+    the same maths (:func:`personatune.patches.fuse_lora`). Off by default: on an
     H200 (7B NF4 QLoRA, batch 2 x 1024, checkpointing, padding collator) it gave +3.9% and
     +14.2% tokens/s in two calls with the same loss, far from closing the gap to Unsloth
     at batch 2 (benchmarks/results/gpu_train_speed.md, call D)."""

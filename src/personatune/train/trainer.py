@@ -98,54 +98,8 @@ def lora_model(spec: PersonaSpec, model, autocast_lora_inputs: bool = True):
     if autocast_lora_inputs:
         patches.autocast_lora_inputs(peft_model)
     if spec.train.fused_lora:
-        fuse_lora(peft_model)
+        patches.fuse_lora(peft_model)
     return peft_model
-
-
-def fuse_lora(model) -> int:
-    """Give every peft LoRA layer of ``model`` a forward that adds the LoRA update in the
-    epilogue of one matmul: ``addmm(base(x), A(dropout(x)), B^T, alpha=scaling)`` on the
-    ``(tokens, features)`` view, where peft clones the base output (a guard for
-    bitsandbytes 4-bit outputs that ``addmm`` does not need: it writes a new tensor), then
-    runs ``B``, the scale and the add as kernels of their own (``train.fused_lora``;
-    measured in benchmarks/results/gpu_train_speed.md, call D). peft's own forward still
-    runs where this one does not apply: adapters disabled or merged, mixed-adapter
-    batches (``adapter_names``), several active adapters, LoRA variants (DoRA...).
-    Returns the number of layers changed."""
-    import types
-
-    from peft.tuners.lora import LoraLayer
-
-    def forward(self, x, *args, **kwargs):
-        names = self.active_adapters
-        if (
-            self.disable_adapters
-            or self.merged
-            or "adapter_names" in kwargs
-            or len(names) != 1
-            or names[0] not in self.lora_A
-            or names[0] in self.lora_variant
-        ):
-            return type(self).forward(self, x, *args, **kwargs)
-        name = names[0]
-        result = self.base_layer(x, *args, **kwargs)
-        if not torch.is_autocast_enabled(x.device.type):  # as peft: input in the adapter's dtype
-            x = x.to(self.lora_A[name].weight.dtype)
-        h = self.lora_A[name](self.lora_dropout[name](x))
-        flat = torch.addmm(
-            result.reshape(-1, result.shape[-1]),
-            h.reshape(-1, h.shape[-1]).to(result.dtype),
-            self.lora_B[name].weight.t().to(result.dtype),
-            alpha=self.scaling[name],
-        )
-        return flat.view(result.shape)
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
-            module.forward = types.MethodType(forward, module)
-            n += 1
-    return n
 
 
 class PackedCollator:
