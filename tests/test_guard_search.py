@@ -112,6 +112,14 @@ def test_search_that_finds_nothing_says_which_lever_to_change(persona_yaml, monk
     assert [x["name"] for x in frontier["rounds"]] == ["round-1", "round-2", "round-3"]
     assert {x["settings"]["guard.preservation_ratio"] for x in frontier["rounds"]} == {0.25, 0.5}
     assert frontier["chosen"] is None and (work / "frontier.png").exists()
+    # each refused round's checkpoints are points too (they were missing: a refused
+    # round's files stay in its .round-N.partial folder; found on Sherlock)
+    assert {p["run"] for p in frontier["points"]} == {
+        "refused run",
+        "round-1",
+        "round-2",
+        "round-3",
+    }
     text = " ".join(r.output.split())
     assert "What to change" in text and "train.learning_rate=" in text
     assert "guard.preservation_ratio=" in text and "knowledge:" in text

@@ -305,7 +305,8 @@ def write_frontier(work: Path, spec: PersonaSpec, state: dict, chosen: dict | No
     "probe_tolerance", "max_drift_ratio", "budget_s", "spent_s"}``) and plot it."""
     points = frontier_points(work, "refused run", {})
     for r in state["rounds"]:
-        points += frontier_points(work / SEARCH / r["name"], r["name"], r["settings"])
+        # a refused round keeps its work folder (.round-N.partial): read it from there
+        points += frontier_points(_run_folder(work / SEARCH / r["name"]), r["name"], r["settings"])
     gate = read_json(work / "gate.json") if (work / "gate.json").exists() else {}
     frontier = {
         "points": points,
