@@ -148,14 +148,6 @@ SHAPES = {
     ),
 }
 
-# GPU memory the seed authors had, GB (10^9 bytes), and what it was.
-SEED_GPU = {
-    "qwen2.5-0.5b-pirate": (None, "not published"),
-    "qwen2.5-7b-sherlock": (40, "A100 40 GB"),
-    "falcon-7b-persona-chat": (24, "24 GB consumer GPU"),
-    "phi-2-alpaca": (16, "Colab 16 GB"),
-    "llama-2-7b-chat-persona-chat": (24, "24 GB consumer GPU"),
-}
 # GPU memory the seed authors had, GB (10^9 bytes): SEED_SYSTEMS.md and issue 5.
 SEED_GPU = {
     "qwen2.5-0.5b-pirate": (None, "not published"),
