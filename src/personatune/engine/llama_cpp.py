@@ -236,6 +236,9 @@ class LlamaCppBatch(Batch):
         self.rows = [row]
         return []
 
+    def add_many(self, reqs: Sequence[Request]) -> list[tuple[Request, Answer]]:
+        return [done for req in reqs for done in self.add(req)]
+
     def step(self) -> list[tuple[Request, Answer]]:
         if not self.rows:
             return []

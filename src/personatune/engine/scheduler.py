@@ -105,17 +105,21 @@ class Scheduler:
                 self._iterate()
 
     def _iterate(self) -> None:
+        with self._wake:
+            free = self.max_batch - len(self._batch)
+            joining = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
         finished = []
-        while len(self._batch) < self.max_batch:
-            with self._wake:
-                if not self._queue:
-                    break
-                req = self._queue.popleft()
-            try:
-                finished += self._batch.add(req)
-            except Exception as e:  # a failing request must not take the others down
-                log.exception("prefill failed")
-                finished.append(self._batch.fail(req, f"{type(e).__name__}: {e}"))
+        if joining:
+            try:  # one prefill for all of them: a burst's last request waits one pass
+                finished += self._batch.add_many(joining)
+            except Exception:
+                log.exception("batched prefill failed; prefilling the requests one by one")
+                for req in joining:  # so that only the failing request fails
+                    try:
+                        finished += self._batch.add(req)
+                    except Exception as e:
+                        log.exception("prefill failed")
+                        finished.append(self._batch.fail(req, f"{type(e).__name__}: {e}"))
         try:
             finished += self._batch.step()
         except Exception as e:
