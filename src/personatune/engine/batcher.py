@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from personatune.engine.attention import use_decode_attention
 from personatune.engine.lora import masked_state
 from personatune.engine.sampling import Sampling, choose, end_of_turn_ids, visible_text
 
@@ -250,6 +251,7 @@ class Batch:
         self._state: str | None = None  # what the peft model is set to: adapter, base, mixed
         self._lora = masked_state(model) if self.peft else None
         self._mask_cache: tuple[tuple, dict] = ((), {})
+        self._attention = use_decode_attention(model)  # what restore() puts back
         if self.peft:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -299,7 +301,11 @@ class Batch:
         return {}
 
     def restore(self) -> None:
-        """Put the peft model's active adapter and enabled state back as they were."""
+        """Put the model's attention implementation and the peft model's active adapter
+        and enabled state back as they were."""
+        if self._attention is not None:
+            self.model.set_attn_implementation(self._attention)
+            self._attention = None
         if self.peft and self._state is not None:
             active, disabled = self._saved
             lora = self.model.base_model
