@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from personatune.errors import PersonatuneError
 from personatune.evaluate import answers as answers_mod
-from personatune.evaluate.answers import cached_answers, generate_answers
+from personatune.evaluate.answers import cached_answer_sets, cached_answers, generate_answers
 from personatune.evaluate.lmeval import run_benchmark, task_config
 from personatune.evaluate.probe import DATA
 
@@ -177,6 +177,41 @@ def test_answer_cache_reuses_answers_per_prompt(
     cached_answers(model, embedded_tokenizer, convs, "fp:b", 4)  # another model
     cached_answers(model, embedded_tokenizer, convs, "fp:a", 5)  # another limit
     assert calls == [1, 3, 3]
+
+
+def test_answer_sets_share_one_run_and_their_caches(
+    tiny_model, embedded_tokenizer, tmp_path, monkeypatch
+):
+    """Guards against sets of several token budgets needing one engine run each, against
+    two sets of one budget (one cache file) overwriting each other's answers, and
+    against a set getting answers of another budget or order."""
+    monkeypatch.setenv("PERSONATUNE_CACHE", str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    a = [[{"role": "user", "content": f"A{i}"}] for i in range(3)]
+    b = [[{"role": "user", "content": f"B{i}"}] for i in range(2)]
+    c = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "C"}]]
+    calls = []
+    real = answers_mod.generate_answers
+
+    def counting(model, tok, convs, limits, *args, **kw):
+        calls.append(list(limits))
+        return real(model, tok, convs, limits, *args, **kw)
+
+    monkeypatch.setattr(answers_mod, "generate_answers", counting)
+    got = cached_answer_sets(model, embedded_tokenizer, [(a, 3), (b, 6), (c, 3)], "fp:s")
+    assert len(calls) == 1 and sorted(calls[0]) == [3, 3, 3, 3, 6, 6]
+    assert [len(x) for x in got] == [3, 2, 1]
+    assert all(ans.tokens <= 3 for ans in got[0] + got[2])
+    monkeypatch.setattr(answers_mod, "generate_answers", real)
+    alone = [
+        cached_answers(model, embedded_tokenizer, s, "fp:other", n)
+        for s, n in ((a, 3), (b, 6), (c, 3))
+    ]
+    assert got == alone  # the same answers as one set at a time
+    calls.clear()
+    monkeypatch.setattr(answers_mod, "generate_answers", counting)
+    assert cached_answers(model, embedded_tokenizer, a + c, "fp:s", 3) == got[0] + got[2]
+    assert calls == []  # both budget-3 sets were saved, in one file
 
 
 def test_lm_eval_multiple_choice_on_mc_tiny(tiny_model, embedded_tokenizer):

@@ -34,7 +34,7 @@ def generate_answers(
     model,
     tokenizer,
     conversations: Sequence[list[dict]],
-    max_new_tokens: int = 64,
+    max_new_tokens: int | Sequence[int] = 64,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> list[Answer]:
@@ -46,14 +46,18 @@ def generate_answers(
     batching, so the result is the same on one machine for the same inputs.
 
     Args:
-        max_new_tokens: longest answer in tokens (default 64).
+        max_new_tokens: longest answer in tokens (default 64), or one limit per
+            conversation (sets of different budgets share one batch).
         batch_size: most rows decoded together (default 64).
         progress: called with 1 after each finished answer.
     """
     ids = [encode(tokenizer, c) for c in conversations]
+    limits = (
+        [max_new_tokens] * len(ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    )
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     adapter = current_adapter(model)
-    reqs = [Request(ids[i], tokenizer, adapter, Sampling(max_new_tokens)) for i in order]
+    reqs = [Request(ids[i], tokenizer, adapter, Sampling(limits[i])) for i in order]
     answers = run_batch(model, reqs, batch_size, progress)
     out: list[Answer | None] = [None] * len(ids)
     for i, a in zip(order, answers):

@@ -19,7 +19,7 @@ from personatune.models import cache_dir, use_bf16
 #: engine's continuous batching replaced fixed left-padded batches).
 CACHE_VERSION = 2
 
-__all__ = ["Answer", "AnswerCache", "cached_answers", "inference_copy"]
+__all__ = ["Answer", "AnswerCache", "cached_answer_sets", "cached_answers", "inference_copy"]
 
 
 def inference_copy(model, merge: bool = True):
@@ -85,7 +85,7 @@ def cached_answers(
     progress: Callable[[int], None] | None = None,
 ) -> list[Answer]:
     """:func:`personatune.engine.generate_answers`, reading and filling an
-    :class:`AnswerCache`.
+    :class:`AnswerCache` (:func:`cached_answer_sets` of one set).
 
     Args:
         fingerprint: identity of the weights (``ModelRef.fingerprint()``, plus the
@@ -93,24 +93,56 @@ def cached_answers(
             fingerprint, chat template, ``max_new_tokens`` and weight dtype.
         progress: called with the number of answers done, cached ones at once.
     """
+    sets = [(conversations, max_new_tokens)]
+    return cached_answer_sets(model, tokenizer, sets, fingerprint, batch_size, progress)[0]
+
+
+def cached_answer_sets(
+    model,
+    tokenizer,
+    sets: Sequence[tuple[Sequence[list[dict]], int]],
+    fingerprint: str,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[Answer]]:
+    """Answers to several ``(conversations, max_new_tokens)`` sets, each read from and
+    written to its own :class:`AnswerCache`, with every missing answer generated in one
+    engine run: the sets share batches, so a set's long tail of answers decodes next to
+    the other sets' rows instead of in a batch of its own. Measured on the 2-core CPU (the
+    guard's checkpoint measures: 16 general prompts at 64 tokens and 2 x 24 probe
+    questions at 160): see ``benchmarks/results/demo.md``.
+
+    Returns:
+        One list of answers per set, in the set's order.
+    """
     dtype = str(next(model.parameters()).dtype)
-    cache = AnswerCache(
-        {
-            "model": fingerprint,
-            "template": tokenizer.chat_template,
-            "max_new_tokens": max_new_tokens,
-            "dtype": dtype,
-        }
-    )
-    keys = [cache.key(c) for c in conversations]
-    missing = list(dict.fromkeys(k for k in keys if k not in cache.entries))
-    if progress and len(keys) > len(missing):
-        progress(len(keys) - len(missing))
-    if missing:
-        by_key = {k: c for k, c in zip(keys, conversations)}
+    caches: dict[int, AnswerCache] = {}  # one per limit: sets of one limit share a file
+    for _, limit in sets:
+        if limit not in caches:
+            caches[limit] = AnswerCache(
+                {
+                    "model": fingerprint,
+                    "template": tokenizer.chat_template,
+                    "max_new_tokens": limit,
+                    "dtype": dtype,
+                }
+            )
+    keys = [[AnswerCache.key(c) for c in convs] for convs, _ in sets]
+    todo: dict[tuple[int, str], list[dict]] = {}
+    for (convs, limit), ks in zip(sets, keys):
+        for k, c in zip(ks, convs):
+            if k not in caches[limit].entries:
+                todo.setdefault((limit, k), c)
+    total = sum(len(ks) for ks in keys)
+    if progress and total > len(todo):
+        progress(total - len(todo))
+    if todo:
+        where = list(todo)
         new = generate_answers(
-            model, tokenizer, [by_key[k] for k in missing], max_new_tokens, batch_size, progress
+            model, tokenizer, list(todo.values()), [n for n, _ in where], batch_size, progress
         )
-        cache.entries.update(zip(missing, new))
-        cache.save()
-    return [cache.entries[k] for k in keys]
+        for (limit, k), answer in zip(where, new):
+            caches[limit].entries[k] = answer
+        for limit in {n for n, _ in where}:
+            caches[limit].save()
+    return [[caches[n].entries[k] for k in ks] for (_, n), ks in zip(sets, keys)]

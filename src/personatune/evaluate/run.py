@@ -23,7 +23,7 @@ from personatune.data.dataset import persona_split, persona_system_prompt
 from personatune.engine import Answer
 from personatune.errors import PersonatuneError
 from personatune.evaluate import card
-from personatune.evaluate.answers import cached_answers, inference_copy
+from personatune.evaluate.answers import cached_answer_sets, inference_copy
 from personatune.evaluate.conversations import load_conversations, run_conversations
 from personatune.evaluate.identity import identity_names, load_identity_prompts
 from personatune.evaluate.metrics import degeneration_failures
@@ -269,12 +269,9 @@ def _answer(bar: Progress, models: Models, tok, sets, batch_size, timings, cpu) 
         names = [n for n in sets if side == "base" or n not in BASE_ONLY]
         total = sum(len(sets[n][0]) for n in names)
         with phase(bar, f"{side} answers", total, timings, cpu) as adv:
-            for name in names:
-                convs, limit = sets[name]
-                t0, c0 = time.time(), time.process_time()  # per set, for the cost of each
-                answers[side][name] = cached_answers(model, tok, convs, fp, limit, batch_size, adv)
-                timings[f"{side} answers: {name}"] = round(time.time() - t0, 1)
-                cpu[f"{side} answers: {name}"] = round(time.process_time() - c0, 1)
+            # one engine run for every set: their batches are shared
+            got = cached_answer_sets(model, tok, [sets[n] for n in names], fp, batch_size, adv)
+            answers[side] = dict(zip(names, got))
     return answers
 
 

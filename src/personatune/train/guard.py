@@ -33,7 +33,7 @@ from personatune.data.chat import render_chat, render_prompt
 from personatune.data.dataset import Split
 from personatune.engine import Answer, generate_answers
 from personatune.errors import PersonatuneError
-from personatune.evaluate.answers import cached_answers, inference_copy
+from personatune.evaluate.answers import cached_answer_sets, cached_answers, inference_copy
 from personatune.evaluate.classifier import PersonaClassifier
 from personatune.evaluate.metrics import answer_degeneration
 from personatune.evaluate.probe import (
@@ -344,17 +344,23 @@ class Guard:
         probe_subset = stratified(data.probe, g.eval_probe_questions, spec.train.seed)
         general_subset = stratified(data.general, g.eval_general_prompts, spec.train.seed)
         timings: dict[str, float] = {}
+        limit, knowledge = ev.max_new_tokens, ev.knowledge_max_new_tokens
+        # Every base-model answer the guard needs, in one engine run (the sets share
+        # batches); the classifier and the measures below then read them from the cache.
+        sets = [
+            ([plain_conv(p) for p in unique], g.preservation_max_new_tokens),
+            ([example_prompt(spec, e, False) for e in classifier_examples(spec, data)], limit),
+            ([plain_conv(r["prompt"]) for r in general_subset], limit),
+            ([persona_conv(spec, r["prompt"]) for r in general_subset], limit),
+            ([persona_conv(spec, r["question"]) for r in probe_subset], knowledge),
+            ([plain_conv(r["question"]) for r in probe_subset], knowledge),
+        ]
         with progress_bar(console) as bar:
-            with phase(bar, "self-distilling preservation data", len(unique), timings) as adv:
-                answers = cached_answers(
-                    base,
-                    tokenizer,
-                    [plain_conv(p) for p in unique],
-                    fp,
-                    g.preservation_max_new_tokens,
-                    ev.batch_size,
-                    adv,
-                )
+            n = sum(len(convs) for convs, _ in sets)
+            with phase(
+                bar, "base model answers (preservation data, guard sets)", n, timings
+            ) as adv:
+                answers = cached_answer_sets(base, tokenizer, sets, fp, ev.batch_size, adv)[0]
             by_prompt = dict(zip(unique, answers))
             texts = [r["prompt"] for r in prompts]
             rows = preservation_rows(
@@ -410,7 +416,7 @@ class Guard:
             **{
                 key: timings[name]
                 for key, name in (
-                    ("preservation_s", "self-distilling preservation data"),
+                    ("answers_s", "base model answers (preservation data, guard sets)"),
                     ("classifier_s", "fitting the adoption classifier"),
                     ("base_metrics_s", "measuring the base model"),
                 )
@@ -430,24 +436,39 @@ class Guard:
         (:meth:`knowledge`: ``probe_accuracy`` and ``probe_plain_accuracy`` in percent,
         ``degeneration``, and ``mc_accuracy`` with ``guard.mc_tolerance``); ``drift_ppl``
         and ``drift_ratio``. Answers are cached when ``fingerprint`` is given."""
-        ev, tok = self.spec.eval, self.tokenizer
+        ev = self.spec.eval
         general = [persona_conv(self.spec, r["prompt"]) for r in self.general_subset]
-        g = self._answers(model, general, ev.max_new_tokens, fingerprint, progress)
+        sets = [(general, ev.max_new_tokens), *self._probe_sets(self.probe_subset)]
+        g, p, q = self._answer_sets(model, sets, fingerprint, progress)
         adoption = self.classifier.adoption([a.text for a in g])
-        ppl = perplexity(model, tok, self.drift_subset)
+        ppl = perplexity(model, self.tokenizer, self.drift_subset)
         return {
             "adoption_rate": adoption["rate"],
             "persona_score": adoption["score"],
-            **self.knowledge(model, self.probe_subset, fingerprint, progress),
+            **self._knowledge_scores(model, self.probe_subset, p, q),
             "drift_ppl": ppl,
             "drift_ratio": drift_ratio(ppl, self.base_drift_ppl),
         }
 
-    def _answers(self, model, convs, limit, fingerprint, progress) -> list[Answer]:
+    def _answer_sets(self, model, sets, fingerprint, progress) -> list[list[Answer]]:
+        """Answers to ``(conversations, max_new_tokens)`` sets in one engine run, cached
+        when ``fingerprint`` is given."""
         ev, tok = self.spec.eval, self.tokenizer
         if fingerprint:
-            return cached_answers(model, tok, convs, fingerprint, limit, ev.batch_size, progress)
-        return generate_answers(model, tok, convs, limit, ev.batch_size, progress)
+            return cached_answer_sets(model, tok, sets, fingerprint, ev.batch_size, progress)
+        flat = [c for convs, _ in sets for c in convs]
+        limits = [n for convs, n in sets for _ in convs]
+        answers = iter(generate_answers(model, tok, flat, limits, ev.batch_size, progress))
+        return [[next(answers) for _ in convs] for convs, _ in sets]
+
+    def _probe_sets(self, items: Sequence[dict]) -> list[tuple[list, int]]:
+        """The probe ``items`` under the persona's system prompt and without one, with
+        the knowledge budget."""
+        limit = self.spec.eval.knowledge_max_new_tokens
+        return [
+            ([persona_conv(self.spec, r["question"]) for r in items], limit),
+            ([plain_conv(r["question"]) for r in items], limit),
+        ]
 
     def knowledge(
         self,
@@ -463,15 +484,15 @@ class Guard:
         ``degeneration``, the :func:`answer_degeneration` shares of both answer sets;
         and, when ``guard.mc_tolerance`` is set, ``mc_accuracy``: the shipped
         ``mc_tiny`` multiple choice by log-likelihood through lm-eval, percent."""
+        p, q = self._answer_sets(model, self._probe_sets(items), fingerprint, progress)
+        return self._knowledge_scores(model, items, p, q)
+
+    def _knowledge_scores(self, model, items, persona: list[Answer], plain: list[Answer]):
         limit = self.spec.eval.knowledge_max_new_tokens
-        persona = [persona_conv(self.spec, r["question"]) for r in items]
-        plain = [plain_conv(r["question"]) for r in items]
-        p = self._answers(model, persona, limit, fingerprint, progress)
-        q = self._answers(model, plain, limit, fingerprint, progress)
         out = {
-            "probe_accuracy": score_probe([a.text for a in p], items)["accuracy"],
-            "probe_plain_accuracy": score_probe([a.text for a in q], items)["accuracy"],
-            "degeneration": answer_degeneration([(p, limit), (q, limit)]),
+            "probe_accuracy": score_probe([a.text for a in persona], items)["accuracy"],
+            "probe_plain_accuracy": score_probe([a.text for a in plain], items)["accuracy"],
+            "degeneration": answer_degeneration([(persona, limit), (plain, limit)]),
         }
         if self.spec.guard.mc_tolerance is not None:
             from personatune.evaluate.lmeval import run_benchmark
@@ -540,23 +561,22 @@ class Guard:
         base = inference_copy(model, merge=False)
         with progress_bar(console) as bar:
             n_probe, n_general = 2 * len(self.data.probe), len(self.data.general)
-            with phase(
-                bar, "gate: base model, whole probe and drift set", n_probe + n_general
-            ) as adv:
-                drift_answers = cached_answers(
-                    base,
-                    self.tokenizer,
-                    [plain_conv(r["prompt"]) for r in self.data.general],
-                    self.fingerprint,
-                    ev.max_new_tokens,
-                    ev.batch_size,
-                    adv,
-                )
-                drift_convs = drift_conversations(self.data.general, drift_answers)
-                base_full = self.full_metrics(base, self.fingerprint, drift_convs, adv)
             items = prompting_items(self.spec, self.data.heldout) if g.beat_prompting else []
-            with phase(bar, "gate: base model prompted, held-out persona", len(items)) as adv:
-                base_prompted = self._answer_texts(base, self.fingerprint, items, adv)
+            with phase(
+                bar,
+                "gate: base model, whole probe, drift set and held-out persona",
+                n_probe + n_general + len(items),
+            ) as adv:
+                sets = [
+                    ([plain_conv(r["prompt"]) for r in self.data.general], ev.max_new_tokens),
+                    *self._probe_sets(self.data.probe),
+                    ([conv for conv, _ in items], ev.max_new_tokens),
+                ]
+                # one engine run for all four sets; full_metrics then reads the cache
+                drift, _, _, prompted = self._answer_sets(base, sets, self.fingerprint, adv)
+                drift_convs = drift_conversations(self.data.general, drift)
+                base_full = self.full_metrics(base, self.fingerprint, drift_convs)
+                base_prompted = [a.text for a in prompted]
             del base
 
             def measure(step: int) -> dict:
