@@ -130,3 +130,39 @@ def test_lm_eval_private_yaml_loader_still_works():
     assert cfg["task"] == "arc_easy" and cfg["output_type"] == "multiple_choice"
     assert "doc_to_text" in cfg  # from the included arc yaml
     assert not hasattr(lm_eval.tasks, "load_yaml") and not hasattr(lm_eval, "load_yaml")
+
+
+def test_matmul_still_copies_a_frozen_weight_for_a_sliced_input():
+    """Upstream check for ``contiguous_head_input``: PyTorch's matmul of a strided
+    ``(rows, 1, hidden)`` slice by a frozen weight runs as ``bmm`` (after copying the
+    weight per row), and as one ``mm`` once the input is contiguous. When this fails,
+    PyTorch folds the batch itself and the patch can go."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hidden = torch.randn(4, 7, 16)[:, -1:, :]  # as lm_head(hidden[:, -1:, :]) gets it
+    weight = torch.randn(32, 16)  # requires_grad False, as in an inference copy
+
+    def ops(x):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            torch.nn.functional.linear(x, weight)
+        return {e.key for e in prof.key_averages()}
+
+    assert "aten::bmm" in ops(hidden)
+    assert "aten::bmm" not in ops(hidden.contiguous())
+
+
+def test_contiguous_head_input_keeps_the_logits(tiny_model):
+    """Guards against the hook changing what the head computes, or being added twice."""
+    from transformers import AutoModelForCausalLM
+
+    from personatune.patches import contiguous_head_input
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval().requires_grad_(False)
+    ids = torch.randint(0, 100, (3, 9))
+    with torch.inference_mode():
+        want = model(input_ids=ids, logits_to_keep=1).logits
+        contiguous_head_input(model)
+        contiguous_head_input(model)
+        got = model(input_ids=ids, logits_to_keep=1).logits
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+    torch.testing.assert_close(got, want)

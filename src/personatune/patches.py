@@ -10,6 +10,8 @@ says what it works around, the measurement or bug behind it, and which test in
 5. :func:`fuse_lora` (``train.fused_lora``, off by default): peft's LoRA forward replaced
    per layer by one ``addmm``; ``tests/test_train.py`` checks it against peft's forward.
 6. :func:`load_task_yaml`: lm-eval's private YAML loader.
+7. :func:`contiguous_head_input`: the output head's input made contiguous, so that
+   PyTorch's ``matmul`` does not copy the whole head weight once per row.
 """
 
 from __future__ import annotations
@@ -286,3 +288,28 @@ def load_task_yaml(path) -> dict:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     return load_yaml(path, resolve_func=True)
+
+
+# ---- 7. the output head on a sliced input -----------------------------------------------
+
+_HEAD_HOOK = "_personatune_contiguous_head"
+
+
+def contiguous_head_input(model) -> None:
+    """Make the input of ``model``'s output head (``lm_head``) contiguous before it runs.
+
+    transformers computes the logits of the last position only as
+    ``lm_head(hidden[:, -1:, :])``, a strided view when a prompt of several tokens is
+    prefilled. For such an input, PyTorch's ``matmul`` (2.13, ``should_fold`` in
+    ``LinearAlgebra.cpp``) folds the batch into one ``mm`` only when a tensor requires
+    grad; for frozen weights it falls back to ``bmm`` and first copies the weight once per
+    row: 8 rows x 49,152 x 576 on the embedded model. Measured on the 2-core EPYC (bf16,
+    8 prompts of 58 tokens): 705 ms per prefill with frozen weights (a merged adapter, a
+    peft base) against 363 ms with trainable ones; 378 ms of it in that ``bmm``.
+    ``tests/test_patches.py`` checks that the fallback still happens. Idempotent.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, _HEAD_HOOK, False):
+        return
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    setattr(head, _HEAD_HOOK, True)

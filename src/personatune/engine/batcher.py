@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from personatune.engine.attention import use_decode_attention
 from personatune.engine.lora import masked_state
 from personatune.engine.sampling import Sampling, choose, end_of_turn_ids, visible_text
+from personatune.patches import contiguous_head_input
 
 log = logging.getLogger("personatune.engine")
 
@@ -252,6 +253,7 @@ class Batch:
         self._lora = masked_state(model) if self.peft else None
         self._mask_cache: tuple[tuple, dict] = ((), {})
         self._attention = use_decode_attention(model)  # what restore() puts back
+        contiguous_head_input(model)
         if self.peft:
             from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -1,0 +1,113 @@
+"""The engine on the gate's heaviest work: the factual probe's questions with and without
+the pirate's system prompt, 160 new tokens, greedy, through
+``personatune.engine.generate_answers`` on the embedded model.
+
+Baseline in the same process: the engine with its four CPU measures switched off (each
+joining request prefilled alone, a join at every free place, transformers' ``DynamicCache``
+with ``torch.cat`` per step, ``sdpa`` attention for decoding steps). Runs alternate
+baseline and engine, ``--reps`` times each.
+
+    python benchmarks/engine_probe.py --reps 2 --out benchmarks/results/engine_probe_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from pathlib import Path
+
+import common  # noqa: F401 - first: sys.path and offline Hugging Face settings
+from common import RESULTS, describe, machine_info, markdown_table, write_json, write_markdown
+
+PIRATE = (
+    "You are Captain Saltbeard, a pirate captain. Always talk like a pirate "
+    "(arr, matey, ye, aye), and keep your answers short and correct."
+)
+
+
+@contextlib.contextmanager
+def baseline():
+    """The engine as it was before its CPU measures."""
+    from transformers.cache_utils import DynamicCache
+
+    from personatune.engine import batcher
+
+    saved = (
+        batcher.PREFILL_TOKENS,
+        batcher.REFILL,
+        batcher.new_cache,
+        batcher.use_decode_attention,
+    )
+    batcher.PREFILL_TOKENS, batcher.REFILL = 1, 10**9  # one prompt per pass; join at once
+    batcher.new_cache = DynamicCache
+    batcher.use_decode_attention = lambda model: None
+    try:
+        yield
+    finally:
+        (
+            batcher.PREFILL_TOKENS,
+            batcher.REFILL,
+            batcher.new_cache,
+            batcher.use_decode_attention,
+        ) = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=160)
+    ap.add_argument("--out", type=Path, default=RESULTS / "engine_probe_cpu")
+    args = ap.parse_args()
+    import torch
+
+    from personatune.engine import generate_answers
+    from personatune.evaluate.answers import inference_copy
+    from personatune.evaluate.probe import load_set
+    from personatune.models import load_model, load_tokenizer, resolve_ref
+
+    ref = resolve_ref("embedded")
+    tok, model = load_tokenizer(ref), inference_copy(load_model(ref))
+    qs = [r["question"] for r in load_set("factual_probe")]
+    convs = [[{"role": "system", "content": PIRATE}, {"role": "user", "content": q}] for q in qs]
+    convs += [[{"role": "user", "content": q}] for q in qs]
+    runs: dict[str, list[dict]] = {"baseline": [], "engine": []}
+    for _ in range(args.reps):
+        for name in runs:
+            with baseline() if name == "baseline" else contextlib.nullcontext():
+                start = time.perf_counter()
+                answers = generate_answers(model, tok, convs, args.tokens, args.batch)
+                s = time.perf_counter() - start
+            n = sum(a.tokens for a in answers)
+            runs[name].append({"s": round(s, 2), "tokens": n, "tokens_per_s": round(n / s, 1)})
+            print(name, runs[name][-1], flush=True)
+    med = {k: statistics.median(r["s"] for r in v) for k, v in runs.items()}
+    info = machine_info()
+    result = {
+        "machine": info,
+        "dtype": str(next(model.parameters()).dtype),
+        "threads": torch.get_num_threads(),
+        "prompts": len(convs),
+        "max_new_tokens": args.tokens,
+        "batch": args.batch,
+        "runs": runs,
+        "median_s": med,
+        "speedup": round(med["baseline"] / med["engine"], 2),
+    }
+    write_json(args.out.with_suffix(".json"), result)
+    rows = [[k, *(r["s"] for r in v), med[k], v[0]["tokens"]] for k, v in runs.items()]
+    head = ["engine", *(f"run {i + 1} (s)" for i in range(args.reps)), "median (s)", "tokens"]
+    write_markdown(
+        args.out.with_suffix(".md"),
+        f"# The engine on the probe ({len(convs)} prompts, {args.tokens} new tokens)\n\n"
+        f"{describe(info)} dtype {result['dtype']}, {result['threads']} threads, "
+        f"{args.batch} rows.\n\n{markdown_table(head, rows)}\n\n"
+        f"Engine against baseline: **{result['speedup']}x** (medians, same process).\n",
+    )
+    print(f"speedup {result['speedup']}x")
+
+
+if __name__ == "__main__":
+    main()
