@@ -199,6 +199,60 @@ def test_scheduler_failing_request_does_not_take_others_down(registry):
     assert sched.finished["error"] == 1 and sum(sched.finished.values()) == len(reqs)
 
 
+@pytest.mark.parametrize("prefill_tokens", [8192, 1])
+def test_a_prefill_that_raises_fails_only_its_request(registry, monkeypatch, prefill_tokens):
+    """Guards against a batched prefill that raises (here the forward pass, for any pass
+    that holds request 1) failing every request that joined with it, or a request being
+    decoded twice after a retry one by one (with one pass per request, request 0 has
+    joined before request 1's pass raises)."""
+    from personatune.engine import batcher
+
+    monkeypatch.setattr(batcher, "PREFILL_TOKENS", prefill_tokens)
+    reqs = _requests(registry, Sampling(max_tokens=8))
+    alone = _alone(registry, _requests(registry, Sampling(max_tokens=8)))
+    bad = reqs[1].input_ids
+    real = batcher.Batch._forward
+
+    def forward(self, ids, mask, positions, cache, adapters):
+        if ids.shape[1] > 1 and any(
+            row[-len(bad) :].tolist() == bad and int(m.sum()) == len(bad)
+            for row, m in zip(ids, mask)
+        ):
+            raise RuntimeError("out of memory")
+        return real(self, ids, mask, positions, cache, adapters)
+
+    monkeypatch.setattr(batcher.Batch, "_forward", forward)
+    events: dict[int, list] = {i: [] for i in range(len(reqs))}
+    ended = threading.Semaphore(0)
+
+    def collect(i):
+        def emit(ev):
+            events[i].append(ev)
+            if isinstance(ev, (Done, Failed)):
+                ended.release()
+
+        return emit
+
+    sched = Scheduler(registry.model, max_batch=6, max_queue=8)
+    sched.start()
+    try:
+        with sched.paused():  # all six join together: one batched prefill
+            for i, r in enumerate(reqs):
+                r.emit = collect(i)
+                sched.submit(r)
+        for _ in reqs:
+            assert ended.acquire(timeout=120)
+    finally:
+        sched.stop(60)
+    assert isinstance(events[1][-1], Failed) and "out of memory" in events[1][-1].message
+    for i, a in enumerate(alone):
+        if i != 1:
+            done = [e for e in events[i] if isinstance(e, (Done, Failed))]
+            text = "".join(e.text for e in events[i] if isinstance(e, Delta))
+            assert len(done) == 1 and isinstance(done[0], Done) and text == a.text
+    assert sched.finished["error"] == 1 and sum(sched.finished.values()) == len(reqs)
+
+
 def test_encode_matches_chat_template(registry):
     """Guards against the engine adding a second BOS or dropping the assistant header."""
     p = registry.personas[BASE_ID]

@@ -345,13 +345,20 @@ class Batch:
         return self.add_many([req])
 
     @torch.inference_mode()
-    def add_many(self, reqs: Sequence[Request]) -> list[tuple[Request, Answer]]:
+    def add_many(
+        self, reqs: Sequence[Request], isolate: bool = False
+    ) -> list[tuple[Request, Answer]]:
         """Prefill ``reqs`` together, left-padded, in forward passes of at most
         :data:`PREFILL_TOKENS` padded prompt tokens, and let them join the batch; returns
         those already finished (first token ends the turn, or cancelled while waiting).
 
+        Args:
+            isolate: when a pass raises, prefill its requests one by one and end only the
+                one that raises with :class:`Failed` (a server); False lets it raise.
+
         Raises:
-            whatever the forward pass raises; no request has joined then.
+            whatever a forward pass raises, unless ``isolate``; the requests of earlier
+            passes have joined then.
         """
         out, rows = [], []
         for req in reqs:
@@ -360,16 +367,27 @@ class Batch:
                 out.append(self._finish(row, "cancelled"))
             else:
                 rows.append(row)
+        prefill = self._prefill_isolated if isolate else self._prefill
         group: list[_Row] = []
         for row in rows:
             width = max([len(r.req.input_ids) for r in group] + [len(row.req.input_ids)])
             if group and (len(group) + 1) * width > PREFILL_TOKENS:
-                out += self._prefill(group)
+                out += prefill(group)
                 group = []
             group.append(row)
         if group:
-            out += self._prefill(group)
+            out += prefill(group)
         return out
+
+    def _prefill_isolated(self, rows: list[_Row]) -> list[tuple[Request, Answer]]:
+        try:  # a pass that raises has not advanced or joined any of its rows
+            return self._prefill(rows)
+        except Exception as e:
+            if len(rows) == 1:
+                log.exception("prefill failed")
+                return [self.fail(rows[0].req, f"{type(e).__name__}: {e}")]
+            log.exception("batched prefill failed; prefilling its requests one by one")
+            return [done for r in rows for done in self._prefill_isolated([r])]
 
     def _prefill(self, rows: list[_Row]) -> list[tuple[Request, Answer]]:
         width = max(len(r.req.input_ids) for r in rows)

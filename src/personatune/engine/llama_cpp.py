@@ -236,8 +236,19 @@ class LlamaCppBatch(Batch):
         self.rows = [row]
         return []
 
-    def add_many(self, reqs: Sequence[Request]) -> list[tuple[Request, Answer]]:
-        return [done for req in reqs for done in self.add(req)]
+    def add_many(
+        self, reqs: Sequence[Request], isolate: bool = False
+    ) -> list[tuple[Request, Answer]]:
+        out = []
+        for req in reqs:
+            try:
+                out += self.add(req)
+            except Exception as e:
+                if not isolate:
+                    raise
+                log.exception("prefill failed")
+                out.append(self.fail(req, f"{type(e).__name__}: {e}"))
+        return out
 
     def step(self) -> list[tuple[Request, Answer]]:
         if not self.rows:

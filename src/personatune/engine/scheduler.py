@@ -108,18 +108,14 @@ class Scheduler:
         with self._wake:
             free = self.max_batch - len(self._batch)
             joining = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+        # one prefill for all of them (a burst's last request waits one pass); a pass
+        # that fails is retried request by request, so only the failing request fails
         finished = []
-        if joining:
-            try:  # one prefill for all of them: a burst's last request waits one pass
-                finished += self._batch.add_many(joining)
-            except Exception:
-                log.exception("batched prefill failed; prefilling the requests one by one")
-                for req in joining:  # so that only the failing request fails
-                    try:
-                        finished += self._batch.add(req)
-                    except Exception as e:
-                        log.exception("prefill failed")
-                        finished.append(self._batch.fail(req, f"{type(e).__name__}: {e}"))
+        try:
+            finished += self._batch.add_many(joining, isolate=True) if joining else []
+        except Exception as e:  # outside a forward pass (those are isolated): fail them
+            log.exception("adding requests failed")
+            finished += [self._batch.fail(r, f"{type(e).__name__}: {e}") for r in joining]
         try:
             finished += self._batch.step()
         except Exception as e:
