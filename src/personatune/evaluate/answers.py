@@ -108,9 +108,10 @@ def cached_answer_sets(
     """Answers to several ``(conversations, max_new_tokens)`` sets, each read from and
     written to its own :class:`AnswerCache`, with every missing answer generated in one
     engine run: the sets share batches, so a set's long tail of answers decodes next to
-    the other sets' rows instead of in a batch of its own. Measured on the 2-core CPU (the
-    guard's checkpoint measures: 16 general prompts at 64 tokens and 2 x 24 probe
-    questions at 160): see ``benchmarks/results/demo.md``.
+    the other sets' rows instead of in a batch of its own. Measured only inside ``make
+    demo`` on the 2-core CPU, together with that stop's engine changes (not alone): the
+    guard's preparation went from 101 to 88 s and eval's answer sets from 82 to 37 s
+    (``benchmarks/results/demo.md``).
 
     Returns:
         One list of answers per set, in the set's order.
