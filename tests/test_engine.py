@@ -162,28 +162,27 @@ def test_streamed_deltas_add_up_to_the_answer(registry):
     assert done.completion_tokens == ans.tokens + (ans.finish_reason == "stop")
 
 
-def test_scheduler_failing_request_does_not_take_others_down(registry):
-    """Guards against one request's failure (here its event callback raises) ending the
-    generation thread or the other requests in its batch."""
-    reqs = _requests(registry, Sampling(max_tokens=10))
-    alone = _alone(registry, _requests(registry, Sampling(max_tokens=10)))
-    results: dict[int, list] = {i: [] for i in range(len(reqs))}
+def _scheduled(registry, reqs, max_batch, on_delta=None) -> tuple[dict[int, list], Scheduler]:
+    """Queue ``reqs`` on a scheduler while it is paused (so they share batches), wait for
+    every one to end, and return each request's events and the stopped scheduler.
+    ``on_delta(i)`` runs before request ``i``'s text deltas are recorded."""
+    events: dict[int, list] = {i: [] for i in range(len(reqs))}
     ended = threading.Semaphore(0)
 
     def collect(i):
         def emit(ev):
-            if i == 2 and isinstance(ev, Delta):
-                raise RuntimeError("client callback broke")
-            results[i].append(ev)
+            if on_delta and isinstance(ev, Delta):
+                on_delta(i)
+            events[i].append(ev)
             if isinstance(ev, (Done, Failed)):
                 ended.release()
 
         return emit
 
-    sched = Scheduler(registry.model, max_batch=4, max_queue=8)
+    sched = Scheduler(registry.model, max_batch=max_batch, max_queue=8)
     sched.start()
     try:
-        with sched.paused():  # everything queued first, so the rows share batches
+        with sched.paused():
             for i, r in enumerate(reqs):
                 r.emit = collect(i)
                 sched.submit(r)
@@ -191,6 +190,20 @@ def test_scheduler_failing_request_does_not_take_others_down(registry):
             assert ended.acquire(timeout=120)
     finally:
         sched.stop(60)
+    return events, sched
+
+
+def test_scheduler_failing_request_does_not_take_others_down(registry):
+    """Guards against one request's failure (here its event callback raises) ending the
+    generation thread or the other requests in its batch."""
+    reqs = _requests(registry, Sampling(max_tokens=10))
+    alone = _alone(registry, _requests(registry, Sampling(max_tokens=10)))
+
+    def broken(i):
+        if i == 2:
+            raise RuntimeError("client callback broke")
+
+    results, sched = _scheduled(registry, reqs, 4, broken)
     assert isinstance(results[2][-1], Failed)
     for i, a in enumerate(alone):
         if i != 2:
@@ -222,28 +235,7 @@ def test_a_prefill_that_raises_fails_only_its_request(registry, monkeypatch, pre
         return real(self, ids, mask, positions, cache, adapters)
 
     monkeypatch.setattr(batcher.Batch, "_forward", forward)
-    events: dict[int, list] = {i: [] for i in range(len(reqs))}
-    ended = threading.Semaphore(0)
-
-    def collect(i):
-        def emit(ev):
-            events[i].append(ev)
-            if isinstance(ev, (Done, Failed)):
-                ended.release()
-
-        return emit
-
-    sched = Scheduler(registry.model, max_batch=6, max_queue=8)
-    sched.start()
-    try:
-        with sched.paused():  # all six join together: one batched prefill
-            for i, r in enumerate(reqs):
-                r.emit = collect(i)
-                sched.submit(r)
-        for _ in reqs:
-            assert ended.acquire(timeout=120)
-    finally:
-        sched.stop(60)
+    events, sched = _scheduled(registry, reqs, 6)  # all six join at once
     assert isinstance(events[1][-1], Failed) and "out of memory" in events[1][-1].message
     for i, a in enumerate(alone):
         if i != 1:
