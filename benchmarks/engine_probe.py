@@ -8,6 +8,14 @@ with ``torch.cat`` per step, ``sdpa`` attention for decoding steps). Runs altern
 baseline and engine, ``--reps`` times each.
 
     python benchmarks/engine_probe.py --reps 2 --out benchmarks/results/engine_probe_cpu
+
+With ``--conversations``: the 10 shipped scripted conversations of 8 turns under the
+pirate's system prompt (``run_conversations``, 64 new tokens per turn), each turn reusing
+the KV cache of the conversation's previous turn (``PrefixCache``) against re-prefilling
+the whole history every turn (the baseline), alternating in the same process.
+
+    python benchmarks/engine_probe.py --conversations --reps 1 \
+        --out benchmarks/results/engine_conversations_cpu
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=160)
     ap.add_argument("--out", type=Path, default=RESULTS / "engine_probe_cpu")
+    ap.add_argument("--conversations", action="store_true", help="the prefix cache's case")
     args = ap.parse_args()
     import torch
 
@@ -73,12 +82,23 @@ def main() -> None:
     qs = [r["question"] for r in load_set("factual_probe")]
     convs = [[{"role": "system", "content": PIRATE}, {"role": "user", "content": q}] for q in qs]
     convs += [[{"role": "user", "content": q}] for q in qs]
+    if args.conversations:
+        convs = load_set("conversations")
+        args.tokens = 64
+    n_prompts = sum(len(c["turns"]) for c in convs) if args.conversations else len(convs)
     runs: dict[str, list[dict]] = {"baseline": [], "engine": []}
     for _ in range(args.reps):
         for name in runs:
-            with baseline() if name == "baseline" else contextlib.nullcontext():
+            with (
+                baseline()
+                if name == "baseline" and not args.conversations
+                else contextlib.nullcontext()
+            ):
                 start = time.perf_counter()
-                answers = generate_answers(model, tok, convs, args.tokens, args.batch)
+                if args.conversations:
+                    answers = _conversations(model, tok, convs, args, name == "engine")
+                else:
+                    answers = generate_answers(model, tok, convs, args.tokens, args.batch)
                 s = time.perf_counter() - start
             n = sum(a.tokens for a in answers)
             runs[name].append({"s": round(s, 2), "tokens": n, "tokens_per_s": round(n / s, 1)})
@@ -89,7 +109,7 @@ def main() -> None:
         "machine": info,
         "dtype": str(next(model.parameters()).dtype),
         "threads": torch.get_num_threads(),
-        "prompts": len(convs),
+        "prompts": n_prompts,
         "max_new_tokens": args.tokens,
         "batch": args.batch,
         "runs": runs,
@@ -99,14 +119,36 @@ def main() -> None:
     write_json(args.out.with_suffix(".json"), result)
     rows = [[k, *(r["s"] for r in v), med[k], v[0]["tokens"]] for k, v in runs.items()]
     head = ["engine", *(f"run {i + 1} (s)" for i in range(args.reps)), "median (s)", "tokens"]
+    what = "scripted conversations, 8 turns" if args.conversations else "the probe"
     write_markdown(
         args.out.with_suffix(".md"),
-        f"# The engine on the probe ({len(convs)} prompts, {args.tokens} new tokens)\n\n"
+        f"# The engine on {what} ({n_prompts} prompts, {args.tokens} new tokens)\n\n"
         f"{describe(info)} dtype {result['dtype']}, {result['threads']} threads, "
         f"{args.batch} rows.\n\n{markdown_table(head, rows)}\n\n"
         f"Engine against baseline: **{result['speedup']}x** (medians, same process).\n",
     )
     print(f"speedup {result['speedup']}x")
+
+
+def _conversations(model, tok, items, args, reuse: bool) -> list:
+    """Every turn's answer of ``run_conversations``, with the prefix cache or without,
+    each run with an empty answer cache."""
+    import os
+    import tempfile
+
+    from personatune.evaluate import conversations
+
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["PERSONATUNE_CACHE"] = cache
+        real = conversations.PrefixCache
+        conversations.PrefixCache = real if reuse else (lambda: None)
+        try:
+            out = conversations.run_conversations(
+                model, tok, items, PIRATE, "bench", args.tokens, args.batch
+            )
+        finally:
+            conversations.PrefixCache = real
+    return [a for conv in out for a in conv]
 
 
 if __name__ == "__main__":

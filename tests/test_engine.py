@@ -21,6 +21,7 @@ from personatune.engine import (
     persona_request,
     run_batch,
 )
+from personatune.engine.batcher import PrefixCache
 
 PROMPTS = [
     "Question 3, please",
@@ -54,6 +55,17 @@ def _alone(registry, reqs):
     return [run_batch(registry.model, [r])[0] for r in reqs]
 
 
+def _generated(registry, req) -> list[int]:
+    """The first two tokens ``req`` generates alone."""
+    from personatune.engine import batcher
+
+    alone = batcher.Batch(registry.model)
+    alone.add(req)
+    alone.step()
+    alone.restore()
+    return alone.rows[0].ids
+
+
 @pytest.mark.parametrize("max_batch", [6, 4, 2])
 def test_batched_greedy_equals_alone(registry, max_batch):
     """Guards against rows leaking into each other in a mixed-persona batch: wrong left
@@ -68,6 +80,67 @@ def test_batched_greedy_equals_alone(registry, max_batch):
     batched = run_batch(registry.model, _requests(registry), max_batch)
     assert batched == alone
     assert {a.finish_reason for a in alone} <= {"stop", "length"}
+
+
+def test_a_next_turn_reuses_the_kv_cache_of_the_last_and_answers_the_same(registry, monkeypatch):
+    """Guards against reusing a finished request's KV cache wrongly: the wrong columns
+    kept (the last sampled token was never fed when an answer is cut at the limit), an
+    entry of another persona (the KV depends on the adapter), reused prefixes of
+    different lengths padded into one prefill at wrong positions, or no reuse at all.
+    Each second turn must reuse at least its first turn's prompt, and its greedy answer
+    (CPU fp32) must equal the one it gets alone without a prefix cache."""
+    from personatune.engine import batcher
+
+    end = _generated(registry, _requests(registry, Sampling(max_tokens=8))[0])[1]
+    real = batcher.end_of_turn_ids
+    monkeypatch.setattr(batcher, "end_of_turn_ids", lambda model, t: real(model, t) | {end})
+    prefixes = PrefixCache()
+    first = _requests(registry, Sampling(max_tokens=8))
+    answers = run_batch(registry.model, first, 6, prefixes=prefixes)
+    assert {a.finish_reason for a in answers} == {"stop", "length"}  # both ways to end
+    names = list(registry.personas)
+
+    def second():
+        return [
+            persona_request(
+                registry.personas[names[i % len(names)]],
+                [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": a.text},
+                    {"role": "user", "content": "And why?" if i % 2 else "Say more."},
+                ],
+                Sampling(max_tokens=12),
+            )
+            for i, (q, a) in enumerate(zip(PROMPTS, answers))
+        ]
+
+    reused = []
+    take = prefixes.take
+
+    def spy(adapter, ids):
+        n, kv = take(adapter, ids)
+        reused.append(n)
+        return n, kv
+
+    monkeypatch.setattr(prefixes, "take", spy)
+    got = run_batch(registry.model, second(), 2, prefixes=prefixes)
+    assert all(n >= len(r.input_ids) for n, r in zip(reused, first))
+    assert got == _alone(registry, second())
+
+
+def test_prefix_cache_takes_the_longest_prefix_of_the_same_adapter_and_evicts_the_oldest():
+    """Guards against a prefix cache that hands one persona's KV cache to another, picks
+    a shorter prefix than it holds, lets a request reuse all its tokens (one must be
+    prefilled for its first logits) or grows without bound."""
+    c = PrefixCache(max_tokens=12)
+    c.put("a", [1, 2, 3], ["short"])
+    c.put("b", [1, 2, 3, 4], ["other persona"])
+    c.put("a", [1, 2, 3, 4, 5], ["long"])
+    assert c.take("a", [1, 2, 3, 4, 9]) == (4, ["long"])
+    assert c.take("a", [1, 2, 3]) == (2, ["short"])
+    assert c.take("a", [1, 2]) == (0, None)
+    c.put("a", [7] * 9, ["big"])  # 4 + 9 tokens > 12: the oldest ("b") goes
+    assert [e[2] for e in c.entries] == [["big"]]
 
 
 def test_seeded_sampling_is_reproducible_per_request(registry):
@@ -109,11 +182,7 @@ def test_end_of_turn_token_ends_only_its_row(registry, monkeypatch):
 
     reqs = _requests(registry, Sampling(max_tokens=12))
     full = _alone(registry, reqs)
-    alone = batcher.Batch(registry.model)
-    alone.add(reqs[0])
-    alone.step()
-    ids = alone.rows[0].ids  # the first two generated tokens
-    alone.restore()
+    ids = _generated(registry, reqs[0])
     tok = reqs[0].tokenizer
     special = copy.copy(tok)  # its own tokenizer object, so only row 0 gets the new end
     real = batcher.end_of_turn_ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from personatune.data.chat import render_prompt, with_system_prompt
-from personatune.engine.batcher import Answer, Event, Request, run_batch
+from personatune.engine.batcher import Answer, Event, PrefixCache, Request, run_batch
 from personatune.engine.load import Registry, ServedPersona
 from personatune.engine.sampling import Sampling
 
@@ -37,6 +37,7 @@ def generate_answers(
     max_new_tokens: int | Sequence[int] = 64,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    prefixes: PrefixCache | None = None,
 ) -> list[Answer]:
     """Greedy answers of ``model`` (no adapter switching: a plain or merged model, or a
     peft model as it is set) to ``conversations`` (``{"role", "content"}`` dicts ending
@@ -50,6 +51,8 @@ def generate_answers(
             conversation (sets of different budgets share one batch).
         batch_size: most rows decoded together (default 64).
         progress: called with 1 after each finished answer.
+        prefixes: KV cache of earlier answers to reuse and fill (the turns of
+            conversations; :class:`personatune.engine.batcher.PrefixCache`).
     """
     ids = [encode(tokenizer, c) for c in conversations]
     limits = (
@@ -58,7 +61,7 @@ def generate_answers(
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     adapter = current_adapter(model)
     reqs = [Request(ids[i], tokenizer, adapter, Sampling(limits[i])) for i in order]
-    answers = run_batch(model, reqs, batch_size, progress)
+    answers = run_batch(model, reqs, batch_size, progress, prefixes)
     out: list[Answer | None] = [None] * len(ids)
     for i, a in zip(order, answers):
         out[i] = a

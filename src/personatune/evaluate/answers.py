@@ -12,6 +12,7 @@ from dataclasses import asdict
 import torch
 
 from personatune.engine import Answer, generate_answers
+from personatune.engine.batcher import PrefixCache
 from personatune.io import read_jsonl, write_jsonl
 from personatune.models import cache_dir, use_bf16
 
@@ -83,6 +84,7 @@ def cached_answers(
     max_new_tokens: int = 64,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    prefixes: PrefixCache | None = None,
 ) -> list[Answer]:
     """:func:`personatune.engine.generate_answers`, reading and filling an
     :class:`AnswerCache` (:func:`cached_answer_sets` of one set).
@@ -92,9 +94,12 @@ def cached_answers(
             adapter's hash for a tuned model). Answers are reused only for the same
             fingerprint, chat template, ``max_new_tokens`` and weight dtype.
         progress: called with the number of answers done, cached ones at once.
+        prefixes: KV cache of earlier answers to reuse and fill (see
+            :func:`personatune.engine.generate_answers`).
     """
     sets = [(conversations, max_new_tokens)]
-    return cached_answer_sets(model, tokenizer, sets, fingerprint, batch_size, progress)[0]
+    got = cached_answer_sets(model, tokenizer, sets, fingerprint, batch_size, progress, prefixes)
+    return got[0]
 
 
 def cached_answer_sets(
@@ -104,6 +109,7 @@ def cached_answer_sets(
     fingerprint: str,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    prefixes: PrefixCache | None = None,
 ) -> list[list[Answer]]:
     """Answers to several ``(conversations, max_new_tokens)`` sets, each read from and
     written to its own :class:`AnswerCache`, with every missing answer generated in one
@@ -139,8 +145,9 @@ def cached_answer_sets(
         progress(total - len(todo))
     if todo:
         where = list(todo)
+        limits = [n for n, _ in where]
         new = generate_answers(
-            model, tokenizer, list(todo.values()), [n for n, _ in where], batch_size, progress
+            model, tokenizer, list(todo.values()), limits, batch_size, progress, prefixes
         )
         for (limit, k), answer in zip(where, new):
             caches[limit].entries[k] = answer

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from personatune.data.chat import with_system_prompt
 from personatune.engine import Answer
+from personatune.engine.batcher import PrefixCache
 from personatune.evaluate.answers import cached_answers
 from personatune.evaluate.probe import answer_matches, load_set
 
@@ -37,7 +38,9 @@ def run_conversations(
     """Answer every conversation turn by turn: the user turns are scripted, the assistant
     turns are the model's own greedy answers. All conversations of one turn are one
     engine batch (:func:`personatune.evaluate.answers.cached_answers`, keyed by the whole
-    history so far); the turns of a conversation are sequential.
+    history so far); the turns of a conversation are sequential. Each turn reuses the
+    KV cache of the conversation's previous turn (its prompt and answer,
+    :class:`personatune.engine.batcher.PrefixCache`) and prefills only the new tokens.
 
     Args:
         items: conversations as :func:`load_conversations` gives them (any number of
@@ -51,6 +54,7 @@ def run_conversations(
         Per conversation, its answers in turn order, shape ``(conversations, turns)``.
     """
     histories = [with_system_prompt([], system_prompt) for _ in items]
+    prefixes = PrefixCache()
     out: list[list[Answer]] = [[] for _ in items]
     for turn in range(max((len(c["turns"]) for c in items), default=0)):
         live = [i for i, c in enumerate(items) if turn < len(c["turns"])]
@@ -64,6 +68,7 @@ def run_conversations(
             max_new_tokens,
             batch_size,
             progress,
+            prefixes,
         )
         for i, a in zip(live, answers):
             histories[i].append({"role": "assistant", "content": a.text})
