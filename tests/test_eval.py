@@ -214,6 +214,35 @@ def test_answer_sets_share_one_run_and_their_caches(
     assert calls == []  # both budget-3 sets were saved, in one file
 
 
+def test_perplexity_is_cached_by_weights_dtype_and_conversations(
+    tiny_model, embedded_tokenizer, tmp_path, monkeypatch
+):
+    """Guards against the gate's drift perplexity being computed again by eval, and
+    against a cached value served for other weights, another dtype or other
+    conversations (a stale drift ratio)."""
+    import torch
+
+    from personatune.evaluate import suite
+
+    monkeypatch.setenv("PERSONATUNE_CACHE", str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    convs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr."}]]
+    other = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Aye."}]]
+    calls = []
+    real = suite.conditional_perplexity
+    monkeypatch.setattr(
+        suite, "conditional_perplexity", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    first = suite.perplexity(model, embedded_tokenizer, convs, fingerprint="fp:a")
+    assert suite.perplexity(model, embedded_tokenizer, convs, fingerprint="fp:a") == first
+    assert len(calls) == 1
+    suite.perplexity(model, embedded_tokenizer, convs, fingerprint="fp:b")
+    suite.perplexity(model, embedded_tokenizer, other, fingerprint="fp:a")
+    suite.perplexity(model.to(torch.bfloat16), embedded_tokenizer, convs, fingerprint="fp:a")
+    suite.perplexity(model, embedded_tokenizer, convs)  # no fingerprint: never cached
+    assert len(calls) == 5
+
+
 def test_lm_eval_multiple_choice_on_mc_tiny(tiny_model, embedded_tokenizer):
     """Guards against the benchmark path reaching for the Hub or miscounting: lm-eval
     scores all 20 items of the local file by log-likelihood, and two runs agree."""

@@ -167,6 +167,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def digest(obj: object) -> str:
+    """sha256 hex digest of ``obj`` written as sorted JSON (a cache key)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def files_hash(paths: Iterable[Path]) -> str:
     """``sha256:HEX`` over the bytes of ``paths`` in order, streamed in 1 MiB blocks."""
     digest = hashlib.sha256()

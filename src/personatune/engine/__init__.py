@@ -12,6 +12,7 @@ from personatune.engine.batcher import (
     Done,
     Event,
     Failed,
+    PrefixCache,
     Request,
     run_batch,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Event",
     "Failed",
     "Persona",
+    "PrefixCache",
     "QueueFull",
     "Registry",
     "Request",

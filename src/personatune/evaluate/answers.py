@@ -4,16 +4,13 @@ by model fingerprint and prompt. Generation itself is :mod:`personatune.engine`'
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import torch
 
-from personatune.engine import Answer, generate_answers
-from personatune.engine.batcher import PrefixCache
-from personatune.io import read_jsonl, write_jsonl
+from personatune.engine import Answer, PrefixCache, generate_answers
+from personatune.io import digest, read_jsonl, write_jsonl
 from personatune.models import cache_dir, use_bf16
 
 #: Bump when generation changes in a way that makes cached answers stale (2: the
@@ -45,10 +42,6 @@ def inference_copy(model, merge: bool = True):
     return m.eval()
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 class AnswerCache:
     """Answers of one model under one generation setting, stored as JSONL under
     ``personatune.models.cache_dir() / "answers"``.
@@ -61,7 +54,7 @@ class AnswerCache:
 
     def __init__(self, namespace: dict):
         self.namespace = {**namespace, "version": CACHE_VERSION}
-        self.path = cache_dir() / "answers" / f"{_digest(self.namespace)[:24]}.jsonl"
+        self.path = cache_dir() / "answers" / f"{digest(self.namespace)[:24]}.jsonl"
         self.entries: dict[str, Answer] = {}
         if self.path.exists():
             for row in read_jsonl(self.path):
@@ -69,7 +62,7 @@ class AnswerCache:
 
     @staticmethod
     def key(conversation: list[dict]) -> str:
-        return _digest(conversation)
+        return digest(conversation)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from personatune.data.chat import with_system_prompt
-from personatune.engine import Answer
-from personatune.engine.batcher import PrefixCache
+from personatune.engine import Answer, PrefixCache
 from personatune.evaluate.answers import cached_answers
 from personatune.evaluate.probe import answer_matches, load_set
 

@@ -302,10 +302,13 @@ def _perplexities(bar, spec, models: Models, tok, data: EvalData, answers, timin
     ]
     ppl = {}
     with phase(bar, "perplexity", 4, timings, cpu) as adv:
-        for side, model in (("base", models.base), ("tuned", models.tuned)):
+        for side, model, fp in (
+            ("base", models.base, models.base_fp),
+            ("tuned", models.tuned, models.tuned_fp),
+        ):
             ppl[side] = {
-                "heldout": perplexity(model, tok, heldout_full),
-                "drift": perplexity(model, tok, drift_convs),
+                "heldout": perplexity(model, tok, heldout_full, fingerprint=fp),
+                "drift": perplexity(model, tok, drift_convs, fingerprint=fp),
             }
             adv(2)
     return ppl

@@ -18,6 +18,8 @@ from personatune.evaluate.classifier import PersonaClassifier, fit_classifier
 from personatune.evaluate.metrics import degeneration_failures
 from personatune.evaluate.perplexity import conditional_perplexity
 from personatune.evaluate.probe import DATA, general_split, load_set, prompt_key, unseen
+from personatune.io import digest, read_json, write_json
+from personatune.models import cache_dir
 
 #: The shipped multiple-choice set (20 items) as a ``(task, path)`` benchmark, scored by
 #: log-likelihood through lm-eval (:func:`personatune.evaluate.lmeval.run_benchmark`).
@@ -146,13 +148,37 @@ def drift_conversations(general: Sequence[dict], base_answers: Sequence[Answer])
 
 
 def perplexity(
-    model, tokenizer, conversations: Sequence[list[dict]], batch_size: int = 16
+    model,
+    tokenizer,
+    conversations: Sequence[list[dict]],
+    batch_size: int = 16,
+    fingerprint: str | None = None,
 ) -> float:
     """Conditional perplexity of the assistant turns (see
-    :func:`personatune.evaluate.perplexity.conditional_perplexity`); nan for none."""
+    :func:`personatune.evaluate.perplexity.conditional_perplexity`); nan for none.
+
+    With ``fingerprint`` (the weights' identity, as for the answer cache) the value is
+    cached under ``cache_dir() / "perplexity"``, keyed by it, the weights' dtype, the chat
+    template and the conversations: the gate's drift perplexities of the base model and
+    the published checkpoint are then ``personatune eval``'s."""
     if not conversations:
         return float("nan")
-    return conditional_perplexity(model, tokenizer, conversations, batch_size=batch_size).perplexity
+    path = None
+    if fingerprint:
+        key = {
+            "model": fingerprint,
+            "dtype": str(next(model.parameters()).dtype),
+            "template": tokenizer.chat_template,
+            "conversations": list(conversations),
+        }
+        path = cache_dir() / "perplexity" / f"{digest(key)[:24]}.json"
+        if path.is_file():
+            return read_json(path)["perplexity"]
+    ppl = conditional_perplexity(model, tokenizer, conversations, batch_size=batch_size).perplexity
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"perplexity": ppl})
+    return ppl
 
 
 def cut_answers(answers: Sequence[Answer], tokenizer, max_new_tokens: int) -> list[Answer]:

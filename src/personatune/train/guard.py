@@ -516,7 +516,7 @@ class Guard:
         ``drift_convs``, the base model's answers to every held-out general prompt."""
         return {
             **self.knowledge(model, self.data.probe, fingerprint, progress),
-            "drift_ppl": perplexity(model, self.tokenizer, drift_convs),
+            "drift_ppl": perplexity(model, self.tokenizer, drift_convs, fingerprint=fingerprint),
         }
 
     def _answer_texts(self, model, fingerprint: str, items, progress=None) -> list[str]:
