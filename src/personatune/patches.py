@@ -186,23 +186,29 @@ def varlen_attention(
     return torch.cat(out, dim=2).to(dtype).transpose(1, 2).contiguous(), None
 
 
-def use_varlen_attention(model) -> bool:
-    """Switch ``model`` (a transformers ``PreTrainedModel``) from ``sdpa`` to
-    :func:`varlen_attention` for packed training. Models on another implementation
-    (eager, flash-attention, flex) are left alone. Returns whether it switched."""
+def switch_attention(model, name: str, function, allowed: tuple[str, ...] = ("sdpa",)) -> bool:
+    """Register ``function`` with transformers' ``AttentionInterface`` as ``name`` (its
+    masks are sdpa's, so padded batches still get them) and switch ``model``'s attention
+    implementation to it, when the current one is in ``allowed``. Returns whether it
+    switched; other implementations (eager, flash-attention, flex) are left alone."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    if getattr(model.config, "_attn_implementation", None) not in allowed:
         return False
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
-    # Padded batches (evaluation, generation) still get sdpa's masks.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     try:
-        model.set_attn_implementation(VARLEN_ATTENTION)
+        model.set_attn_implementation(name)
     except (ValueError, ImportError):
         return False
-    return model.config._attn_implementation == VARLEN_ATTENTION
+    return model.config._attn_implementation == name
+
+
+def use_varlen_attention(model) -> bool:
+    """Switch ``model`` (a transformers ``PreTrainedModel``) from ``sdpa`` to
+    :func:`varlen_attention` for packed training (:func:`switch_attention`)."""
+    return switch_attention(model, VARLEN_ATTENTION, varlen_attention)
 
 
 # ---- 4. LoRA inputs under autocast ------------------------------------------------------

@@ -61,17 +61,11 @@ def use_decode_attention(model) -> str | None:
     """Switch a CPU ``model`` from ``sdpa`` (or personatune's varlen attention) to
     :func:`decode_attention`; returns the implementation to restore, or None when it
     was left alone (CUDA, eager, flash-attention, flex)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from personatune.patches import switch_attention
 
-    config = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    if before not in _SWITCHABLE or next(model.parameters()).device.type != "cpu":
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if next(model.parameters()).device.type != "cpu":
         return None
-    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
-    try:
-        model.set_attn_implementation(DECODE_ATTENTION)
-    except (ValueError, ImportError):
-        return None
-    return before
+    return (
+        before if switch_attention(model, DECODE_ATTENTION, decode_attention, _SWITCHABLE) else None
+    )
