@@ -354,7 +354,14 @@ class Guard:
             ([persona_conv(spec, r["prompt"]) for r in general_subset], limit),
             ([persona_conv(spec, r["question"]) for r in probe_subset], knowledge),
             ([plain_conv(r["question"]) for r in probe_subset], knowledge),
+            # and the gate's base-model sets (whole probe and drift set, prompted held-out
+            # persona): one run's tail instead of two
+            ([persona_conv(spec, r["question"]) for r in data.probe], knowledge),
+            ([plain_conv(r["question"]) for r in data.probe], knowledge),
+            ([plain_conv(r["prompt"]) for r in data.general], limit),
         ]
+        if g.beat_prompting:
+            sets.append(([conv for conv, _ in prompting_items(spec, data.heldout)], limit))
         with progress_bar(console) as bar:
             n = sum(len(convs) for convs, _ in sets)
             with phase(
