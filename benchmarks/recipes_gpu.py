@@ -37,6 +37,8 @@ Usage (CUDA machine; bitsandbytes, fastapi and uvicorn importable)::
     python benchmarks/recipes_gpu.py --tiny --tokenizer .whl/tok --out DIR   # CPU check
     python benchmarks/recipes_gpu.py --random-embedder SITE_DIR   # see random_embedder
     python benchmarks/recipes_gpu.py --report DIR/recipes_gpu.json [--plot PNG]
+    python benchmarks/recipes_gpu.py --merge DIR/recipes_gpu.json --call D4 \\
+        --command "..." --into benchmarks/results/recipes_gpu.json   # one call's rows in
 """
 
 from __future__ import annotations
@@ -515,6 +517,10 @@ def main() -> int:
     ap.add_argument("--random-embedder", type=Path, metavar="SITE")
     ap.add_argument("--report", type=Path, help="print the table of a results JSON")
     ap.add_argument("--plot", type=Path, help="with --report: write the plot here")
+    ap.add_argument("--merge", type=Path, metavar="NEW", help="one call's results JSON")
+    ap.add_argument("--into", type=Path, help="with --merge: the combined results JSON")
+    ap.add_argument("--call", help="with --merge: the call's name (D4)")
+    ap.add_argument("--command", default="", help="with --merge: the call's command")
     args = ap.parse_args()
     if args.build:
         print(
@@ -525,6 +531,12 @@ def main() -> int:
         return 0
     if args.random_embedder:
         print(random_embedder(args.random_embedder))
+        return 0
+    if args.merge:
+        if not (args.into and args.call):
+            ap.error("--merge needs --into and --call")
+        res = merge(args.into, args.merge, args.call, args.command)
+        print(report(res))
         return 0
     if args.report:
         res = json.loads(args.report.read_text())
@@ -581,6 +593,33 @@ def main() -> int:
     return 0
 
 
+def merge(into: Path, new: Path, call: str, command: str) -> dict:
+    """Merge one call's results (``new``, as this script writes it) into the combined
+    results ``into`` of earlier calls, and write it back: each new row, tagged ``call``,
+    replaces the row of the same recipe (or is appended); the call's command, machine,
+    total seconds and rows are kept under ``calls[call]``. Raises ValueError if ``into``
+    already has a call of that name."""
+    res, one = json.loads(into.read_text()), json.loads(new.read_text())
+    calls = res.setdefault("calls", {})
+    if call in calls:
+        raise ValueError(f"{into}: call {call!r} is already there; pick another --call")
+    calls[call] = {
+        "command": command,
+        "total_s": one.get("total_s"),
+        "machine": one["machine"],
+        "results": one["results"],
+    }
+    index = {r["recipe"]: i for i, r in enumerate(res["results"])}
+    for row in one["results"]:
+        row = {**row, "call": call}
+        if row["recipe"] in index:
+            res["results"][index[row["recipe"]]] = row
+        else:
+            res["results"].append(row)
+    common.write_json(into, res)
+    return res
+
+
 def _cell(step: dict | None, key: str = "seconds") -> str:
     if not step:
         return "-"
@@ -605,11 +644,13 @@ def report(res: dict) -> str:
         "GPU peak GB (nvidia-smi)",
         "seed GPU",
         "fits",
+        "call",
     ]
     rows = []
     for r in res["results"]:
         if "build" not in r:
             rows.append([r["recipe"], r.get("error") or r.get("skipped")] + [""] * 11)
+            rows[-1].append(r.get("call", "-"))
             continue
         b, tr, sv = r["build"], r.get("train") or {}, r.get("serve") or {}
         rows.append(
@@ -627,6 +668,7 @@ def report(res: dict) -> str:
                 r.get("gpu_peak_gb", "-"),
                 r["seed_gpu"],
                 r.get("fits_seed_gpu", "-"),
+                r.get("call", "-"),
             ]
         )
     m = res["machine"]
