@@ -269,7 +269,11 @@ class EvalSettings(_Section):
     the report card's probe rows): long enough that a long-winded persona still reaches
     its answer, which is then found anywhere in the text."""
     batch_size: int = Field(64, ge=1)
-    """Prompts per generation batch (left-padded, greedy, grouped by prompt length)."""
+    """Most rows decoded together by the generation engine (continuous batching, greedy,
+    prompts fed shortest first). More rows spread each decoding step's weight reads over
+    more answers: on the 2-core EPYC (embedded model, bf16, 120-token contexts) 128 rows
+    decode 589 tokens/s against 416 with 64, 192 rows 553; GPU memory for the KV cache
+    grows with it."""
     classifier_pairs: int = Field(128, ge=8)
     """Persona training prompts whose reference answer (in persona) and base answer (out of
     persona) train the adoption classifier."""
