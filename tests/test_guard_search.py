@@ -295,3 +295,38 @@ def test_report_card_says_plainly_when_the_adapter_does_not_beat_prompting():
     buf = io.StringIO()
     card.print_summary(report, Path("out"), Console(file=buf, width=200))
     assert "does not beat prompting" not in buf.getvalue()
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_stop_at_target_ends_training_at_the_first_checkpoint_that_reaches_it(
+    persona_yaml, monkeypatch, stop
+):
+    """Guards against guard.stop_at_target training on past a checkpoint that already
+    reaches the adoption target within the retention tolerances (the demo's wasted last
+    20 steps), against stopping at one below the target, and against stopping without
+    the setting. Adoption on the subsets is scripted: base 30%, then 50% at step 2 and
+    95% from step 4 on; knowledge and drift equal the base model's."""
+    adoption = iter([0.3, 0.5] + [0.95] * 10)
+
+    def measure(self, model, fingerprint=None, progress=None):
+        a = next(adoption)
+        return {
+            "adoption_rate": a,
+            "persona_score": a,
+            "probe_accuracy": 50.0,
+            "probe_plain_accuracy": 50.0,
+            "drift_ppl": 10.0,
+            "drift_ratio": 1.0,
+        }
+
+    monkeypatch.setattr(guard_mod.Guard, "measure", measure)
+    script_probe(monkeypatch, lambda spec: True)
+    guard = f"guard:\n  stop_at_target: {str(stop).lower()}\n"
+    spec = persona_yaml(SEARCH_YAML.replace("guard:\n", guard))
+    r = runner.invoke(app, ["train", str(spec), "train.max_steps=8"])
+    assert r.exit_code == 0, r.output
+    out = spec.parent / "out"
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = sorted({x["step"] for x in log if "guard" in x})
+    assert steps == ([0, 2, 4] if stop else [0, 2, 4, 6, 8])
+    assert json.loads((out / "gate.json").read_text())["chosen"] == (4 if stop else 8)

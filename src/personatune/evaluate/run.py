@@ -31,6 +31,7 @@ from personatune.evaluate.metrics import degeneration_failures
 from personatune.evaluate.probe import drift_ratio
 from personatune.evaluate.progress import phase, progress_bar
 from personatune.evaluate.suite import (
+    ADOPTION_TARGET,
     MC_TINY,
     EvalData,
     classifier_examples,
@@ -349,7 +350,7 @@ def targets(spec: PersonaSpec, metrics: dict, drift: float, degeneration: dict) 
         return {**out, "mc_accuracy": metrics[mc][s]} if mc in metrics else out
 
     return {
-        "adoption_rate_at_least_90": metrics["adoption_rate"]["tuned"] >= 90.0,
+        "adoption_rate_at_least_90": metrics["adoption_rate"]["tuned"] >= 100 * ADOPTION_TARGET,
         # a persona adapter must beat the base model given the same system prompt
         "beats_prompting_rouge_l": metrics["rouge_l"]["tuned"] > metrics["rouge_l"]["base"],
         "probe_within_tolerance": not knowledge_failures(

@@ -25,6 +25,10 @@ from personatune.models import cache_dir
 #: log-likelihood through lm-eval (:func:`personatune.evaluate.lmeval.run_benchmark`).
 MC_TINY = ("mc_tiny", str(resources.files(DATA).joinpath("data", "mc_tiny.jsonl")))
 
+#: The report card's persona target: the share of answers to general prompts under the
+#: persona's system prompt that the adoption classifier finds in persona (0..1).
+ADOPTION_TARGET = 0.9
+
 
 @dataclass
 class EvalData:

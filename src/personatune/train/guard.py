@@ -45,6 +45,7 @@ from personatune.evaluate.probe import (
 )
 from personatune.evaluate.progress import phase, progress_bar
 from personatune.evaluate.suite import (
+    ADOPTION_TARGET,
     MC_TINY,
     EvalData,
     classifier_examples,
@@ -457,6 +458,21 @@ class Guard:
             "drift_ratio": drift_ratio(ppl, self.base_drift_ppl),
         }
 
+    def reaches_target(self, metrics: dict) -> bool:
+        """Whether a checkpoint's :meth:`measure` metrics reach the report card's adoption
+        target (90%) and pass the gate's retention checks
+        (:func:`personatune.evaluate.suite.retention_failures`) against the base model's
+        on the same subsets: where ``guard.stop_at_target`` stops training."""
+        g = self.spec.guard
+        return metrics["adoption_rate"] >= ADOPTION_TARGET and not retention_failures(
+            self.base_metrics,
+            metrics,
+            g.probe_tolerance,
+            g.max_drift_ratio,
+            g.degeneration_tolerance,
+            g.mc_tolerance,
+        )
+
     def _answer_sets(self, model, sets, fingerprint, progress) -> list[list[Answer]]:
         """Answers to ``(conversations, max_new_tokens)`` sets in one engine run, cached
         when ``fingerprint`` is given."""
@@ -709,6 +725,13 @@ class GuardCallback(TrainerCallback):
             return
         t, t_cpu = time.time(), time.process_time()
         metrics = self.guard.measure(inference_copy(model, merge=True))
+        stop = self.guard.spec.guard.stop_at_target and args.world_size == 1
+        if stop and self.guard.reaches_target(metrics):
+            control.should_training_stop = True
+            (self.guard.console or Console(stderr=True)).print(
+                f"checkpoint-{state.global_step} reaches the adoption target within the "
+                "retention tolerances: training stops here (guard.stop_at_target)"
+            )
         spent, spent_cpu = time.time() - t, time.process_time() - t_cpu
         self.seconds += spent
         self.cpu_seconds += spent_cpu
