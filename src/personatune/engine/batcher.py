@@ -456,7 +456,8 @@ class Batch:
         pads = [width - len(t) for t in new]
         ids = torch.tensor([[0] * p + t for p, t in zip(pads, new)])
         # (batch, past + width): the reused prefix left-padded to ``past``, then the new
-        # tokens left-padded to ``width``; the padding in the middle is masked like any
+        # tokens left-padded to ``width``; the padding in the middle is masked out like
+        # the left padding, and positions count real tokens only
         mask = torch.tensor(
             [
                 [0] * (past - n) + [1] * n + [0] * p + [1] * len(t)

@@ -91,7 +91,6 @@ def cached_answers(
     max_new_tokens: int = 64,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
-    prefixes: PrefixCache | None = None,
 ) -> list[Answer]:
     """:func:`personatune.engine.generate_answers`, reading and filling an
     :class:`AnswerCache` (:func:`cached_answer_sets` of one set).
@@ -101,12 +100,9 @@ def cached_answers(
             adapter's hash for a tuned model). Answers are reused only for the same
             fingerprint, chat template, ``max_new_tokens`` and weight dtype.
         progress: called with the number of answers done, cached ones at once.
-        prefixes: KV cache of earlier answers to reuse and fill (see
-            :func:`personatune.engine.generate_answers`).
     """
     sets = [(conversations, max_new_tokens)]
-    got = cached_answer_sets(model, tokenizer, sets, fingerprint, batch_size, progress, prefixes)
-    return got[0]
+    return cached_answer_sets(model, tokenizer, sets, fingerprint, batch_size, progress)[0]
 
 
 def cached_answer_sets(
@@ -129,6 +125,8 @@ def cached_answer_sets(
 
     Args:
         fingerprint: identity of the weights, for every set or one per set.
+        prefixes: KV cache of earlier answers to reuse and fill (see
+            :func:`personatune.engine.generate_answers`).
         adapters: per set, the peft adapter answering it (None: the base model), so that
             the base model and a persona share one run; default the model's active
             adapter. Give one fingerprint per set with it.
