@@ -16,13 +16,6 @@ the whole history every turn (the baseline), alternating in the same process.
 
     python benchmarks/engine_probe.py --conversations --reps 1 \
         --out benchmarks/results/engine_conversations_cpu
-
-With ``--sides PERSONA_DIR``: the same conversations for the base model and the persona
-(its peft model, adapter unmerged), both sides in one batch per turn
-(``run_conversation_sides``) against one side after the other (the baseline).
-
-    python benchmarks/engine_probe.py --sides runs/pirate --reps 1 \
-        --out benchmarks/results/engine_sides_cpu
 """
 
 from __future__ import annotations
@@ -76,9 +69,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=160)
     ap.add_argument("--out", type=Path, default=RESULTS / "engine_probe_cpu")
     ap.add_argument("--conversations", action="store_true", help="the prefix cache's case")
-    ap.add_argument("--sides", type=Path, help="persona directory: base and persona together")
     args = ap.parse_args()
-    args.conversations = args.conversations or args.sides is not None
     import torch
 
     from personatune.engine import generate_answers
@@ -88,12 +79,6 @@ def main() -> None:
 
     ref = resolve_ref("embedded")
     tok, model = load_tokenizer(ref), inference_copy(load_model(ref))
-    if args.sides:
-        from personatune.engine import load_persona
-        from personatune.evaluate.answers import inference_dtype
-
-        persona = load_persona(args.sides)
-        tok, model = persona.tokenizer, inference_dtype(persona.model)
     qs = [r["question"] for r in load_set("factual_probe")]
     convs = [[{"role": "system", "content": PIRATE}, {"role": "user", "content": q}] for q in qs]
     convs += [[{"role": "user", "content": q}] for q in qs]
@@ -101,7 +86,6 @@ def main() -> None:
         convs = load_set("conversations")
         args.tokens = 64
     n_prompts = sum(len(c["turns"]) for c in convs) if args.conversations else len(convs)
-    n_prompts *= 2 if args.sides else 1
     runs: dict[str, list[dict]] = {"baseline": [], "engine": []}
     for _ in range(args.reps):
         for name in runs:
@@ -136,8 +120,6 @@ def main() -> None:
     rows = [[k, *(r["s"] for r in v), med[k], v[0]["tokens"]] for k, v in runs.items()]
     head = ["engine", *(f"run {i + 1} (s)" for i in range(args.reps)), "median (s)", "tokens"]
     what = "scripted conversations, 8 turns" if args.conversations else "the probe"
-    if args.sides:
-        what += ", base and persona"
     write_markdown(
         args.out.with_suffix(".md"),
         f"# The engine on {what} ({n_prompts} prompts, {args.tokens} new tokens)\n\n"
@@ -148,32 +130,22 @@ def main() -> None:
     print(f"speedup {result['speedup']}x")
 
 
-def _conversations(model, tok, items, args, engine: bool) -> list:
-    """Every turn's answer of the scripted conversations, each run with an empty answer
-    cache: with the prefix cache or without; with ``--sides``, base and persona in one
-    batch per turn or one side after the other (both with the prefix cache)."""
+def _conversations(model, tok, items, args, reuse: bool) -> list:
+    """Every turn's answer of ``run_conversations``, with the prefix cache or without,
+    each run with an empty answer cache."""
     import os
     import tempfile
 
-    from personatune.engine.api import current_adapter
     from personatune.evaluate import conversations
 
-    sides = [("base", None)] + ([("persona", current_adapter(model))] if args.sides else [])
     with tempfile.TemporaryDirectory() as cache:
         os.environ["PERSONATUNE_CACHE"] = cache
         real = conversations.PrefixCache
-        if not (engine or args.sides):
-            conversations.PrefixCache = lambda: None
+        conversations.PrefixCache = real if reuse else (lambda: None)
         try:
-            groups = [sides] if engine else [[s] for s in sides]
-            out = [
-                conv
-                for group in groups
-                for side in conversations.run_conversation_sides(
-                    model, tok, items, PIRATE, group, args.tokens, args.batch
-                )
-                for conv in side
-            ]
+            out = conversations.run_conversations(
+                model, tok, items, PIRATE, "bench", args.tokens, args.batch
+            )
         finally:
             conversations.PrefixCache = real
     return [a for conv in out for a in conv]

@@ -67,40 +67,6 @@ def test_each_turn_is_answered_by_the_model_with_its_own_answers(
         history.append({"role": "assistant", "content": answer.text})
 
 
-def test_base_and_persona_sides_share_each_turns_batch_and_answer_as_alone(
-    tmp_path, tiny_model, monkeypatch
-):
-    """Guards against the two sides of one batch leaking into each other (a persona's
-    adapter applied to base rows, one side's answers in the other's history or cache)
-    and against a batch per side: one engine run per turn holds both sides, and each
-    side's answers (CPU fp32, greedy) equal those it gets alone."""
-    from test_serve import train_tiny_personas
-
-    from personatune.engine import load_registry
-    from personatune.evaluate.conversations import run_conversation_sides
-
-    reg = load_registry(train_tiny_personas(tmp_path, tiny_model))
-    tok = next(iter(reg.personas.values())).tokenizer
-    name = next(p.adapter for p in reg.personas.values() if p.adapter)
-    calls = []
-    real = answers_mod.generate_answers
-
-    def spy(model, tokenizer, convs, *a, **k):
-        calls.append(len(convs))
-        return real(model, tokenizer, convs, *a, **k)
-
-    monkeypatch.setattr(answers_mod, "generate_answers", spy)
-    sides = [("fp:base", None), ("fp:persona", name)]
-    both = run_conversation_sides(reg.model, tok, ITEMS, "Be brief.", sides, 6)
-    assert calls == [4, 4, 2]  # per turn, both sides' live conversations in one run
-    alone = [
-        run_conversation_sides(reg.model, tok, ITEMS, "Be brief.", [(f"{fp}:alone", a)], 6)[0]
-        for fp, a in sides
-    ]
-    assert both == alone
-    assert both[0] != both[1]  # precondition: the adapter changes the answers
-
-
 def test_score_conversations_per_turn_by_hand():
     """Guards against averaging over conversations instead of turns, counting small talk
     as wrong answers, or a turn past a short conversation's end: turn 1 has two small-talk

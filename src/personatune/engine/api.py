@@ -38,7 +38,6 @@ def generate_answers(
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
     prefixes: PrefixCache | None = None,
-    adapters: Sequence[str | None] | None = None,
 ) -> list[Answer]:
     """Greedy answers of ``model`` (no adapter switching: a plain or merged model, or a
     peft model as it is set) to ``conversations`` (``{"role", "content"}`` dicts ending
@@ -54,17 +53,14 @@ def generate_answers(
         progress: called with 1 after each finished answer.
         prefixes: KV cache of earlier answers to reuse and fill (the turns of
             conversations; :class:`personatune.engine.batcher.PrefixCache`).
-        adapters: per conversation, the peft adapter that answers it (None: the base
-            model), so that the base model and a persona share one batch; default the
-            model's active adapter for all.
     """
     ids = [encode(tokenizer, c) for c in conversations]
     limits = (
         [max_new_tokens] * len(ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     )
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    adapters = list(adapters) if adapters is not None else [current_adapter(model)] * len(ids)
-    reqs = [Request(ids[i], tokenizer, adapters[i], Sampling(limits[i])) for i in order]
+    adapter = current_adapter(model)
+    reqs = [Request(ids[i], tokenizer, adapter, Sampling(limits[i])) for i in order]
     answers = run_batch(model, reqs, batch_size, progress, prefixes)
     out: list[Answer | None] = [None] * len(ids)
     for i, a in zip(order, answers):

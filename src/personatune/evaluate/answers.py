@@ -17,14 +17,7 @@ from personatune.models import cache_dir, use_bf16
 #: engine's continuous batching replaced fixed left-padded batches).
 CACHE_VERSION = 2
 
-__all__ = [
-    "Answer",
-    "AnswerCache",
-    "cached_answer_sets",
-    "cached_answers",
-    "inference_copy",
-    "inference_dtype",
-]
+__all__ = ["Answer", "AnswerCache", "cached_answer_sets", "cached_answers", "inference_copy"]
 
 
 def inference_copy(model, merge: bool = True):
@@ -43,17 +36,10 @@ def inference_copy(model, merge: bool = True):
     m = copy.deepcopy(model)
     if hasattr(m, "merge_and_unload"):
         m = m.merge_and_unload() if merge else m.unload()
-    return inference_dtype(m)
-
-
-def inference_dtype(model):
-    """``model`` itself, in eval mode, cast in place to bf16 where
-    :func:`personatune.models.use_bf16` says so and its weights are float32 (the dtype
-    of :func:`inference_copy`)."""
-    device = next(model.parameters()).device
-    if use_bf16(device) and next(model.parameters()).dtype == torch.float32:
-        model = model.to(torch.bfloat16)
-    return model.eval()
+    device = next(m.parameters()).device
+    if use_bf16(device) and next(m.parameters()).dtype == torch.float32:
+        m = m.to(torch.bfloat16)
+    return m.eval()
 
 
 class AnswerCache:
@@ -109,11 +95,10 @@ def cached_answer_sets(
     model,
     tokenizer,
     sets: Sequence[tuple[Sequence[list[dict]], int]],
-    fingerprint: str | Sequence[str],
+    fingerprint: str,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
     prefixes: PrefixCache | None = None,
-    adapters: Sequence[str | None] | None = None,
 ) -> list[list[Answer]]:
     """Answers to several ``(conversations, max_new_tokens)`` sets, each read from and
     written to its own :class:`AnswerCache`, with every missing answer generated in one
@@ -124,52 +109,41 @@ def cached_answer_sets(
     (``benchmarks/results/demo.md``).
 
     Args:
-        fingerprint: identity of the weights, for every set or one per set.
         prefixes: KV cache of earlier answers to reuse and fill (see
             :func:`personatune.engine.generate_answers`).
-        adapters: per set, the peft adapter answering it (None: the base model), so that
-            the base model and a persona share one run; default the model's active
-            adapter. Give one fingerprint per set with it.
 
     Returns:
         One list of answers per set, in the set's order.
     """
     dtype = str(next(model.parameters()).dtype)
-    fps = [fingerprint] * len(sets) if isinstance(fingerprint, str) else list(fingerprint)
-    caches: dict[tuple[str, int], AnswerCache] = {}  # sets of one model and limit share one
-    for fp, (_, limit) in zip(fps, sets):
-        if (fp, limit) not in caches:
-            caches[fp, limit] = AnswerCache(
+    caches: dict[int, AnswerCache] = {}  # one per limit: sets of one limit share a file
+    for _, limit in sets:
+        if limit not in caches:
+            caches[limit] = AnswerCache(
                 {
-                    "model": fp,
+                    "model": fingerprint,
                     "template": tokenizer.chat_template,
                     "max_new_tokens": limit,
                     "dtype": dtype,
                 }
             )
     keys = [[AnswerCache.key(c) for c in convs] for convs, _ in sets]
-    todo: dict[tuple[str, int, str], tuple[list[dict], str | None]] = {}
-    for i, ((convs, limit), ks) in enumerate(zip(sets, keys)):
+    todo: dict[tuple[int, str], list[dict]] = {}
+    for (convs, limit), ks in zip(sets, keys):
         for k, c in zip(ks, convs):
-            if k not in caches[fps[i], limit].entries:
-                todo.setdefault((fps[i], limit, k), (c, adapters[i] if adapters else None))
+            if k not in caches[limit].entries:
+                todo.setdefault((limit, k), c)
     total = sum(len(ks) for ks in keys)
     if progress and total > len(todo):
         progress(total - len(todo))
     if todo:
-        where, asked = list(todo), list(todo.values())
+        where = list(todo)
+        limits = [n for n, _ in where]
         new = generate_answers(
-            model,
-            tokenizer,
-            [c for c, _ in asked],
-            [limit for _, limit, _ in where],
-            batch_size,
-            progress,
-            prefixes,
-            [a for _, a in asked] if adapters else None,
+            model, tokenizer, list(todo.values()), limits, batch_size, progress, prefixes
         )
-        for (fp, limit, k), answer in zip(where, new):
-            caches[fp, limit].entries[k] = answer
-        for fp, limit in {w[:2] for w in where}:
-            caches[fp, limit].save()
-    return [[caches[fp, n].entries[k] for k in ks] for fp, (_, n), ks in zip(fps, sets, keys)]
+        for (limit, k), answer in zip(where, new):
+            caches[limit].entries[k] = answer
+        for limit in {n for n, _ in where}:
+            caches[limit].save()
+    return [[caches[n].entries[k] for k in ks] for (_, n), ks in zip(sets, keys)]

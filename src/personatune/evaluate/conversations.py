@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 
 from personatune.data.chat import with_system_prompt
 from personatune.engine import Answer, PrefixCache
-from personatune.engine.api import current_adapter
 from personatune.evaluate.answers import cached_answer_sets
 from personatune.evaluate.probe import answer_matches, load_set
 
@@ -35,71 +34,44 @@ def run_conversations(
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> list[list[Answer]]:
-    """:func:`run_conversation_sides` for one model as it is set (its active adapter, if
-    any): per conversation, its answers in turn order, ``(conversations, turns)``."""
-    side = (fingerprint, current_adapter(model))
-    return run_conversation_sides(
-        model, tokenizer, items, system_prompt, [side], max_new_tokens, batch_size, progress
-    )[0]
-
-
-def run_conversation_sides(
-    model,
-    tokenizer,
-    items: Sequence[dict],
-    system_prompt: str,
-    sides: Sequence[tuple[str, str | None]],
-    max_new_tokens: int = 64,
-    batch_size: int = 64,
-    progress: Callable[[int], None] | None = None,
-) -> list[list[list[Answer]]]:
-    """Answer every conversation turn by turn, once per side: the user turns are
-    scripted, the assistant turns are the side's own greedy answers. Each turn of every
-    conversation and side is one engine batch
-    (:func:`personatune.evaluate.answers.cached_answer_sets`, keyed by the whole history
-    so far); the turns of a conversation are sequential. Each turn reuses the KV cache of
-    the conversation's previous turn (its prompt and answer,
-    :class:`personatune.engine.PrefixCache`) and prefills only the new tokens.
-
-    Several sides (the base model and a persona of one peft ``model``) share each turn's
-    batch: a decoding step of 10 rows on the CPU costs about what one of 20 does (the
-    step reads every weight either way).
+    """Answer every conversation turn by turn: the user turns are scripted, the assistant
+    turns are the model's own greedy answers. All conversations of one turn are one
+    engine batch (:func:`personatune.evaluate.answers.cached_answer_sets`, keyed by the whole
+    history so far); the turns of a conversation are sequential. Each turn reuses the
+    KV cache of the conversation's previous turn (its prompt and answer,
+    :class:`personatune.engine.batcher.PrefixCache`) and prefills only the new tokens.
 
     Args:
         items: conversations as :func:`load_conversations` gives them (any number of
             turns each).
         system_prompt: the persona's system prompt ("" for none).
-        sides: ``(fingerprint, adapter)`` per side: the identity of the weights (the
-            answer cache's key) and the peft adapter that answers (None: the base model).
+        fingerprint: identity of the weights, for the answer cache.
         max_new_tokens: longest answer per turn in tokens (default 64).
         progress: called with the number of answers done.
 
     Returns:
-        Per side, per conversation, its answers in turn order, shape
-        ``(sides, conversations, turns)``.
+        Per conversation, its answers in turn order, shape ``(conversations, turns)``.
     """
-    histories = [[with_system_prompt([], system_prompt) for _ in items] for _ in sides]
-    out: list[list[list[Answer]]] = [[[] for _ in items] for _ in sides]
+    histories = [with_system_prompt([], system_prompt) for _ in items]
     prefixes = PrefixCache()
+    out: list[list[Answer]] = [[] for _ in items]
     for turn in range(max((len(c["turns"]) for c in items), default=0)):
         live = [i for i, c in enumerate(items) if turn < len(c["turns"])]
-        for hist in histories:
-            for i in live:
-                hist[i].append({"role": "user", "content": items[i]["turns"][turn]["prompt"]})
+        for i in live:
+            histories[i].append({"role": "user", "content": items[i]["turns"][turn]["prompt"]})
+        asked = [list(histories[i]) for i in live]
         answers = cached_answer_sets(
             model,
             tokenizer,
-            [([list(hist[i]) for i in live], max_new_tokens) for hist in histories],
-            [fp for fp, _ in sides],
+            [(asked, max_new_tokens)],
+            fingerprint,
             batch_size,
             progress,
             prefixes,
-            [adapter for _, adapter in sides],
-        )
-        for hist, got, side in zip(histories, answers, out):
-            for i, a in zip(live, got):
-                hist[i].append({"role": "assistant", "content": a.text})
-                side[i].append(a)
+        )[0]
+        for i, a in zip(live, answers):
+            histories[i].append({"role": "assistant", "content": a.text})
+            out[i].append(a)
     return out
 
 

@@ -21,11 +21,10 @@ from personatune.config import PersonaSpec
 from personatune.data.chat import with_system_prompt
 from personatune.data.dataset import persona_split, persona_system_prompt
 from personatune.engine import Answer
-from personatune.engine.api import current_adapter
 from personatune.errors import PersonatuneError
 from personatune.evaluate import card
-from personatune.evaluate.answers import cached_answer_sets, inference_copy, inference_dtype
-from personatune.evaluate.conversations import load_conversations, run_conversation_sides
+from personatune.evaluate.answers import cached_answer_sets, inference_copy
+from personatune.evaluate.conversations import load_conversations, run_conversations
 from personatune.evaluate.identity import identity_names, load_identity_prompts
 from personatune.evaluate.metrics import degeneration_failures
 from personatune.evaluate.probe import drift_ratio
@@ -87,15 +86,12 @@ def check_report_target(out_dir: Path, overwrite: bool, protect: Iterable[Path] 
 @dataclass
 class Models:
     """The two inference copies (see :func:`inference_copy`) and the fingerprints that
-    key their answer caches (the tuned one adds the adapter's sha256); ``lora`` is the
-    persona's peft model itself (adapter unmerged, in the copies' dtype), where base and
-    tuned rows share a batch (the conversations), until they are done."""
+    key their answer caches (the tuned one adds the adapter's sha256)."""
 
     base: object
     tuned: object
     base_fp: str
     tuned_fp: str
-    lora: object = None
 
 
 #: Answer sets asked of the base model only, without a system prompt: the drift set's
@@ -260,9 +256,8 @@ def _inference_models(persona, persona_dir: Path) -> Models:
         inference_copy(persona.model, merge=True),
         base_fp,
         tuned_fp,
-        inference_dtype(persona.model),  # in place: no third copy
     )
-    persona.model = None
+    persona.model = None  # the fp32 model is no longer needed
     return models
 
 
@@ -283,19 +278,20 @@ def _answer(bar: Progress, models: Models, tok, sets, batch_size, timings, cpu) 
 
 def _conversations(bar: Progress, spec, models: Models, tok, timings, cpu) -> dict:
     """Both models' answers to the scripted conversations under the persona's system
-    prompt, turn by turn, base and tuned rows in one batch per turn
-    (:func:`run_conversation_sides` on the peft model), and the conversations asked."""
+    prompt, turn by turn (:func:`run_conversations`), and the conversations asked."""
     items = load_conversations()
+    out: dict = {"items": items}
     total = 2 * sum(len(c["turns"]) for c in items)
-    # the tuned side unmerged: its own cache key, not the merged copy's
-    sides = [(models.base_fp, None), (f"{models.tuned_fp}+unmerged", current_adapter(models.lora))]
     with phase(bar, "conversations", total, timings, cpu) as adv:
-        base, tuned = run_conversation_sides(
-            models.lora, tok, items, spec.system_prompt, sides, spec.eval.max_new_tokens,
-            spec.eval.batch_size, adv,
-        )  # fmt: skip
-    models.lora = None  # nothing else needs the peft model
-    return {"items": items, "base": base, "tuned": tuned}
+        for side, model, fp in (
+            ("base", models.base, models.base_fp),
+            ("tuned", models.tuned, models.tuned_fp),
+        ):
+            out[side] = run_conversations(
+                model, tok, items, spec.system_prompt, fp, spec.eval.max_new_tokens,
+                spec.eval.batch_size, adv,
+            )  # fmt: skip
+    return out
 
 
 def _perplexities(bar, spec, models: Models, tok, data: EvalData, answers, timings, cpu) -> dict:
