@@ -178,3 +178,25 @@ def test_a_spec_without_data_loads_and_training_says_what_to_do(tmp_path):
     assert spec.data == []
     with pytest.raises(PersonatuneError, match="personatune data synthesize"):
         prepare_data(spec, tokenizer=None)
+
+
+def test_the_base_model_teacher_answers_greedily_with_the_engine(
+    persona_yaml, tiny_model, monkeypatch
+):
+    """Guards against the default teacher (the spec's base model through the engine)
+    failing to load or answer, answering out of order, or reporting the wrong finish:
+    each reply equals the engine's greedy answer to its conversation."""
+    from transformers import AutoModelForCausalLM
+
+    from personatune.config import load_spec
+    from personatune.engine import generate_answers
+    from personatune.models import load_tokenizer, resolve_ref
+
+    monkeypatch.setenv("PERSONATUNE_BF16", "0")
+    spec = load_spec(persona_yaml())
+    convs = [[{"role": "user", "content": q}] for q in ("Hi", "Name a colour, please.")]
+    replies = S.engine_teacher(spec, max_tokens=6)(convs)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    want = generate_answers(model, load_tokenizer(resolve_ref(str(tiny_model))), convs, 6)
+    assert [(r.text, r.tokens) for r in replies] == [(a.text, a.tokens) for a in want]
+    assert [r.finish for r in replies] == ["stop" if a.finished else "length" for a in want]

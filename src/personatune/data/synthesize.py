@@ -200,13 +200,13 @@ def engine_teacher(
     """
     from personatune.data.chat import ensure_chat_template
     from personatune.engine import generate_answers
-    from personatune.evaluate.answers import inference_copy
+    from personatune.evaluate.answers import for_inference
     from personatune.models import load_model, load_tokenizer, resolve_ref
 
     ref = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
     tokenizer = load_tokenizer(ref)
     ensure_chat_template(tokenizer, spec.model.chat_template)
-    model = inference_copy(load_model(ref, spec.model.quantization))
+    model = for_inference(load_model(ref, spec.model.quantization))  # no copy: only it uses it
 
     def teach(conversations: list[list[dict]]) -> list[Reply]:
         answers = generate_answers(model, tokenizer, conversations, max_tokens, batch_size)

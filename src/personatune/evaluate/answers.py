@@ -17,7 +17,14 @@ from personatune.models import cache_dir, use_bf16
 #: engine's continuous batching replaced fixed left-padded batches).
 CACHE_VERSION = 2
 
-__all__ = ["Answer", "AnswerCache", "cached_answer_sets", "cached_answers", "inference_copy"]
+__all__ = [
+    "Answer",
+    "AnswerCache",
+    "cached_answer_sets",
+    "cached_answers",
+    "for_inference",
+    "inference_copy",
+]
 
 
 def inference_copy(model, merge: bool = True):
@@ -36,10 +43,19 @@ def inference_copy(model, merge: bool = True):
     m = copy.deepcopy(model)
     if hasattr(m, "merge_and_unload"):
         m = m.merge_and_unload() if merge else m.unload()
-    device = next(m.parameters()).device
-    if use_bf16(device) and next(m.parameters()).dtype == torch.float32:
-        m = m.to(torch.bfloat16)
-    return m.eval()
+    return for_inference(m)
+
+
+def for_inference(model):
+    """``model`` itself in eval mode, cast in place to bf16 where
+    :func:`personatune.models.use_bf16` says so and its weights are float32: the dtype of
+    :func:`inference_copy`, for a model nothing else uses (no copy)."""
+    if (
+        use_bf16(next(model.parameters()).device)
+        and next(model.parameters()).dtype == torch.float32
+    ):
+        model = model.to(torch.bfloat16)
+    return model.eval()
 
 
 class AnswerCache:
