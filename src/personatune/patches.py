@@ -194,7 +194,7 @@ def switch_attention(model, name: str, function, allowed: tuple[str, ...] = ("sd
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if getattr(model.config, "_attn_implementation", None) not in allowed:
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) not in allowed:
         return False
     AttentionInterface.register(name, function)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
