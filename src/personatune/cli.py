@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 import traceback
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -100,6 +101,15 @@ def _bug(e: BaseException) -> str:
     )
 
 
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], **options) -> None:
+    """Print a rich table; a cell that is not a rich ``Text`` is shown as ``str(cell)``
+    (rich markup allowed). ``options`` go to :class:`rich.table.Table`."""
+    table = Table(*columns, title=title, **options)
+    for row in rows:
+        table.add_row(*(c if isinstance(c, Text) else str(c) for c in row))
+    console.print(table)
+
+
 @app.callback(
     epilog="Errors are one line on stderr. Exit status 2: bad input you can fix (the line "
     "names the file, row or key); 1: a bug in personatune (run again with --debug); "
@@ -181,36 +191,15 @@ def inspect(
         raise PersonatuneError(f"--index {index}: there are {len(data.train)} training examples")
     row = data.train[index]
     console.print(marked_tokens(tok, row["input_ids"], [label != -100 for label in row["labels"]]))
-    table = Table(
-        "source",
-        "loaded",
-        "duplicates",
-        "train",
-        "eval",
-        "tokens",
-        "trained tokens",
-        "truncated",
-        "dropped",
-        title="data",
+    fields = ("loaded", "duplicates", "train", "eval", "tokens", "trained_tokens", "truncated")
+    print_table(
+        "data",
+        ["source", *(f.replace("_", " ") for f in fields), "dropped"],
+        [
+            (Path(st.path).name, *(getattr(st, f) for f in fields), st.dropped_overlong)
+            for st in data.stats
+        ],
     )
-    for st in data.stats:
-        table.add_row(
-            Path(st.path).name,
-            *(
-                str(v)
-                for v in (
-                    st.loaded,
-                    st.duplicates,
-                    st.train,
-                    st.eval,
-                    st.tokens,
-                    st.trained_tokens,
-                    st.truncated,
-                    st.dropped_overlong,
-                )
-            ),
-        )
-    console.print(table)
     console.print(
         f"training rows after mixing: {len(data.train)} ({data.train_tokens} tokens per epoch)"
     )
@@ -319,34 +308,20 @@ def from_corpus(
 
 def print_corpus_report(report: dict, out: Path) -> None:
     """Print the from-corpus summary: per-book counts, totals, attribution, samples."""
-    table = Table(
-        "book",
-        "chapters",
-        "held out",
-        "pairs train",
-        "pairs eval",
-        "chunks",
-        title=f"{report['settings']['character']}'s lines by book",
-    )
-    for b in report["per_book"]:
-        table.add_row(
-            Text(b["book"]),
-            *(
-                str(b[k])
-                for k in ("chapters", "eval_chapters", "pairs_train", "pairs_eval", "chunks")
-            ),
-        )
+    from personatune.data.from_corpus import FILES
+
+    keys = ("chapters", "eval_chapters", "pairs_train", "pairs_eval", "chunks")
     pairs, chunks = report["pairs"], report["chunks"]
-    table.add_row(
-        "[bold]total",
-        str(report["chapters"]["total"]),
-        str(report["chapters"]["eval"]),
-        str(pairs["train"]),
-        str(pairs["eval"]),
-        str(chunks["count"]),
-        style="bold",
+    ch = report["chapters"]
+    total = (ch["total"], ch["eval"], pairs["train"], pairs["eval"], chunks["count"])
+    print_table(
+        f"{report['settings']['character']}'s lines by book",
+        ["book", "chapters", "held out", "pairs train", "pairs eval", "chunks"],
+        [
+            *((Text(b["book"]), *(b[k] for k in keys)) for b in report["per_book"]),
+            ["[bold]total", *(f"[bold]{v}" for v in total)],
+        ],
     )
-    console.print(table)
     kinds = ", ".join(f"{k} {v}" for k, v in report["prompt_kinds"].items())
     console.print(
         f"prompts: {kinds}; reply length median {report['response_chars']['median']}"
@@ -375,13 +350,7 @@ def print_corpus_report(report: dict, out: Path) -> None:
         )
         console.print(Text("prompt: ", style="bold cyan") + Text(prompt))
         console.print(Text("reply:  ", style="bold magenta") + Text(s["response"]))
-    console.print(f"\n[green]wrote {', '.join(_corpus_files())} to {out}[/]")
-
-
-def _corpus_files() -> tuple[str, ...]:
-    from personatune.data.from_corpus import FILES
-
-    return FILES
+    console.print(f"\n[green]wrote {', '.join(FILES)} to {out}[/]")
 
 
 @data_app.command("synthesize")
@@ -470,19 +439,17 @@ def chat(
                 "--quick-test: none of the personas lists test_prompts "
                 "(add test_prompts: to the persona YAML)"
             )
-        table = Table(
-            "prompt",
-            *names,
-            show_lines=True,
-            title=f"test prompts (greedy, at most {max_tokens} tokens)",
-        )
         items = [(n, [{"role": "user", "content": q}]) for n in names for q in prompts]
         with console.status("answering as " + ", ".join(names)):  # one mixed-adapter batch
             out = ask(reg, items, Sampling(max_tokens, temperature))
         answers = {(n, q[0]["content"]): a.text for (n, q), a in zip(items, out)}
-        for q in prompts:  # Text: model output is not rich markup
-            table.add_row(Text(q), *(Text(answers[n, q]) for n in names))
-        console.print(table)
+        print_table(
+            f"test prompts (greedy, at most {max_tokens} tokens)",
+            ["prompt", *names],
+            # Text: model output is not rich markup
+            [[Text(q), *(Text(answers[n, q]) for n in names)] for q in prompts],
+            show_lines=True,
+        )
         return
 
     def answer(text: str) -> None:
@@ -553,16 +520,12 @@ def compare(
     name, rows = run_compare(
         persona_dir, n_heldout=n_heldout, max_tokens=max_tokens, console=console
     )
-    table = Table(
-        "prompt",
-        "base",
-        f"tuned ({name})",
+    print_table(
+        "base vs tuned (greedy, unseen prompts)",
+        ["prompt", "base", f"tuned ({name})"],
+        [[Text(c) for c in row] for row in rows],  # answers are not rich markup
         show_lines=True,
-        title="base vs tuned (greedy, unseen prompts)",
     )
-    for q, b, t in rows:
-        table.add_row(Text(q), Text(b), Text(t))  # answers are not rich markup
-    console.print(table)
 
 
 @app.command("eval-heldout")
@@ -640,30 +603,18 @@ def set_threads(threads: int) -> None:
 
 def print_heldout(report: dict, max_length: int) -> None:
     """The table of ``personatune eval-heldout``: all examples, then each group."""
-    table = Table(
-        "held-out set",
-        "examples",
-        "tokens",
-        "base PPL",
-        "tuned PPL",
-        title="conditional perplexity of held-out responses (lower is better)",
+    all_ = (report["base"]["perplexity"], report["tuned"]["perplexity"])
+    print_table(
+        "conditional perplexity of held-out responses (lower is better)",
+        ["held-out set", "examples", "tokens", "base PPL", "tuned PPL"],
+        [
+            ("[bold]all", report["examples"], report["tokens"], *(f"{p:.2f}" for p in all_)),
+            *(
+                (Text(name), g["examples"], g["tokens"], f"{g['base']:.2f}", f"{g['tuned']:.2f}")
+                for name, g in report["groups"].items()
+            ),
+        ],
     )
-    table.add_row(
-        "[bold]all",
-        str(report["examples"]),
-        str(report["tokens"]),
-        f"{report['base']['perplexity']:.2f}",
-        f"{report['tuned']['perplexity']:.2f}",
-    )
-    for name, g in report["groups"].items():
-        table.add_row(
-            Text(name),
-            str(g["examples"]),
-            str(g["tokens"]),
-            f"{g['base']:.2f}",
-            f"{g['tuned']:.2f}",
-        )
-    console.print(table)
     if report["skipped_overlong"]:
         console.print(
             f"[yellow]{report['skipped_overlong']} examples longer than "
