@@ -96,274 +96,126 @@ class Setup:
 
 LEAN = {"packing": True, "liger": True, "gradient_checkpointing": True}
 DEFAULT = {"packing": True, "liger": True, "gradient_checkpointing": False}
+NOPACK = dict(LEAN, packing=False)
+LEVERS_OFF = {"packing": False, "fused_loss": False, "liger": False, "gradient_checkpointing": True}
+LIGER = {"packing": False, "liger": True, "gradient_checkpointing": True}
+
+
+def small(batch: int, settings: dict, what: str, **extra) -> Setup:
+    """A Qwen2.5-0.5B bf16 LoRA set-up."""
+    return Setup("qwen2.5-0.5b", "none", batch, settings, extra, what)
+
+
+def big(batch: int, settings: dict, what: str, **extra) -> Setup:
+    """A Qwen2.5-7B NF4 QLoRA set-up."""
+    return Setup("qwen2.5-7b", "nf4", batch, settings, extra, what)
+
+
+def unsloth(batch: int, what: str, **extra) -> Setup:
+    """An Unsloth set-up on the 7B NF4 weights (``skip``: layers not checkpointed)."""
+    return big(batch, {}, what, unsloth=True, **extra)
+
+
 SETUPS = {
-    "0.5b-plain": Setup(
-        "qwen2.5-0.5b",
-        "none",
+    "0.5b-plain": small(
         8,
-        {"packing": False, "fused_loss": False, "liger": False, "gradient_checkpointing": True},
-        extra={"lora_cast": True},
-        what="personatune path, levers off, checkpointing (the baseline's settings)",
+        LEVERS_OFF,
+        "personatune path, levers off, checkpointing (the baseline's settings)",
+        lora_cast=True,
     ),
-    "0.5b-liger": Setup(
-        "qwen2.5-0.5b",
-        "none",
-        8,
-        {"packing": False, "liger": True, "gradient_checkpointing": True},
-        extra={"lora_cast": True},
-        what="+ Liger kernels and fused linear cross-entropy",
+    "0.5b-liger": small(8, LIGER, "+ Liger kernels and fused linear cross-entropy", lora_cast=True),
+    "0.5b-nocast": small(8, LIGER, "+ LoRA inputs left to autocast (no fp32 copy)"),
+    "0.5b-packed": small(8, LEAN, "+ packing, FlashAttention varlen"),
+    "0.5b-default": small(8, DEFAULT, "+ no checkpointing (personatune defaults)"),
+    "0.5b-nopack": small(
+        8, dict(DEFAULT, packing=False), "personatune defaults, padding collator instead of packing"
     ),
-    "0.5b-nocast": Setup(
-        "qwen2.5-0.5b",
-        "none",
-        8,
-        {"packing": False, "liger": True, "gradient_checkpointing": True},
-        what="+ LoRA inputs left to autocast (no fp32 copy)",
-    ),
-    "0.5b-packed": Setup("qwen2.5-0.5b", "none", 8, LEAN, what="+ packing, FlashAttention varlen"),
-    "0.5b-default": Setup(
-        "qwen2.5-0.5b", "none", 8, DEFAULT, what="+ no checkpointing (personatune defaults)"
-    ),
-    "0.5b-nopack": Setup(
-        "qwen2.5-0.5b",
-        "none",
-        8,
-        dict(DEFAULT, packing=False),
-        what="personatune defaults, padding collator instead of packing",
-    ),
-    "0.5b-default-b16": Setup(
-        "qwen2.5-0.5b", "none", 16, DEFAULT, what="personatune defaults, batch 16"
-    ),
-    "0.5b-default-b32": Setup(
-        "qwen2.5-0.5b", "none", 32, DEFAULT, what="personatune defaults, batch 32"
-    ),
-    "7b-peftprep": Setup(
-        "qwen2.5-7b",
-        "nf4",
+    "0.5b-default-b16": small(16, DEFAULT, "personatune defaults, batch 16"),
+    "0.5b-default-b32": small(32, DEFAULT, "personatune defaults, batch 32"),
+    "7b-peftprep": big(
         2,
-        {"packing": False, "fused_loss": False, "liger": False, "gradient_checkpointing": True},
-        extra={"peft_prep": True},
-        what="personatune path with peft's kbit prep (fp32 upcast), levers off",
+        LEVERS_OFF,
+        "personatune path with peft's kbit prep (fp32 upcast), levers off",
+        peft_prep=True,
     ),
-    "7b-lean": Setup(
-        "qwen2.5-7b", "nf4", 2, LEAN, what="no fp32 upcast, Liger, packing + varlen, checkpointing"
+    "7b-lean": big(2, LEAN, "no fp32 upcast, Liger, packing + varlen, checkpointing"),
+    "7b-lean-b4": big(4, LEAN, "as 7b-lean, batch 4"),
+    "7b-lean-b8": big(8, LEAN, "as 7b-lean, batch 8"),
+    "7b-lean-b12": big(12, LEAN, "as 7b-lean, batch 12"),
+    "7b-lean-b16": big(16, LEAN, "as 7b-lean, batch 16"),
+    "7b-nopack-b8": big(8, NOPACK, "as 7b-lean-b8 with the padding collator"),
+    "7b-every2": big(2, LEAN, "as 7b-lean, checkpointing every 2nd layer", every_n_layers=2),
+    "7b-nogc": big(2, DEFAULT, "personatune defaults, no checkpointing"),
+    "7b-nopack-b16": big(16, NOPACK, "as 7b-lean-b16 with the padding collator"),
+    "0.5b-compile": small(
+        8, dict(DEFAULT, packing=False, torch_compile=True), "0.5b-nopack + torch.compile"
     ),
-    "7b-lean-b4": Setup("qwen2.5-7b", "nf4", 4, LEAN, what="as 7b-lean, batch 4"),
-    "7b-lean-b8": Setup("qwen2.5-7b", "nf4", 8, LEAN, what="as 7b-lean, batch 8"),
-    "7b-lean-b12": Setup("qwen2.5-7b", "nf4", 12, LEAN, what="as 7b-lean, batch 12"),
-    "7b-lean-b16": Setup("qwen2.5-7b", "nf4", 16, LEAN, what="as 7b-lean, batch 16"),
-    "7b-nopack-b8": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        8,
-        dict(LEAN, packing=False),
-        what="as 7b-lean-b8 with the padding collator",
-    ),
-    "7b-every2": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        LEAN,
-        extra={"every_n_layers": 2},
-        what="as 7b-lean, checkpointing every 2nd layer",
-    ),
-    "7b-nogc": Setup(
-        "qwen2.5-7b", "nf4", 2, DEFAULT, what="personatune defaults, no checkpointing"
-    ),
-    "7b-nopack-b16": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        16,
-        dict(LEAN, packing=False),
-        what="as 7b-lean-b16 with the padding collator",
-    ),
-    "0.5b-compile": Setup(
-        "qwen2.5-0.5b",
-        "none",
-        8,
-        dict(DEFAULT, packing=False, torch_compile=True),
-        what="0.5b-nopack + torch.compile",
-    ),
-    "0.5b-compile-b16": Setup(
-        "qwen2.5-0.5b",
-        "none",
+    "0.5b-compile-b16": small(
         16,
         dict(DEFAULT, packing=False, torch_compile=True),
-        what="0.5b-nopack + torch.compile, batch 16",
+        "0.5b-nopack + torch.compile, batch 16",
     ),
-    "0.5b-nopack-b16": Setup(
-        "qwen2.5-0.5b",
-        "none",
-        16,
-        dict(DEFAULT, packing=False),
-        what="personatune defaults, padding collator, batch 16",
+    "0.5b-nopack-b16": small(
+        16, dict(DEFAULT, packing=False), "personatune defaults, padding collator, batch 16"
     ),
-    "7b-compile-b8": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        8,
-        dict(LEAN, packing=False, torch_compile=True),
-        what="7b-nopack-b8 + torch.compile",
+    "7b-compile-b8": big(8, dict(NOPACK, torch_compile=True), "7b-nopack-b8 + torch.compile"),
+    "7b-nopack": big(2, NOPACK, "as 7b-lean with the padding collator"),
+    "7b-every3": big(2, LEAN, "as 7b-lean, checkpointing every 3rd layer", every_n_layers=3),
+    "7b-keep2": big(2, LEAN, "as 7b-lean, last 2 of 28 layers not checkpointed", keep_layers=2),
+    "7b-keep3": big(2, LEAN, "as 7b-lean, last 3 of 28 layers not checkpointed", keep_layers=3),
+    "7b-keep6-b4": big(
+        4, LEAN, "as 7b-lean-b4, last 6 of 28 layers not checkpointed", keep_layers=6
     ),
-    "7b-nopack": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        dict(LEAN, packing=False),
-        what="as 7b-lean with the padding collator",
+    "7b-keep2-b8": big(
+        8, NOPACK, "as 7b-nopack-b8, last 2 of 28 layers not checkpointed", keep_layers=2
     ),
-    "7b-every3": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        LEAN,
-        extra={"every_n_layers": 3},
-        what="as 7b-lean, checkpointing every 3rd layer",
-    ),
-    "7b-keep2": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        LEAN,
-        extra={"keep_layers": 2},
-        what="as 7b-lean, last 2 of 28 layers not checkpointed",
-    ),
-    "7b-keep3": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        LEAN,
-        extra={"keep_layers": 3},
-        what="as 7b-lean, last 3 of 28 layers not checkpointed",
-    ),
-    "7b-keep6-b4": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        4,
-        LEAN,
-        extra={"keep_layers": 6},
-        what="as 7b-lean-b4, last 6 of 28 layers not checkpointed",
-    ),
-    "7b-keep2-b8": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        8,
-        dict(LEAN, packing=False),
-        extra={"keep_layers": 2},
-        what="as 7b-nopack-b8, last 2 of 28 layers not checkpointed",
-    ),
-    "7b-nopack-b20": Setup(
-        "qwen2.5-7b", "nf4", 20, dict(LEAN, packing=False), what="as 7b-nopack-b16, batch 20"
-    ),
+    "7b-nopack-b20": big(20, NOPACK, "as 7b-nopack-b16, batch 20"),
     # Unsloth (FastLanguageModel, its own fused QLoRA kernels and "unsloth" checkpointing that
     # offloads layer inputs to host memory) on the same random NF4 weights with the baseline's
     # LoRA r=16 / alpha=32 / dropout 0.05 on the 7 linear layers, fused AdamW, lr 2e-4 and the
     # baseline's plain loop. All unsloth set-ups of a run share one process (one import, one
     # model load): see run_unsloth.
-    "7b-unsloth": Setup(
-        "qwen2.5-7b",
-        "nf4",
+    "7b-unsloth": unsloth(2, "Unsloth FastLanguageModel, its checkpointing, baseline's loop"),
+    "7b-unsloth-b8": unsloth(8, "as 7b-unsloth, batch 8"),
+    "7b-unsloth-b16": unsloth(16, "as 7b-unsloth, batch 16"),
+    "7b-unsloth-skip7": unsloth(
         2,
-        {},
-        extra={"unsloth": True},
-        what="Unsloth FastLanguageModel, its checkpointing, baseline's loop",
+        "as 7b-unsloth, 7 of 28 layers not checkpointed (Unsloth's checkpoint_skip_layers)",
+        skip=7,
     ),
-    "7b-unsloth-b8": Setup(
-        "qwen2.5-7b", "nf4", 8, {}, extra={"unsloth": True}, what="as 7b-unsloth, batch 8"
+    "7b-unsloth-skip14": unsloth(2, "as 7b-unsloth, 14 of 28 layers not checkpointed", skip=14),
+    "7b-unsloth-nogc": unsloth(2, "as 7b-unsloth, no layer checkpointed", skip="max"),
+    "7b-unsloth-skip8-b4": unsloth(
+        4, "as 7b-unsloth, batch 4, 8 of 28 layers not checkpointed", skip=8
     ),
-    "7b-unsloth-b16": Setup(
-        "qwen2.5-7b", "nf4", 16, {}, extra={"unsloth": True}, what="as 7b-unsloth, batch 16"
+    "7b-unsloth-skip4-b8": unsloth(
+        8, "as 7b-unsloth, batch 8, 4 of 28 layers not checkpointed", skip=4
     ),
-    "7b-unsloth-skip7": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        {},
-        extra={"unsloth": True, "skip": 7},
-        what="as 7b-unsloth, 7 of 28 layers not checkpointed (Unsloth's checkpoint_skip_layers)",
+    "7b-unsloth-nogc-b4": unsloth(4, "as 7b-unsloth, batch 4, no layer checkpointed", skip="max"),
+    "7b-nopack-every2": big(
+        2, NOPACK, "as 7b-nopack, checkpointing every 2nd layer", every_n_layers=2
     ),
-    "7b-unsloth-skip14": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        {},
-        extra={"unsloth": True, "skip": 14},
-        what="as 7b-unsloth, 14 of 28 layers not checkpointed",
-    ),
-    "7b-unsloth-nogc": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        {},
-        extra={"unsloth": True, "skip": "max"},
-        what="as 7b-unsloth, no layer checkpointed",
-    ),
-    "7b-unsloth-skip8-b4": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        4,
-        {},
-        extra={"unsloth": True, "skip": 8},
-        what="as 7b-unsloth, batch 4, 8 of 28 layers not checkpointed",
-    ),
-    "7b-unsloth-skip4-b8": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        8,
-        {},
-        extra={"unsloth": True, "skip": 4},
-        what="as 7b-unsloth, batch 8, 4 of 28 layers not checkpointed",
-    ),
-    "7b-unsloth-nogc-b4": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        4,
-        {},
-        extra={"unsloth": True, "skip": "max"},
-        what="as 7b-unsloth, batch 4, no layer checkpointed",
-    ),
-    "7b-nopack-every2": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        2,
-        dict(LEAN, packing=False),
-        extra={"every_n_layers": 2},
-        what="as 7b-nopack, checkpointing every 2nd layer",
-    ),
-    "7b-nopack-keep6-b4": Setup(
-        "qwen2.5-7b",
-        "nf4",
-        4,
-        dict(LEAN, packing=False),
-        extra={"keep_layers": 6},
-        what="as 7b-keep6-b4 with the padding collator",
-    ),
+    "7b-nopack-keep6-b4": big(4, NOPACK, "as 7b-keep6-b4 with the padding collator", keep_layers=6),
     # Lean-mode attempts of this call (issue 14): activations offloaded instead of
     # recomputed, and fewer kernels per LoRA layer.
-    "7b-nopack-offload": Setup(
-        "qwen2.5-7b",
-        "nf4",
+    "7b-nopack-offload": big(
         2,
-        dict(LEAN, packing=False, gradient_checkpointing=False),
-        extra={"offload": True},
-        what="as 7b-nopack, no checkpointing: every saved activation offloaded to pinned "
+        dict(NOPACK, gradient_checkpointing=False),
+        "as 7b-nopack, no checkpointing: every saved activation offloaded to pinned "
         "host memory (torch.autograd.graph.save_on_cpu)",
+        offload=True,
     ),
-    "7b-nopack-fusedlora": Setup(
-        "qwen2.5-7b",
-        "nf4",
+    "7b-nopack-fusedlora": big(
         2,
-        dict(LEAN, packing=False, fused_lora=True),
-        what="as 7b-nopack, LoRA branch as one addmm into the base output (no clone, "
+        dict(NOPACK, fused_lora=True),
+        "as 7b-nopack, LoRA branch as one addmm into the base output (no clone, "
         "scale or add kernels)",
     ),
-    "7b-nopack-nodrop": Setup(
-        "qwen2.5-7b",
-        "nf4",
+    "7b-nopack-nodrop": big(
         2,
-        dict(LEAN, packing=False),
-        extra={"lora_dropout": 0.0},
-        what="as 7b-nopack, LoRA dropout 0 (peft skips the dropout kernels)",
+        NOPACK,
+        "as 7b-nopack, LoRA dropout 0 (peft skips the dropout kernels)",
+        lora_dropout=0.0,
     ),
 }
 
