@@ -293,6 +293,14 @@ def profile_summary(prof, steps: int) -> dict:
 PROF_STEPS = 3
 
 
+def profiler():
+    """A ``torch.profiler.profile`` of host operators and CUDA kernels."""
+    import torch
+
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    return torch.profiler.profile(activities=acts)
+
+
 def run_one(name: str, peak_flops: float | None, profile: bool = False) -> dict:
     """Train set-up ``name`` for WARM + STEPS steps in this process; return its row.
     With ``profile``, PROF_STEPS more steps run under ``torch.profiler`` after the timed
@@ -312,13 +320,8 @@ def run_one(name: str, peak_flops: float | None, profile: bool = False) -> dict:
     from personatune.train.trainer import build_trainer, lora_model
 
     setup = SETUPS[name]
-    shape, quant, batch, fields, extra = (
-        setup.shape,
-        setup.quant,
-        setup.batch,
-        setup.settings,
-        setup.extra,
-    )
+    shape, quant, batch = setup.shape, setup.quant, setup.batch
+    fields, extra = setup.settings, setup.extra
     path = model_dir(shape)
     spec = PersonaSpec(
         name="bench",
@@ -372,12 +375,7 @@ def run_one(name: str, peak_flops: float | None, profile: bool = False) -> dict:
 
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == WARM + STEPS:
-                self.prof = torch.profiler.profile(
-                    activities=[
-                        torch.profiler.ProfilerActivity.CPU,
-                        torch.profiler.ProfilerActivity.CUDA,
-                    ]
-                )
+                self.prof = profiler()
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kw):
@@ -428,7 +426,7 @@ def run_one(name: str, peak_flops: float | None, profile: bool = False) -> dict:
         "seq": SEQ,
         "processes": state.num_processes,
         "backend": state.backend,
-        **{k: v for k, v in fields.items()},
+        **fields,
         **extra,
         "liger_applied": bool(trainer.args.use_liger_kernel),
         **liger_patches(model),
@@ -484,9 +482,8 @@ def profile_baseline(peak_flops: float | None) -> dict:
     for _ in range(WARM):
         step()
     common.sync()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     t = time.perf_counter()
-    with torch.profiler.profile(activities=acts) as prof:
+    with profiler() as prof:
         for _ in range(PROF_STEPS):
             step()
         common.sync()
@@ -506,12 +503,10 @@ def liger_patches(model) -> dict:
     """What Liger really patched on the model: its RMSNorm / SwiGLU modules (renamed
     ``Liger*`` in place), the causal-LM forward (fused linear cross-entropy) and the
     module-level rotary embedding of the model's transformers module."""
-    import sys as _sys
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = [m._get_name() for m in base.modules()]
     fwd = getattr(base.forward, "__func__", base.forward)
-    modeling = _sys.modules.get(type(base).__module__)
+    modeling = sys.modules.get(type(base).__module__)
     rope = getattr(modeling, "apply_rotary_pos_emb", None)
     return {
         "liger_modules": {n: names.count(n) for n in sorted(set(names)) if n.startswith("Liger")},
