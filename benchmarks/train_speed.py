@@ -60,55 +60,31 @@ import common  # sys.path and offline Hugging Face settings, before personatune
 REPO, RESULTS = common.REPO, common.RESULTS
 SPEC = REPO / "examples" / "pirate" / "persona.yaml"
 
-#: set-up name -> (description, spec overrides, environment, patches)
+NO_FUSE = ["train.fused_loss=false"]
+NO_PACK = ["train.packing=false", *NO_FUSE]
+#: set-up name -> (description, spec overrides, patches)
 SETUPS = {
     "baseline": (
         "transformers Trainer + peft LoRA, defaults (fp32, PyTorch's threads), padding",
         [],
-        {},
         [],
     ),
-    "baseline-t1": ("baseline, 1 CPU thread", [], {}, ["threads1"]),
-    "bf16": (
-        "personatune path, bf16 autocast only (no packing, full logits)",
-        ["train.packing=false", "train.fused_loss=false"],
-        {},
-        [],
-    ),
-    "packing": (
-        "+ padding-free packing, sdpa block-diagonal mask",
-        ["train.fused_loss=false"],
-        {},
-        ["no_varlen"],
-    ),
-    "varlen": ("+ variable-length attention", ["train.fused_loss=false"], {}, []),
-    "personatune": ("personatune defaults (threads by probe)", [], {}, []),
-    "threads-1": ("personatune defaults, train.threads=1", ["train.threads=1"], {}, []),
-    "compile": (
-        "personatune defaults, train.torch_compile=true",
-        ["train.torch_compile=true"],
-        {},
-        [],
-    ),
+    "baseline-t1": ("baseline, 1 CPU thread", [], ["threads1"]),
+    "bf16": ("personatune path, bf16 autocast only (no packing, full logits)", NO_PACK, []),
+    "packing": ("+ padding-free packing, sdpa block-diagonal mask", NO_FUSE, ["no_varlen"]),
+    "varlen": ("+ variable-length attention", NO_FUSE, []),
+    "personatune": ("personatune defaults (threads by probe)", [], []),
+    "threads-1": ("personatune defaults, train.threads=1", ["train.threads=1"], []),
+    "compile": ("personatune defaults, train.torch_compile=true", ["train.torch_compile=true"], []),
 }
 # The ladder at one thread: each adds one lever to the one before.
 for _name, _desc, _over, _patch in (
-    (
-        "bf16-t1",
-        "1 thread: personatune path, bf16 autocast only",
-        ["train.packing=false", "train.fused_loss=false"],
-        [],
-    ),
-    (
-        "packing-t1",
-        "1 thread: + packing, sdpa block-diagonal mask",
-        ["train.fused_loss=false"],
-        ["no_varlen"],
-    ),
-    ("varlen-t1", "1 thread: + variable-length attention", ["train.fused_loss=false"], []),
+    ("bf16-t1", "1 thread: personatune path, bf16 autocast only", NO_PACK, []),
+    ("packing-t1", "1 thread: + packing, sdpa block-diagonal mask", NO_FUSE, ["no_varlen"]),
+    ("varlen-t1", "1 thread: + variable-length attention", NO_FUSE, []),
     ("personatune-t1", "1 thread: + loss at trained positions only", [], []),
 ):
-    SETUPS[_name] = (_desc, [*_over, "train.threads=1"], {}, _patch)
+    SETUPS[_name] = (_desc, [*_over, "train.threads=1"], _patch)
 # The ladder at PyTorch's threads; the "-t1" ladder is for a machine that others keep busy.
 DEFAULT_SETUPS = ["baseline", "bf16", "packing", "varlen", "personatune", "threads-1"]
 # Loss parity: largest per-step |loss - baseline loss| / baseline loss allowed for
@@ -244,8 +220,7 @@ def run_setup(name, idx, ring, out_q, steps):
     its measurements on ``out_q``."""
     import resource
 
-    _, overrides, env, patches = SETUPS[name]
-    os.environ.update(env)
+    _, overrides, patches = SETUPS[name]
     try:
         import torch
         from transformers import set_seed
@@ -322,7 +297,6 @@ def model_flops_per_token(context: float) -> tuple[float, int]:
 
 def summarise(results: dict, flop_per_token: float, peak_gflops: float) -> dict:
     base = results.get("baseline", {})
-    base_tps = base.get("tokens_per_s")
     for r in results.values():
         if "error" in r:
             continue
