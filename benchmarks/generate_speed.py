@@ -40,17 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+import common  # sys.path and offline Hugging Face settings, before personatune
+from common import sync
+
 PROMPT = "How far is the Sun from Earth? Answer in two sentences."
-
-
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def copy_bandwidth(device, gib: float = 1.0) -> float:
@@ -250,19 +243,13 @@ def markdown(out: dict) -> str:
             "per token."
         ),
         "",
-        (
-            "| model | variant | TTFT ms | decode tokens/s | weights MB/token "
-            "| bandwidth limit tokens/s | share of limit |"
-        ),
-        "|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['model']} | {r['variant']} | {r['ttft_ms']} | {r['decode_tokens_per_s']} | "
-        f"{r['weight_mb_per_token']} | {r['bandwidth_limit_tokens_per_s']} | "
-        f"{r['fraction_of_limit']:.0%} |"
-        for r in out["rows"]
-    ]
-    return "\n".join(lines) + "\n"
+    head = ["model", "variant", "TTFT ms", "decode tokens/s", "weights MB/token"]
+    head += ["bandwidth limit tokens/s", "share of limit"]
+    keys = ["model", "variant", "ttft_ms", "decode_tokens_per_s", "weight_mb_per_token"]
+    keys += ["bandwidth_limit_tokens_per_s"]
+    rows = [[r[k] for k in keys] + [f"{r['fraction_of_limit']:.0%}"] for r in out["rows"]]
+    return "\n".join(lines) + "\n" + common.markdown_table(head, rows) + "\n"
 
 
 def main() -> int:
@@ -273,9 +260,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed runs per measurement")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-7b", help="CUDA model shapes")
     ap.add_argument("--base", type=Path, help="CUDA: this model folder instead of --shapes")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=common.RESULTS)
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     device = torch.device(args.device)
@@ -331,11 +317,10 @@ def main() -> int:
         "rows": rows,
         "command": "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:]),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"generate_speed_{args.device}"
-    (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    common.write_json(args.out / f"{stem}.json", out)
     md = markdown(out)
-    (args.out / f"{stem}.md").write_text(md)
+    common.write_markdown(args.out / f"{stem}.md", md)
     print(md)
     return 0
 
