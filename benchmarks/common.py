@@ -28,6 +28,9 @@ for _p in (str(BENCH), str(REPO / "src")):
         sys.path.insert(0, _p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+#: Qwen2.5's config fields beside the shapes of hf_peft_baseline.py's ``ARCH``, as its
+#: ``build`` sets them.
+QWEN_CONFIG = {"max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6}
 
 
 # ---------------------------------------------------------------------------------------

@@ -248,13 +248,7 @@ def model_dir(shape: str) -> Path:
     path = Path(f"/tmp/rand-{shape}")
     if not (path / "config.json").exists():
         arch = SMOKE if os.environ.get("GPU_SPEED_SMOKE") else ARCH[shape]
-        cfg = Qwen2Config(
-            **arch,
-            max_position_embeddings=32768,
-            rope_theta=1e6,
-            rms_norm_eps=1e-6,
-            torch_dtype="bfloat16",
-        )
+        cfg = Qwen2Config(**arch, **common.QWEN_CONFIG, torch_dtype="bfloat16")
         torch.manual_seed(0)
         with torch.device(device()):
             m = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)

@@ -58,41 +58,15 @@ import urllib.request
 from pathlib import Path
 
 import common  # sys.path and offline Hugging Face settings, before personatune
+from hf_peft_baseline import ARCH
 
 REPO = common.REPO
 
-# Published dimensions of each recipe's base model (model cards / config.json).
+# Published dimensions of each recipe's base model (model cards / config.json); the Qwen2.5
+# ones are hf_peft_baseline.py's.
 SHAPES = {
-    "qwen2.5-0.5b-pirate": (
-        "qwen2",
-        {
-            "hidden_size": 896,
-            "intermediate_size": 4864,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 14,
-            "num_key_value_heads": 2,
-            "vocab_size": 151936,
-            "tie_word_embeddings": True,
-            "max_position_embeddings": 32768,
-            "rope_theta": 1e6,
-            "rms_norm_eps": 1e-6,
-        },
-    ),
-    "qwen2.5-7b-sherlock": (
-        "qwen2",
-        {
-            "hidden_size": 3584,
-            "intermediate_size": 18944,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 28,
-            "num_key_value_heads": 4,
-            "vocab_size": 152064,
-            "tie_word_embeddings": False,
-            "max_position_embeddings": 32768,
-            "rope_theta": 1e6,
-            "rms_norm_eps": 1e-6,
-        },
-    ),
+    "qwen2.5-0.5b-pirate": ("qwen2", {**ARCH["qwen2.5-0.5b"], **common.QWEN_CONFIG}),
+    "qwen2.5-7b-sherlock": ("qwen2", {**ARCH["qwen2.5-7b"], **common.QWEN_CONFIG}),
     "falcon-7b-persona-chat": (
         "falcon",
         {
@@ -163,23 +137,12 @@ NO_TEMPLATE = {"falcon", "phi"}
 FIXTURES = REPO / "tests" / "fixtures"
 # Data where the recipe's own is not in the repository (hf: datasets, the Sherlock corpus).
 DATA = {
-    "falcon-7b-persona-chat": [
-        {
-            "path": str(FIXTURES / "personachat_parlai.jsonl"),
-            "format": "personachat",
-            "eval_size": 1,
-        }
-    ],
-    "llama-2-7b-chat-persona-chat": [
-        {
-            "path": str(FIXTURES / "personachat_cynaptics.jsonl"),
-            "format": "personachat",
-            "eval_size": 1,
-        }
-    ],
-    "phi-2-alpaca": [
-        {"path": str(FIXTURES / "alpaca_small.json"), "format": "alpaca", "eval_size": 4}
-    ],
+    name: [{"path": str(FIXTURES / file), "format": fmt, "eval_size": eval_size}]
+    for name, file, fmt, eval_size in (
+        ("falcon-7b-persona-chat", "personachat_parlai.jsonl", "personachat", 1),
+        ("llama-2-7b-chat-persona-chat", "personachat_cynaptics.jsonl", "personachat", 1),
+        ("phi-2-alpaca", "alpaca_small.json", "alpaca", 4),
+    )
 }
 # The report card shrunk to fit a short GPU call (random weights never stop early, so
 # every answer runs to its limit); recorded with the results.
