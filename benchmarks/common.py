@@ -154,32 +154,24 @@ def flops_per_token(config, context: float, n_matmul: int | None = None) -> floa
     return 4 * n + 12 * config.num_hidden_layers * context * config.hidden_size
 
 
-def pad_tokenizer(eos: bool = False):
-    """A one-token (``<pad>``; with ``eos`` also ``<eos>``) tokenizer for random-token
-    rows: the trainer's collators only need it to pad."""
+def pad_tokenizer():
+    """A one-token (``<pad>``) tokenizer for random-token rows: the trainer's collators
+    only need it to pad."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, **({"<eos>": 1} if eos else {})}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
-        pad_token="<pad>",
-        **({"eos_token": "<eos>"} if eos else {}),
-    )
+    word_level = models.WordLevel({"<pad>": 0}, unk_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(word_level), pad_token="<pad>")
 
 
-def step_timer(memory: bool = False):
+def step_timer():
     """A transformers ``TrainerCallback`` recording each optimizer step's wall time in
-    seconds (CUDA synchronised at its start and end) in ``.times``, and with ``memory``
-    the largest device memory in use at a step's end (``cudaMemGetInfo``, bytes) in
-    ``.used``."""
-    import torch
+    seconds (CUDA synchronised at its start and end) in ``.times``."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.times: list[float] = []
-            self.used = 0
 
         def on_step_begin(self, args, state, control, **kw):
             sync()
@@ -188,9 +180,6 @@ def step_timer(memory: bool = False):
         def on_step_end(self, args, state, control, **kw):
             sync()
             self.times.append(time.perf_counter() - self.t0)
-            if memory and torch.cuda.is_available():
-                free, total = torch.cuda.mem_get_info()
-                self.used = max(self.used, total - free)
 
     return StepTimer()
 
