@@ -160,11 +160,7 @@ def read_text(path: Path, encoding: str = "utf-8", what: str = "file") -> str:
 
 def sha256_file(path: Path) -> str:
     """sha256 (hex) of a file's bytes, read in 1 MiB blocks (memory stays flat)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return files_hash([path]).removeprefix("sha256:")
 
 
 def digest(obj: object) -> str:
@@ -180,6 +176,22 @@ def files_hash(paths: Iterable[Path]) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def package_dir(module: str, needed_for: str, install: str) -> Path:
+    """The folder of the installed package ``module``, found without importing it (the
+    model packages' ``__init__`` imports what personatune does not need).
+
+    Raises:
+        PersonatuneError: not installed; the message names ``needed_for`` and ``install``
+            (the pip command).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise PersonatuneError(f"{needed_for}: {install}")
+    return Path(spec.submodule_search_locations[0])
 
 
 # ---- output folders ------------------------------------------------------------------
@@ -214,12 +226,10 @@ def check_replaceable(
     target = Path(target)
     if not target.exists():
         return
+    if not target.is_dir():
+        return check_replaceable_file(target, kind, protect)
     real = target.resolve()
     kept = [Path(p).resolve() for p in protect]
-    if not target.is_dir():
-        if real in kept:
-            raise PersonatuneError(f"{target}: is an input of this run; choose another output")
-        return
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents or real == Path.home().resolve():
         raise PersonatuneError(

