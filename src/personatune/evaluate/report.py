@@ -17,12 +17,22 @@ from personatune.io import read_jsonl, write_json, write_text
 PLOTS = ("report_loss.png", "report_metrics.png", "report_turns.png")
 
 
-def _save(fig, path: Path) -> bytes:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig, path: Path, dpi: int = 110) -> bytes:
+    """Write ``fig`` as a PNG through a temporary file and a rename, close it, and return
+    the PNG bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
     data = buf.getvalue()
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -34,11 +44,7 @@ def plot_loss(log: list[dict], path: Path) -> bytes | None:
     """Training loss per optimizer step (and eval loss), with the guard's metrics at each
     checkpoint on a second panel when the run logged them. Returns the PNG bytes, or
     None when the log has no loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in log if "loss" in r]
     if not train:
         return None
@@ -70,18 +76,14 @@ def plot_loss(log: list[dict], path: Path) -> bytes | None:
         g.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center right")
         g.set_title("guard metrics on fixed subsets, per checkpoint")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_turns(conversations: dict, path: Path) -> bytes | None:
     """Persona adoption (left) and questions answered correctly (right) per user turn
     of the scripted conversations, base against tuned, in percent. Returns the PNG
     bytes, or None when there are no turns."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if not conversations or not conversations["base"]["adoption_by_turn"]:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -101,17 +103,13 @@ def plot_turns(conversations: dict, path: Path) -> bytes | None:
     for ax in axes:
         ax.title.set_fontsize(9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_metrics(metrics: dict, path: Path) -> bytes:
     """One small bar chart per metric, base against tuned, titled with the metric and
     whether higher or lower is better. Returns the PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = list(metrics)
     cols = 5
     rows = math.ceil(len(keys) / cols)
@@ -119,22 +117,12 @@ def plot_metrics(metrics: dict, path: Path) -> bytes:
     for ax, key in zip(axes.flat, keys):
         m = metrics[key]
         vals = [m["base"], m["tuned"]]
-        ax.bar(
-            ["base", "tuned"],
-            [0 if v is None or math.isnan(v) else v for v in vals],
-            color=["tab:gray", "tab:orange"],
-        )
+        shown = [0 if v is None or math.isnan(v) else v for v in vals]
+        ax.bar(["base", "tuned"], shown, color=["tab:gray", "tab:orange"])
         arrow = {True: " ↑", False: " ↓"}.get(m["higher_is_better"], "")
         ax.set_title(f"{m['label']}{arrow}", fontsize=8)
         for i, v in enumerate(vals):
-            ax.text(
-                i,
-                0 if v is None or math.isnan(v) else v,
-                _fmt(v, m["unit"]),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
+            ax.text(i, shown[i], _fmt(v, m["unit"]), ha="center", va="bottom", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.margins(y=0.2)
         finite = [v for v in vals if v is not None and not math.isnan(v)] or [0]
@@ -144,7 +132,7 @@ def plot_metrics(metrics: dict, path: Path) -> bytes:
         ax.axis("off")
     fig.suptitle("base vs tuned (↑ higher is better, ↓ lower is better)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _fmt(v, unit: str = "") -> str:
@@ -189,6 +177,20 @@ def _answers_table(rows: list[dict], first: str, extra: list[tuple[str, str]]) -
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
+
+#: The answer tables of the page: title, key in ``report["answers"]``, first column, and
+#: the extra columns as ``(row key, heading)``; a section the report lacks is left out.
+SECTIONS = (
+    ("General prompts (adoption)", "general", "prompt", [("p_persona", "P(persona) base, tuned")]),
+    ("Held-out persona examples", "heldout", "prompt", [("reference", "reference")]),
+    ("Stress prompts", "stress", "prompt", [("kind", "kind"), ("passed", "passed base, tuned")]),
+    ("Factual probe", "probe", "question",
+     [("answers", "answer key"), ("correct", "correct base, tuned")]),
+    ("Identity questions", "identity", "prompt",
+     [("category", "category"), ("held", "in persona, base, tuned")]),
+    ("Scripted conversations", "conversations", "prompt",
+     [("kind", "kind"), ("in_persona", "in persona, base, tuned")]),
+)  # fmt: skip
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}
@@ -259,59 +261,10 @@ def render_html(
             + e("; ".join(report["degeneration_failures"]))
             + "</p>"
         )
-    sections = [
-        (
-            "General prompts (adoption)",
-            _answers_table(ans["general"], "prompt", [("p_persona", "P(persona) base, tuned")]),
-        ),
-        (
-            "Held-out persona examples",
-            _answers_table(ans["heldout"], "prompt", [("reference", "reference")]),
-        ),
-        (
-            "Stress prompts",
-            _answers_table(
-                ans["stress"], "prompt", [("kind", "kind"), ("passed", "passed base, tuned")]
-            ),
-        ),
-        (
-            "Factual probe",
-            _answers_table(
-                ans["probe"],
-                "question",
-                [("answers", "answer key"), ("correct", "correct base, tuned")],
-            ),
-        ),
-    ]
-    keys = ["general", "heldout", "stress", "probe"]
-    if "identity" in ans:
-        sections.append(
-            (
-                "Identity questions",
-                _answers_table(
-                    ans["identity"],
-                    "prompt",
-                    [("category", "category"), ("held", "in persona, base, tuned")],
-                ),
-            )
-        )
-        keys.append("identity")
-    if "conversations" in ans:
-        sections.append(
-            (
-                "Scripted conversations",
-                _answers_table(
-                    ans["conversations"],
-                    "prompt",
-                    [("kind", "kind"), ("in_persona", "in persona, base, tuned")],
-                ),
-            )
-        )
-        keys.append("conversations")
     details = "".join(
-        f"<details{' open' if i == 0 else ''}><summary><b>{e(t)}</b> "
-        f"({len(ans[k])})</summary>{tbl}</details>"
-        for i, ((t, tbl), k) in enumerate(zip(sections, keys))
+        f"<details{' open' if i == 0 else ''}><summary><b>{e(title)}</b> "
+        f"({len(ans[key])})</summary>{_answers_table(ans[key], first, extra)}</details>"
+        for i, (title, key, first, extra) in enumerate(s for s in SECTIONS if s[1] in ans)
     )
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>personatune report: {e(report["persona"])}</title><style>{CSS}</style></head><body>

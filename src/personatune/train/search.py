@@ -72,30 +72,17 @@ def plan(spec: PersonaSpec, steps: int) -> list[Round]:
     r1 = round(max(0.25, 2.5 * g.preservation_ratio), 3)
     r3 = round(max(0.5, 5 * g.preservation_ratio), 3)
     lr = t.learning_rate
+
+    def rnd(n: int, ratio: float, lr_factor: float, why: str) -> Round:
+        settings = {"guard.preservation_ratio": ratio, "train.checkpoint_interval": every}
+        if lr_factor != 1:
+            settings["train.learning_rate"] = lr * lr_factor
+        return Round(f"round-{n}", settings, why)
+
     return [
-        Round(
-            "round-1",
-            {"guard.preservation_ratio": r1, "train.checkpoint_interval": every},
-            f"more preservation data (ratio {r1:g}), a checkpoint every {every} steps",
-        ),
-        Round(
-            "round-2",
-            {
-                "guard.preservation_ratio": r1,
-                "train.learning_rate": lr / 2,
-                "train.checkpoint_interval": every,
-            },
-            f"ratio {r1:g} and half the learning rate ({lr / 2:g})",
-        ),
-        Round(
-            "round-3",
-            {
-                "guard.preservation_ratio": r3,
-                "train.learning_rate": lr / 4,
-                "train.checkpoint_interval": every,
-            },
-            f"ratio {r3:g} and a quarter of the learning rate ({lr / 4:g})",
-        ),
+        rnd(1, r1, 1, f"more preservation data (ratio {r1:g}), a checkpoint every {every} steps"),
+        rnd(2, r1, 1 / 2, f"ratio {r1:g} and half the learning rate ({lr / 2:g})"),
+        rnd(3, r3, 1 / 4, f"ratio {r3:g} and a quarter of the learning rate ({lr / 4:g})"),
     ]
 
 
@@ -260,11 +247,9 @@ def plot_frontier(points: list[dict], base_probe: float | None, spec: PersonaSpe
     """Persona score against probe change (points below the base model) and against the
     drift ratio, one colour per run; filled markers passed the gate, crosses failed it,
     dots are subset measurements the gate did not confirm."""
-    import matplotlib
+    from personatune.evaluate.report import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     g = spec.guard
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     runs = list(dict.fromkeys(p["run"] for p in points))
@@ -293,10 +278,7 @@ def plot_frontier(points: list[dict], base_probe: float | None, spec: PersonaSpe
         title += f"; base probe {base_probe:.1f}%"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def write_frontier(work: Path, spec: PersonaSpec, state: dict, chosen: dict | None) -> dict:
