@@ -238,10 +238,7 @@ def score(metrics: Sequence[Metric], base: Side, tuned: Side) -> dict[str, dict]
         out[m.key] = {
             "base": m.compute(base, m.inputs),
             "tuned": m.compute(tuned, m.inputs),
-            "higher_is_better": m.higher_is_better,
-            "unit": m.unit,
-            "group": m.group,
-            "label": m.label,
+            **{k: getattr(m, k) for k in ("higher_is_better", "unit", "group", "label")},
             "inputs": list(m.inputs),
         }
     return out

@@ -93,6 +93,10 @@ class Models:
     base_fp: str
     tuned_fp: str
 
+    def sides(self) -> tuple[tuple[str, object, str], ...]:
+        """``(side, model, fingerprint)`` for the base model, then the tuned one."""
+        return (("base", self.base, self.base_fp), ("tuned", self.tuned, self.tuned_fp))
+
 
 #: Answer sets asked of the base model only, without a system prompt: the drift set's
 #: references, and the base model's own answers to the identity questions (the names it
@@ -138,14 +142,8 @@ def evaluate(
     examples are the ones recorded at training time (``heldout.jsonl``); a note is
     printed when the data files changed since, or when the directory has no record.
 
-    The metrics are the rows of :data:`personatune.evaluate.card.METRICS`: persona
-    fidelity on held-out persona examples and general prompts; identity (the identity
-    questions under the system prompt) and persona adoption and correctness per turn of
-    the scripted conversations (plotted in ``report_turns.png``); capability retention
-    (factual probe with the knowledge budget, with and without the system prompt,
-    self-distillation drift, stress checks, multiple-choice benchmarks, and the
-    directness row); and degeneration against the base model (empty, cut, repetitive
-    answers and end-of-turn emission).
+    The metrics are the rows of :data:`personatune.evaluate.card.METRICS`, plus one per
+    multiple-choice benchmark.
 
     Args:
         persona_dir: a persona directory from ``personatune train``.
@@ -263,10 +261,7 @@ def _inference_models(persona, persona_dir: Path) -> Models:
 
 def _answer(bar: Progress, models: Models, tok, sets, batch_size, timings, cpu) -> dict:
     answers: dict[str, dict[str, list[Answer]]] = {"base": {}, "tuned": {}}
-    for side, model, fp in (
-        ("base", models.base, models.base_fp),
-        ("tuned", models.tuned, models.tuned_fp),
-    ):
+    for side, model, fp in models.sides():
         names = [n for n in sets if side == "base" or n not in BASE_ONLY]
         total = sum(len(sets[n][0]) for n in names)
         with phase(bar, f"{side} answers", total, timings, cpu) as adv:
@@ -283,10 +278,7 @@ def _conversations(bar: Progress, spec, models: Models, tok, timings, cpu) -> di
     out: dict = {"items": items}
     total = 2 * sum(len(c["turns"]) for c in items)
     with phase(bar, "conversations", total, timings, cpu) as adv:
-        for side, model, fp in (
-            ("base", models.base, models.base_fp),
-            ("tuned", models.tuned, models.tuned_fp),
-        ):
+        for side, model, fp in models.sides():
             out[side] = run_conversations(
                 model, tok, items, spec.system_prompt, fp, spec.eval.max_new_tokens,
                 spec.eval.batch_size, adv,
@@ -303,10 +295,7 @@ def _perplexities(bar, spec, models: Models, tok, data: EvalData, answers, timin
     ]
     ppl = {}
     with phase(bar, "perplexity", 4, timings, cpu) as adv:
-        for side, model, fp in (
-            ("base", models.base, models.base_fp),
-            ("tuned", models.tuned, models.tuned_fp),
-        ):
+        for side, model, fp in models.sides():
             ppl[side] = {
                 "heldout": perplexity(model, tok, heldout_full, fingerprint=fp),
                 "drift": perplexity(model, tok, drift_convs, fingerprint=fp),
@@ -413,36 +402,27 @@ def _turn_summary(side: card.Side) -> dict:
 
 
 def _answer_tables(data: EvalData, sides: dict[str, card.Side]) -> dict:
-    def side(s, name, i):
-        a = sides[s].answers[name][i]
-        return {"text": a.text, "finished": a.finished}
+    def answers(name: str, i: int) -> dict:  # both models' answers, as "base" and "tuned"
+        return {s: _answer_json(sides[s].answers[name][i]) for s in sides}
 
-    refs = sides["base"].references
-
-    def _conv_answer(s, ci, t):
-        a = s.conversations[ci][t]
-        return {"text": a.text, "finished": a.finished}
+    def both(get) -> list:  # [base value, tuned value]
+        return [get(sides["base"]), get(sides["tuned"])]
 
     return {
         "general": [
             {
                 "prompt": r["prompt"],
                 "category": r.get("category"),
-                "base": side("base", "general", i),
-                "tuned": side("tuned", "general", i),
-                "p_persona": [
-                    sides["base"].adoption["proba"][i],
-                    sides["tuned"].adoption["proba"][i],
-                ],
+                **answers("general", i),
+                "p_persona": both(lambda s: s.adoption["proba"][i]),
             }
             for i, r in enumerate(data.general)
         ],
         "heldout": [
             {
                 "prompt": e.messages[-2]["content"],
-                "reference": refs[i],
-                "base": side("base", "heldout", i),
-                "tuned": side("tuned", "heldout", i),
+                "reference": sides["base"].references[i],
+                **answers("heldout", i),
             }
             for i, e in enumerate(data.heldout)
         ],
@@ -451,9 +431,8 @@ def _answer_tables(data: EvalData, sides: dict[str, card.Side]) -> dict:
                 "question": r["question"],
                 "answers": r["answers"],
                 "category": r.get("category"),
-                "base": side("base", "probe", i),
-                "tuned": side("tuned", "probe", i),
-                "correct": [sides["base"].probe["correct"][i], sides["tuned"].probe["correct"][i]],
+                **answers("probe", i),
+                "correct": both(lambda s: s.probe["correct"][i]),
             }
             for i, r in enumerate(data.probe)
         ],
@@ -461,9 +440,8 @@ def _answer_tables(data: EvalData, sides: dict[str, card.Side]) -> dict:
             {
                 "prompt": r["prompt"],
                 "category": r.get("category"),
-                "base": side("base", "identity", i),
-                "tuned": side("tuned", "identity", i),
-                "held": [sides["base"].identity["held"][i], sides["tuned"].identity["held"][i]],
+                **answers("identity", i),
+                "held": both(lambda s: s.identity["held"][i]),
             }
             for i, r in enumerate(load_identity_prompts())
         ],
@@ -471,12 +449,8 @@ def _answer_tables(data: EvalData, sides: dict[str, card.Side]) -> dict:
             {
                 "prompt": f"{c['id']} turn {t + 1}: {turn['prompt']}",
                 "kind": turn["kind"],
-                "base": _conv_answer(sides["base"], ci, t),
-                "tuned": _conv_answer(sides["tuned"], ci, t),
-                "in_persona": [
-                    sides["base"].turns["in_persona"][ci][t],
-                    sides["tuned"].turns["in_persona"][ci][t],
-                ],
+                **{s: _answer_json(sides[s].conversations[ci][t]) for s in sides},
+                "in_persona": both(lambda s: s.turns["in_persona"][ci][t]),
             }
             for ci, c in enumerate(sides["base"].conversation_items)
             for t, turn in enumerate(c["turns"])
@@ -485,10 +459,13 @@ def _answer_tables(data: EvalData, sides: dict[str, card.Side]) -> dict:
             {
                 "prompt": r["prompt"],
                 "kind": r["kind"],
-                "base": side("base", "stress", i),
-                "tuned": side("tuned", "stress", i),
-                "passed": [sides["base"].stress["passed"][i], sides["tuned"].stress["passed"][i]],
+                **answers("stress", i),
+                "passed": both(lambda s: s.stress["passed"][i]),
             }
             for i, r in enumerate(data.stress)
         ],
     }
+
+
+def _answer_json(a: Answer) -> dict:
+    return {"text": a.text, "finished": a.finished}
