@@ -119,16 +119,10 @@ def select_checkpoint(
     within tolerance of the base model on knowledge, drift and degeneration.
 
     Candidates are tried in order of ``adoption_rate`` (the report card's persona
-    target), then ``persona_score``, then the later step; each
-    is confirmed with ``measure(step)`` when given (whole-probe metrics replace the
-    subset ones), and the first within tolerance is chosen, so no candidate with a higher
-    score passes. The criteria are
-    :func:`personatune.evaluate.suite.retention_failures`: knowledge (the probe under the
-    persona's system prompt and without it, within ``probe_tolerance`` points;
-    multiple choice within ``mc_tolerance``), drift, and degeneration (empty, cut,
-    repetitive answers, end-of-turn emission) within ``degeneration_tolerance`` points
-    of the base model's shares. A criterion whose metric the base row lacks is not
-    checked (histories logged before it existed).
+    target), then ``persona_score``, then the later step; each is confirmed with
+    ``measure(step)`` when given (whole-probe metrics replace the subset ones), and the
+    first within tolerance is chosen, so no candidate with a higher score passes. The
+    criteria are :func:`personatune.evaluate.suite.retention_failures`'s.
 
     Args:
         candidates: ``{"step", "persona_score", "probe_accuracy", "drift_ratio"}`` per
@@ -363,40 +357,26 @@ class Guard:
         ]
         if g.beat_prompting:
             sets.append(([conv for conv, _ in prompting_items(spec, data.heldout)], limit))
+        phases = (
+            "base model answers (preservation data, guard sets)",
+            "fitting the adoption classifier",
+            "measuring the base model",
+        )
         with progress_bar(console) as bar:
             n = sum(len(convs) for convs, _ in sets)
-            with phase(
-                bar, "base model answers (preservation data, guard sets)", n, timings
-            ) as adv:
-                answers = cached_answer_sets(base, tokenizer, sets, fp, ev.batch_size, adv)[0]
-            by_prompt = dict(zip(unique, answers))
+            with phase(bar, phases[0], n, timings) as adv:
+                answers = cached_answer_sets(base, tokenizer, sets, fp, ev.batch_size, adv)
+            by_prompt = dict(zip(unique, answers[0]))
             texts = [r["prompt"] for r in prompts]
             rows = preservation_rows(
                 tokenizer, texts, [by_prompt[p] for p in texts], spec.train.max_seq_length
             )
-            with phase(
-                bar,
-                "fitting the adoption classifier",
-                len(classifier_examples(spec, data)),
-                timings,
-            ) as adv:
+            n = len(classifier_examples(spec, data))
+            with phase(bar, phases[1], n, timings) as adv:
                 clf = fit_adoption_classifier(spec, data, base, tokenizer, fp, adv)
-            with phase(
-                bar,
-                "measuring the base model",
-                2 * len(general_subset) + 2 * len(probe_subset),
-                timings,
-            ) as adv:
-                drift_answers = cached_answers(
-                    base,
-                    tokenizer,
-                    [plain_conv(r["prompt"]) for r in general_subset],
-                    fp,
-                    ev.max_new_tokens,
-                    ev.batch_size,
-                    adv,
-                )
-                drift_subset = drift_conversations(general_subset, drift_answers)
+            with phase(bar, phases[2], len(general_subset) + 2 * len(probe_subset), timings) as adv:
+                # the drift references: the base model's plain answers to the subset (set 2)
+                drift_subset = drift_conversations(general_subset, answers[2])
                 guard = cls(
                     spec,
                     tokenizer,
@@ -422,12 +402,8 @@ class Guard:
             "probe_subset": len(probe_subset),
             "general_subset": len(general_subset),
             **{
-                key: timings[name]
-                for key, name in (
-                    ("answers_s", "base model answers (preservation data, guard sets)"),
-                    ("classifier_s", "fitting the adoption classifier"),
-                    ("base_metrics_s", "measuring the base model"),
-                )
+                k: timings[name]
+                for k, name in zip(("answers_s", "classifier_s", "base_metrics_s"), phases)
             },
             "prepare_s": round(time.time() - start, 1),
             "prepare_cpu_s": round(time.process_time() - start_cpu, 1),
@@ -602,11 +578,14 @@ class Guard:
                 base_prompted = [a.text for a in prompted]
             del base
 
-            def measure(step: int) -> dict:
+            def load(step: int) -> tuple[object, str]:
                 adapter = ckpts[step] / ADAPTER_WEIGHTS
                 set_peft_model_state_dict(model, load_file(str(adapter)))
-                tuned = inference_copy(model, merge=True)
                 fp = f"{self.fingerprint}+adapter:{sha256_file(adapter)}"
+                return inference_copy(model, merge=True), fp
+
+            def measure(step: int) -> dict:
+                tuned, fp = load(step)
                 with phase(bar, f"gate: checkpoint-{step}, whole probe", n_probe) as adv:
                     m = self.full_metrics(tuned, fp, drift_convs, adv)
                 return {**m, "drift_ratio": drift_ratio(m["drift_ppl"], base_full["drift_ppl"])}
@@ -619,10 +598,7 @@ class Guard:
             if items:
                 # the chosen checkpoint, else the one a user would publish with --no-gate
                 step = result["chosen"] if result["chosen"] is not None else last
-                adapter = ckpts[step] / ADAPTER_WEIGHTS
-                set_peft_model_state_dict(model, load_file(str(adapter)))
-                tuned = inference_copy(model, merge=True)
-                fp = f"{self.fingerprint}+adapter:{sha256_file(adapter)}"
+                tuned, fp = load(step)
                 with phase(bar, f"gate: checkpoint-{step}, held-out persona", len(items)) as adv:
                     answers = self._answer_texts(tuned, fp, items, adv)
                 del tuned
