@@ -53,17 +53,6 @@ from personatune.train.output import (
 )
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def lora_model(spec: PersonaSpec, model, autocast_lora_inputs: bool = True):
     """Wrap ``model`` with a fresh LoRA adapter from ``spec.lora`` (peft).
 
@@ -151,22 +140,16 @@ def _keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def _liger(spec: PersonaSpec, device: torch.device) -> bool:
-    import importlib.util
-
-    return (
-        spec.train.liger
-        and device.type == "cuda"
-        and importlib.util.find_spec("liger_kernel") is not None
-    )
-
-
 def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval: bool):
     """transformers ``TrainingArguments`` for ``spec``: logging every step, checkpoints
     every ``train.checkpoint_interval`` steps, bf16 autocast where :func:`use_bf16`, Liger
     kernels on CUDA where installed (``train.liger``), ``torch.compile`` if asked."""
+    import importlib.util
+
     t = spec.train
-    liger = _liger(spec, device)
+    liger = (
+        t.liger and device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    )
     return TrainingArguments(
         output_dir=str(work / CHECKPOINTS),
         learning_rate=t.learning_rate,
@@ -241,8 +224,8 @@ def build_trainer(
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=_Rows(data.train),
-        eval_dataset=_Rows(data.eval) if data.eval else None,
+        train_dataset=data.train,  # a list is a map-style dataset to the DataLoader
+        eval_dataset=data.eval or None,
         data_collator=collator(spec, tokenizer, model),
         # the probe last: its first-step timing runs after every other callback's
         callbacks=[JsonlLogCallback(work / TRAIN_LOG), *callbacks, *probe],
@@ -251,23 +234,13 @@ def build_trainer(
     return trainer
 
 
-def _versions() -> dict:
+def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) -> dict:
+    """The ``persona.json`` manifest: who the persona is and how it was made."""
     import peft
     import transformers
 
     from personatune import __version__
 
-    return {
-        "personatune": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) -> dict:
-    """The ``persona.json`` manifest: who the persona is and how it was made."""
     return {
         "name": spec.name,
         "description": spec.description,
@@ -283,7 +256,13 @@ def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) 
             "train_examples": len(data.train),
             "eval_examples": len(data.eval),
         },
-        "versions": _versions(),
+        "versions": {
+            "personatune": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
         "training": stats,
     }
 
@@ -378,7 +357,6 @@ def _setup_work(spec: PersonaSpec, state, overwrite: bool, resume: bool) -> Path
     """The partial work folder (see :mod:`personatune.train.output`), made by the main
     process once the data is known to be good."""
     output = spec.output_path
-    # The work folder appears only once the data is known to be good.
     work = (
         prepare_output(output, overwrite, resume, spec.input_paths)
         if state.is_main_process
@@ -431,7 +409,8 @@ def _run_stats(spec: PersonaSpec, state, data: PreparedData, run: _Run) -> dict:
     """The ``training`` section of ``persona.json``: steps, seconds, trained tokens per
     second (guard evaluation time left out), loss, effective batch, device and, on CUDA,
     the peak GPU memory allocated (``peak_gpu_gib``, GiB)."""
-    epochs_run = run.result.metrics.get("epoch", 0) - _resumed_epoch(run.checkpoint)
+    resumed = read_json(run.checkpoint / "trainer_state.json") if run.checkpoint else {}
+    epochs_run = run.result.metrics.get("epoch", 0) - resumed.get("epoch", 0.0)
     tokens = data.train_tokens * epochs_run * state.num_processes
     return {
         "steps": run.trainer.state.global_step,
@@ -504,7 +483,3 @@ def _search_or_raise(spec, state, work: Path, refused: PersonatuneError, console
     from personatune.train.search import search
 
     search(spec, work, refused, console)
-
-
-def _resumed_epoch(checkpoint: Path | None) -> float:
-    return read_json(checkpoint / "trainer_state.json").get("epoch", 0.0) if checkpoint else 0.0
