@@ -33,6 +33,16 @@ console = Console()
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=1")
 ]
+PersonaDirs = Annotated[
+    list[Path], typer.Argument(help="persona directories from personatune train (one base model)")
+]
+Threads = Annotated[
+    int,
+    typer.Option(
+        help="CPU threads for PyTorch; 0 keeps its default (one per core; fewer can be "
+        "faster on a busy shared machine)"
+    ),
+]
 EngineChoice = Annotated[
     str,
     typer.Option(
@@ -409,10 +419,7 @@ def synthesize(
 @app.command()
 @friendly
 def chat(
-    persona_dirs: Annotated[
-        list[Path],
-        typer.Argument(help="persona directories from personatune train (one base model)"),
-    ],
+    persona_dirs: PersonaDirs,
     prompt: Annotated[str | None, typer.Option(help="answer this once and exit")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
     max_tokens: Annotated[int, typer.Option(help="longest answer in tokens")] = 256,
@@ -551,13 +558,7 @@ def eval_heldout(
     ] = 1024,
     batch_size: Annotated[int, typer.Option(help="conversations per forward pass")] = 4,
     limit: Annotated[int | None, typer.Option(help="score only the first N examples")] = None,
-    threads: Annotated[
-        int,
-        typer.Option(
-            help="CPU threads for PyTorch; 0 keeps its default (fewer can be faster on a busy "
-            "shared machine)"
-        ),
-    ] = 0,
+    threads: Threads = 0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing report")] = False,
 ):
     """Conditional perplexity of held-out responses given their prompts, base model
@@ -636,9 +637,7 @@ def eval_(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="report folder; default PERSONA_DIR")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing report")] = False,
-    threads: Annotated[
-        int, typer.Option(help="CPU threads for PyTorch; 0 keeps its default (one per core)")
-    ] = 0,
+    threads: Threads = 0,
 ):
     """Report card: base against tuned on held-out persona data, general prompts, the
     factual probe, stress prompts and benchmarks. Writes report.json and report.html."""
@@ -669,10 +668,7 @@ SERVE_MAX_BATCH, SERVE_MAX_QUEUE = 8, 64
 @app.command()
 @friendly
 def serve(
-    persona_dirs: Annotated[
-        list[Path],
-        typer.Argument(help="persona directories from personatune train (one base model)"),
-    ],
+    persona_dirs: PersonaDirs,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one")] = 8000,
     api_key: Annotated[

@@ -95,6 +95,21 @@ def _mix(rows: list[dict], weight: float, rng: random.Random) -> list[dict]:
     return rows * whole + rng.sample(rows, round(len(rows) * frac))
 
 
+def _unique(examples: list[Example], seen: set[str], stats: SourceStats | None) -> list[Example]:
+    """``examples`` without those whose :meth:`Example.key` is in ``seen`` or repeats,
+    each dropped one counted in ``stats.duplicates``; the kept keys join ``seen``."""
+    kept = []
+    for ex in examples:
+        k = ex.key()
+        if k in seen:
+            if stats is not None:
+                stats.duplicates += 1
+            continue
+        seen.add(k)
+        kept.append(ex)
+    return kept
+
+
 def load_examples(spec: PersonaSpec) -> list[tuple[list[Example], SourceStats]]:
     """Load every source, drop duplicates within and across sources, apply subset sizes."""
     seen: set[str] = set()
@@ -102,14 +117,7 @@ def load_examples(spec: PersonaSpec) -> list[tuple[list[Example], SourceStats]]:
     for source in spec.data:
         examples = load_source(source, spec.base_dir)
         stats = SourceStats(source.path, loaded=len(examples))
-        kept = []
-        for ex in examples:
-            k = ex.key()
-            if k in seen:
-                stats.duplicates += 1
-                continue
-            seen.add(k)
-            kept.append(ex)
+        kept = _unique(examples, seen, stats)
         if source.subset_size and len(kept) > source.subset_size:
             kept = random.Random(spec.train.seed).sample(kept, source.subset_size)
         out.append((kept, stats))
@@ -137,15 +145,7 @@ def split_source(
     """
     if source.eval_path is not None:
         held = load_source(source.model_copy(update={"path": source.eval_path}), spec.base_dir)
-        seen, kept = set(train_keys), []
-        for ex in held:
-            if ex.key() in seen:
-                if stats is not None:
-                    stats.duplicates += 1
-                continue
-            seen.add(ex.key())
-            kept.append(ex)
-        return list(examples), kept
+        return list(examples), _unique(held, set(train_keys), stats)
     if source.eval_size is not None and source.eval_size >= len(examples):
         raise PersonatuneError(
             f"{source.path}: eval_size {source.eval_size} leaves no training examples "

@@ -58,11 +58,6 @@ PRE_TOKENIZERS = {
 }
 
 
-def quant_names() -> list[str]:
-    """Every ``--quant`` value, the natively written ones first."""
-    return [*NATIVE, *LLAMA_CPP]
-
-
 def check_quant(quant: str) -> None:
     """Refuse an unknown ``--quant``, or one that needs llama-cpp-python when it is missing.
 
@@ -72,7 +67,7 @@ def check_quant(quant: str) -> None:
     if quant in NATIVE:
         return
     if quant not in LLAMA_CPP:
-        raise PersonatuneError(f"--quant {quant}: choose one of {', '.join(quant_names())}")
+        raise PersonatuneError(f"--quant {quant}: choose one of {', '.join([*NATIVE, *LLAMA_CPP])}")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -341,13 +336,11 @@ def _encode(name: str, data: np.ndarray, quant: str):
     try:
         return qtype, gguf.quants.quantize(data, qtype)
     except gguf.QuantError:
-        return gguf.GGMLQuantizationType.F16, gguf.quants.quantize(
-            data, gguf.GGMLQuantizationType.F16
-        )
+        f16 = gguf.GGMLQuantizationType.F16
+        return f16, gguf.quants.quantize(data, f16)
 
 
 def _write(path: Path, writer, tensors, quant: str) -> None:
-
     for name, data in tensors:
         qtype, encoded = _encode(name, data, quant)
         writer.add_tensor(name, encoded, raw_dtype=qtype)  # byte rows -> element shape inside

@@ -54,12 +54,6 @@ class ChatFrame:
         return "".join(out)
 
 
-def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
 def _around(text: str, word: str, what: str) -> tuple[str, str]:
     if text.count(word) != 1:
         raise _inexpressible(f"the {what} is not written verbatim once")
@@ -87,7 +81,9 @@ def chat_frame(tokenizer) -> ChatFrame:
 
     def render(messages, gen=False):
         try:
-            return _apply(tokenizer, messages, gen)
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=gen
+            )
         except Exception as e:  # jinja's TemplateError, or a raise_exception in the template
             raise _inexpressible(f"it fails on a {len(messages)}-message conversation: {e}")
 

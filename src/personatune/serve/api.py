@@ -27,25 +27,13 @@ class ApiError(Exception):
         param: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = (
-            status,
-            message,
-            type,
-            code,
-            param,
-        )
+        self.status, self.message = status, message
+        self.type, self.code, self.param = type, code, param
 
     def response(self) -> JSONResponse:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse({"error": err}, status_code=self.status, headers=headers)
 
 
 # ---------------------------------------------------------------- request schema
