@@ -25,6 +25,7 @@ import contextlib
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import common  # noqa: F401 - first: sys.path and offline Hugging Face settings
 from common import RESULTS, describe, machine_info, markdown_table, write_json, write_markdown
@@ -35,31 +36,19 @@ PIRATE = (
 )
 
 
-@contextlib.contextmanager
 def baseline():
-    """The engine as it was before its CPU measures."""
+    """The engine as it was before its CPU measures (a context manager)."""
     from transformers.cache_utils import DynamicCache
 
     from personatune.engine import batcher
 
-    saved = (
-        batcher.PREFILL_TOKENS,
-        batcher.REFILL,
-        batcher.new_cache,
-        batcher.use_decode_attention,
+    return mock.patch.multiple(
+        batcher,
+        PREFILL_TOKENS=1,  # one prompt per pass
+        REFILL=10**9,  # join at once
+        new_cache=DynamicCache,
+        use_decode_attention=lambda model: None,
     )
-    batcher.PREFILL_TOKENS, batcher.REFILL = 1, 10**9  # one prompt per pass; join at once
-    batcher.new_cache = DynamicCache
-    batcher.use_decode_attention = lambda model: None
-    try:
-        yield
-    finally:
-        (
-            batcher.PREFILL_TOKENS,
-            batcher.REFILL,
-            batcher.new_cache,
-            batcher.use_decode_attention,
-        ) = saved
 
 
 def main() -> None:
@@ -140,14 +129,11 @@ def _conversations(model, tok, items, args, reuse: bool) -> list:
 
     with tempfile.TemporaryDirectory() as cache:
         os.environ["PERSONATUNE_CACHE"] = cache
-        real = conversations.PrefixCache
-        conversations.PrefixCache = real if reuse else (lambda: None)
-        try:
+        no_reuse = mock.patch.object(conversations, "PrefixCache", lambda: None)
+        with contextlib.nullcontext() if reuse else no_reuse:
             out = conversations.run_conversations(
                 model, tok, items, PIRATE, "bench", args.tokens, args.batch
             )
-        finally:
-            conversations.PrefixCache = real
     return [a for conv in out for a in conv]
 
 
