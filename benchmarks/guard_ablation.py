@@ -33,27 +33,25 @@ from pathlib import Path
 import common  # sys.path and offline Hugging Face settings, before personatune
 
 REPO = common.REPO
-COLUMNS = [  # (report metric, header, unit)
-    ("adoption_rate", "adoption %", ""),
-    ("probe_accuracy", "probe %", ""),
-    ("drift_perplexity", "drift PPL", ""),
-    ("stress_pass_rate", "stress %", ""),
-    ("rouge_l", "ROUGE-L", ""),
-    ("conditional_perplexity", "held-out PPL", ""),
-    ("term_frequency", "term freq %", ""),
-    ("repetition_rate", "rep-4 %", ""),
+COLUMNS = [  # (report metric, header)
+    ("adoption_rate", "adoption %"),
+    ("probe_accuracy", "probe %"),
+    ("drift_perplexity", "drift PPL"),
+    ("stress_pass_rate", "stress %"),
+    ("rouge_l", "ROUGE-L"),
+    ("conditional_perplexity", "held-out PPL"),
+    ("term_frequency", "term freq %"),
+    ("repetition_rate", "rep-4 %"),
 ]
 
 
 def arm_overrides(arm: str, out: Path) -> list[str]:
     """Spec overrides of one arm."""
-    common = [f"output_dir={out}"]
     if arm == "off":
-        return [*common, "guard.enabled=false"]
-    ratio = float(arm)
+        return [f"output_dir={out}", "guard.enabled=false"]
     # no search: an arm measures one setting, and a refused arm is published as it is
-    extra = ["guard.search_budget_s=0"]
-    return [*common, "guard.enabled=true", f"guard.preservation_ratio={ratio}", *extra]
+    guard = ["guard.enabled=true", f"guard.preservation_ratio={float(arm)}"]
+    return [f"output_dir={out}", *guard, "guard.search_budget_s=0"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -126,33 +124,17 @@ def arm_name(arm: str) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     """The results table."""
-    head = [
-        "arm",
-        "preservation rows",
-        "published step",
-        *[c[1] for c in COLUMNS],
-        "probe change (pts)",
-        "drift ratio",
-        "gate",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["arm", "preservation rows", "published step", *[c[1] for c in COLUMNS]]
+    head += ["probe change (pts)", "drift ratio", "gate"]
     base = rows[0]["base"]
-    lines.append(
-        "| base model | – | – | "
-        + " | ".join(_f(base[k]) for k, _, _ in COLUMNS)
-        + " | 0 | 1.00 | – |"
-    )
+    table = [["base model", "–", "–", *(_f(base[k]) for k, _ in COLUMNS), 0, "1.00", "–"]]
     for r in rows:
-        name = arm_name(r["arm"])
-        gate = (
-            "–"
-            if r["arm"] == "off"
-            else ("pass" if r["gate_passed"] else "FAIL (last step published with --no-gate)")
-        )
-        lines.append(
-            f"| {name} | {r['preservation_rows']} | {r['published_step']} | "
-            + " | ".join(_f(r["tuned"][k]) for k, _, _ in COLUMNS)
-            + f" | {-r['probe_drop_points']:+.1f} | {r['drift_ratio']:.2f} | {gate} |"
+        gate = "pass" if r["gate_passed"] else "FAIL (last step published with --no-gate)"
+        table.append(
+            [arm_name(r["arm"]), r["preservation_rows"], r["published_step"]]
+            + [_f(r["tuned"][k]) for k, _ in COLUMNS]
+            + [f"{-r['probe_drop_points']:+.1f}", f"{r['drift_ratio']:.2f}"]
+            + ["–" if r["arm"] == "off" else gate]
         )
     timing = [
         "",
@@ -186,7 +168,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "Probe: factual probe accuracy, persona system prompt. Drift PPL: perplexity on "
         "the base model's own greedy answers to held-out general prompts (no system "
         "prompt). Stress: automatic checks of seed system 1's stress prompts.\n\n"
-        + "\n".join(lines)
+        + common.markdown_table(head, table)
         + "\n"
         + "\n".join(timing)
         + "\n"
@@ -197,11 +179,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def _f(v) -> str:
     if v is None:
         return "–"
-    return (
-        f"{v:.3g}"
-        if isinstance(v, float) and abs(v) < 10
-        else (f"{v:.1f}" if isinstance(v, float) else str(v))
-    )
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
 
 
 def plot(rows: list[dict], path: Path) -> None:
