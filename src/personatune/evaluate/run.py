@@ -1,11 +1,5 @@
 """``personatune eval``: the report card of a persona, base against tuned on the same
-held-out inputs, greedy and seeded.
-
-:func:`evaluate` reads as its steps: load the persona and its recorded split, make the
-inference models, fit the adoption classifier, answer every set with both models, score
-perplexities and benchmarks, compute the metric table (:mod:`personatune.evaluate.card`)
-and write the report.
-"""
+held-out inputs, greedy and seeded; the metric table is :mod:`personatune.evaluate.card`."""
 
 from __future__ import annotations
 

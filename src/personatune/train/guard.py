@@ -270,6 +270,16 @@ def compare_with_prompting(
     }
 
 
+def probe_sets(spec: PersonaSpec, items: Sequence[dict]) -> list[tuple[list, int]]:
+    """The probe ``items`` under the persona's system prompt and without one, with the
+    knowledge budget (``eval.knowledge_max_new_tokens``), as ``(conversations, limit)``."""
+    limit = spec.eval.knowledge_max_new_tokens
+    return [
+        ([persona_conv(spec, r["question"]) for r in items], limit),
+        ([plain_conv(r["question"]) for r in items], limit),
+    ]
+
+
 def guard_history(log_path: Path) -> tuple[dict | None, list[dict]]:
     """``(base row, checkpoint rows)`` of the guard metrics in a ``train_log.jsonl``."""
     base, rows = None, {}
@@ -339,7 +349,7 @@ class Guard:
         probe_subset = stratified(data.probe, g.eval_probe_questions, spec.train.seed)
         general_subset = stratified(data.general, g.eval_general_prompts, spec.train.seed)
         timings: dict[str, float] = {}
-        limit, knowledge = ev.max_new_tokens, ev.knowledge_max_new_tokens
+        limit = ev.max_new_tokens
         # Every base-model answer the guard needs, in one engine run (the sets share
         # batches); the classifier and the measures below then read them from the cache.
         sets = [
@@ -347,12 +357,10 @@ class Guard:
             ([example_prompt(spec, e, False) for e in classifier_examples(spec, data)], limit),
             ([plain_conv(r["prompt"]) for r in general_subset], limit),
             ([persona_conv(spec, r["prompt"]) for r in general_subset], limit),
-            ([persona_conv(spec, r["question"]) for r in probe_subset], knowledge),
-            ([plain_conv(r["question"]) for r in probe_subset], knowledge),
+            *probe_sets(spec, probe_subset),
             # and the gate's base-model sets (whole probe and drift set, prompted held-out
             # persona): one run's tail instead of two
-            ([persona_conv(spec, r["question"]) for r in data.probe], knowledge),
-            ([plain_conv(r["question"]) for r in data.probe], knowledge),
+            *probe_sets(spec, data.probe),
             ([plain_conv(r["prompt"]) for r in data.general], limit),
         ]
         if g.beat_prompting:
@@ -422,7 +430,7 @@ class Guard:
         and ``drift_ratio``. Answers are cached when ``fingerprint`` is given."""
         ev = self.spec.eval
         general = [persona_conv(self.spec, r["prompt"]) for r in self.general_subset]
-        sets = [(general, ev.max_new_tokens), *self._probe_sets(self.probe_subset)]
+        sets = [(general, ev.max_new_tokens), *probe_sets(self.spec, self.probe_subset)]
         g, p, q = self._answer_sets(model, sets, fingerprint, progress)
         adoption = self.classifier.adoption([a.text for a in g])
         ppl = perplexity(model, self.tokenizer, self.drift_subset)
@@ -460,15 +468,6 @@ class Guard:
         answers = iter(generate_answers(model, tok, flat, limits, ev.batch_size, progress))
         return [[next(answers) for _ in convs] for convs, _ in sets]
 
-    def _probe_sets(self, items: Sequence[dict]) -> list[tuple[list, int]]:
-        """The probe ``items`` under the persona's system prompt and without one, with
-        the knowledge budget."""
-        limit = self.spec.eval.knowledge_max_new_tokens
-        return [
-            ([persona_conv(self.spec, r["question"]) for r in items], limit),
-            ([plain_conv(r["question"]) for r in items], limit),
-        ]
-
     def knowledge(
         self,
         model,
@@ -483,7 +482,7 @@ class Guard:
         ``degeneration``, the :func:`answer_degeneration` shares of both answer sets;
         and, when ``guard.mc_tolerance`` is set, ``mc_accuracy``: the shipped
         ``mc_tiny`` multiple choice by log-likelihood through lm-eval, percent."""
-        p, q = self._answer_sets(model, self._probe_sets(items), fingerprint, progress)
+        p, q = self._answer_sets(model, probe_sets(self.spec, items), fingerprint, progress)
         return self._knowledge_scores(model, items, p, q)
 
     def _knowledge_scores(self, model, items, persona: list[Answer], plain: list[Answer]):
@@ -568,7 +567,7 @@ class Guard:
             ) as adv:
                 sets = [
                     ([plain_conv(r["prompt"]) for r in self.data.general], ev.max_new_tokens),
-                    *self._probe_sets(self.data.probe),
+                    *probe_sets(self.spec, self.data.probe),
                     ([conv for conv, _ in items], ev.max_new_tokens),
                 ]
                 # one engine run for all four sets; full_metrics then reads the cache

@@ -324,9 +324,8 @@ def search(spec: PersonaSpec, work: Path, refused: GateFailed, console: Console)
     root.mkdir(exist_ok=True)
     state_path = root / "search.json"
     state = read_json(state_path) if state_path.exists() else {"rounds": []}
-    first = _run_seconds(work)
     if "first_run" not in state:  # a resumed run's own timings are shorter: keep these
-        state["first_run"] = first
+        state["first_run"] = _run_seconds(work)
         write_json(state_path, state)
     budget = spec.guard.search_budget_s
     done = {r["name"]: r for r in state["rounds"]}
