@@ -147,18 +147,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "guard / train (CPU)", "search rounds", "search s"]  # fmt: skip
     body = []
     for r in rows:
-        ratio = (
-            f"{r['guard_cpu_s'] / r['train_cpu_s']:.2f}"
-            if r.get("train_cpu_s") and r.get("guard_cpu_s")
-            else "–"
-        )
         if not r["finished"]:
             state = (
                 f"unfinished: {r['steps_logged']} steps trained, "
                 f"{r['checkpoints_measured']} checkpoints measured"
             )
-            body.append([r["name"], state, "–", "–", "–", "–", "–", "–"])
+            body.append([r["name"], state, *["–"] * 6])
             continue
+        cpu = r.get("train_cpu_s") and r.get("guard_cpu_s")
         body.append(
             [
                 r["name"],
@@ -166,11 +162,26 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 (r["verdict"] or "–").replace("|", "/"),
                 f"{_f(r['train_s'])} ({_f(r['train_cpu_s'])})",
                 f"{_f(r['guard_s'])} ({_f(r['guard_cpu_s'])})",
-                ratio,
+                f"{r['guard_cpu_s'] / r['train_cpu_s']:.2f}" if cpu else "–",
                 len(r["search_rounds"]),
                 _f(r["search_s"]),
             ]
         )
+    cmp_head = ["persona", "checkpoint", "prompts", "references", "prompted base ROUGE-L",
+                "adapter ROUGE-L", "beats prompting"]  # fmt: skip
+    cmp_rows = [
+        [
+            r["name"],
+            c["step"],
+            c["prompts"],
+            c["references"],
+            f"{c['base_rouge_l']:.3f}",
+            f"{c['tuned_rouge_l']:.3f}",
+            "yes" if c["beats"] else f"no: {c['advice']}",
+        ]  # fmt: skip
+        for r in rows
+        if (c := r.get("prompting"))
+    ]
     text = [
         "# The guard on by default: what it publishes and what it costs",
         "",
@@ -182,79 +193,37 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         "## Against the prompted base model (held-out persona references)",
         "",
+        common.markdown_table(cmp_head, cmp_rows) if cmp_rows else "(no comparison recorded)",
     ]
-    cmp_rows = []
-    for r in rows:
-        c = r.get("prompting")
-        if c:
-            cmp_rows.append(
-                [
-                    r["name"],
-                    c["step"],
-                    c["prompts"],
-                    c["references"],
-                    f"{c['base_rouge_l']:.3f}",
-                    f"{c['tuned_rouge_l']:.3f}",
-                    "yes" if c["beats"] else f"no: {c['advice']}",
-                ]  # fmt: skip
-            )
-    text.append(
-        common.markdown_table(
-            [
-                "persona",
-                "checkpoint",
-                "prompts",
-                "references",
-                "prompted base ROUGE-L",
-                "adapter ROUGE-L",
-                "beats prompting",
-            ],  # fmt: skip
-            cmp_rows,
-        )
-        if cmp_rows
-        else "(no comparison recorded)"
-    )
+    search_head = ["round", "what changed", "estimate s", "seconds", "passed", "verdict"]
     for r in rows:
         if r["search_rounds"]:
-            text += ["", f"## Search: {r['name']}", ""]
-            text.append(
-                common.markdown_table(
-                    ["round", "what changed", "estimate s", "seconds", "passed", "verdict"],
-                    [
-                        [
-                            x["name"],
-                            x["why"],
-                            x["estimate_s"],
-                            x["seconds"],
-                            x["passed"],
-                            (x.get("verdict") or "").replace("|", "/"),
-                        ]  # fmt: skip
-                        for x in r["search_rounds"]
-                    ],
-                )
-            )
+            search = [
+                [
+                    x["name"],
+                    x["why"],
+                    x["estimate_s"],
+                    x["seconds"],
+                    x["passed"],
+                    (x.get("verdict") or "").replace("|", "/"),
+                ]  # fmt: skip
+                for x in r["search_rounds"]
+            ]
+            text += ["", f"## Search: {r['name']}", "", common.markdown_table(search_head, search)]
             if r["frontier_plot"]:
                 text += ["", f"![frontier]({Path(r['frontier_plot']).name})"]
         if r["card"]:
+            card = [
+                [label, _f(r["card"][k]["base"], "{:.3g}"), _f(r["card"][k]["tuned"], "{:.3g}")]
+                for k, label in CARD_ROWS
+                if k in r["card"]
+            ]
             text += [
                 "",
                 f"## Report card: {r['name']} (base = base model with the system prompt)",
                 "",
+                common.markdown_table(["metric", "prompted base", "adapter"], card),
             ]
-            text.append(
-                common.markdown_table(
-                    ["metric", "prompted base", "adapter"],
-                    [
-                        [
-                            label,
-                            _f(r["card"][k]["base"], "{:.3g}"),
-                            _f(r["card"][k]["tuned"], "{:.3g}"),
-                        ]
-                        for k, label in CARD_ROWS
-                        if k in r["card"]
-                    ],
-                )
-            )
     if meta.get("note"):
         text += ["", meta["note"]]
     return "\n".join(text)
