@@ -591,49 +591,43 @@ def _cell(step: dict | None, key: str = "seconds") -> str:
     return str(step.get(key))
 
 
+def _get(command: str, key: str):
+    """A cell: ``key`` of ``command``'s results in a row, "-" where missing."""
+    return lambda r: (r.get(command) or {}).get(key, "-")
+
+
+def _ready(r: dict):
+    sv = r.get("serve") or {}
+    return sv.get("ready_s", "-") if not sv.get("error") else f"failed: {sv['error'][:60]}"
+
+
+#: The results table after the recipe's name: (header, cell of a row whose model was built).
+COLUMNS = [
+    ("NF4 layers", _get("build", "nf4_linear_layers")),
+    ("weights GiB", _get("build", "nf4_weights_gib")),
+    ("train s", lambda r: _cell(r.get("train"))),
+    ("train tokens/s", _get("train", "tokens_per_s")),
+    ("train peak alloc GiB", _get("train", "peak_gpu_gib")),
+    ("eval s", lambda r: _cell(r.get("eval"))),
+    ("export --merged s", lambda r: _cell(r.get("export"))),
+    ("serve ready s", _ready),
+    ("request s", _get("serve", "request_s")),
+    ("GPU peak GB (nvidia-smi)", lambda r: r.get("gpu_peak_gb", "-")),
+    ("seed GPU", lambda r: r["seed_gpu"]),
+    ("fits", lambda r: r.get("fits_seed_gpu", "-")),
+]
+
+
 def report(res: dict) -> str:
     """A Markdown table of a results dict (one row per recipe)."""
-    head = [
-        "recipe",
-        "NF4 layers",
-        "weights GiB",
-        "train s",
-        "train tokens/s",
-        "train peak alloc GiB",
-        "eval s",
-        "export --merged s",
-        "serve ready s",
-        "request s",
-        "GPU peak GB (nvidia-smi)",
-        "seed GPU",
-        "fits",
-        "call",
-    ]
+    head = ["recipe", *(h for h, _ in COLUMNS), "call"]
     rows = []
     for r in res["results"]:
-        if "build" not in r:
-            rows.append([r["recipe"], r.get("error") or r.get("skipped")] + [""] * 11)
-            rows[-1].append(r.get("call", "-"))
-            continue
-        b, tr, sv = r["build"], r.get("train") or {}, r.get("serve") or {}
-        rows.append(
-            [
-                r["recipe"],
-                b.get("nf4_linear_layers", "-"),
-                b.get("nf4_weights_gib", "-"),
-                _cell(tr),
-                tr.get("tokens_per_s", "-"),
-                tr.get("peak_gpu_gib", "-"),
-                _cell(r.get("eval")),
-                _cell(r.get("export")),
-                sv.get("ready_s", "-") if not sv.get("error") else f"failed: {sv['error'][:60]}",
-                sv.get("request_s", "-"),
-                r.get("gpu_peak_gb", "-"),
-                r["seed_gpu"],
-                r.get("fits_seed_gpu", "-"),
-                r.get("call", "-"),
-            ]
-        )
+        if "build" in r:
+            cells = [cell(r) for _, cell in COLUMNS]
+        else:
+            cells = [r.get("error") or r.get("skipped")] + [""] * (len(COLUMNS) - 1)
+        rows.append([r["recipe"], *cells, r.get("call", "-")])
     m = res["machine"]
     return (
         f"GPU: {m.get('nvidia_smi') or m.get('gpu')}; torch {m.get('torch')}, transformers "
