@@ -660,6 +660,18 @@ def _text(x) -> str:
     return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
 
 
+def _run(cmd: list[str], env: dict, timeout: float | None = None) -> tuple[str, str, bool]:
+    """Run ``cmd``: its stdout, its stderr and whether it was stopped after ``timeout``
+    seconds (the output up to then)."""
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as e:
+        return _text(e.stdout), _text(e.stderr), True
+    return proc.stdout, proc.stderr, False
+
+
 def run_all(
     out: Path,
     names: list[str],
@@ -694,30 +706,21 @@ def run_all(
         shapes = {SETUPS[n].shape for n in names}
         plan = [p for p in BASELINE_PLAN if p.split(":")[0] in shapes] or BASELINE_PLAN
         t = time.time()
-        proc = subprocess.run(
-            [sys.executable, str(BENCH / "hf_peft_baseline.py"), *plan],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        )
+        stdout, stderr, _ = _run([sys.executable, str(BENCH / "hf_peft_baseline.py"), *plan], env)
         rows["baseline_wall_s"] = round(time.time() - t, 1)
-        print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
-        for line in proc.stdout.splitlines():
+        print(stdout[-3000:], stderr[-2000:], flush=True)
+        for line in stdout.splitlines():
             if line.startswith("{") and '"model"' in line:
                 rows["baseline"].append(json.loads(line))
         if "baseline" in profile:
             cmd = [sys.executable, __file__, "--profile-baseline", "--peak", str(peak)]
-            try:
-                proc = subprocess.run(
-                    cmd, capture_output=True, text=True, env=env, check=False, timeout=180
-                )
-                got = [x for x in proc.stdout.splitlines() if x.startswith('{"setup"')]
-                rows["baseline_profile"] = (
-                    json.loads(got[-1]) if got else {"error": proc.stderr[-1500:]}
-                )
-            except subprocess.TimeoutExpired:
-                rows["baseline_profile"] = {"error": "timeout after 180 s"}
+            stdout, stderr, late = _run(cmd, env, 180)
+            got = [x for x in stdout.splitlines() if x.startswith('{"setup"')]
+            rows["baseline_profile"] = (
+                {"error": "timeout after 180 s"}
+                if late
+                else (json.loads(got[-1]) if got else {"error": stderr[-1500:]})
+            )
             print(json.dumps(rows["baseline_profile"]), flush=True)
     unsloth = [n for n in names if SETUPS[n].extra.get("unsloth")]
     groups = [[n] for n in names if n not in unsloth]
@@ -739,18 +742,9 @@ def run_all(
         cmd = [sys.executable, __file__, "--unsloth" if is_us else "--one", ",".join(group)]
         if not is_us and group[0] in profile:
             cmd.append("--profile")
-        try:
-            proc = subprocess.run(
-                [*cmd, "--peak", str(peak)],
-                capture_output=True,
-                text=True,
-                env=genv,
-                check=False,
-                timeout=left,
-            )
-            stdout, stderr = proc.stdout, proc.stderr
-        except subprocess.TimeoutExpired as e:
-            stdout, stderr = _text(e.stdout), _text(e.stderr) + f"\ntimeout after {left:.0f} s"
+        stdout, stderr, late = _run([*cmd, "--peak", str(peak)], genv, left)
+        if late:
+            stderr += f"\ntimeout after {left:.0f} s"
         logs.append(f"===== {','.join(group)}\n{stderr[-6000:]}\n")
         got = {}
         for x in stdout.splitlines():
