@@ -35,6 +35,7 @@ import common  # noqa: F401 - first: sys.path and offline Hugging Face settings
 import httpx
 import numpy as np
 from common import (
+    QWEN_CONFIG,
     REPO,
     RESULTS,
     describe,
@@ -45,21 +46,14 @@ from common import (
     write_json,
     write_markdown,
 )
+from hf_peft_baseline import ARCH
 
 PROMPTS = REPO / "src/personatune/evaluate/data/general_prompts.jsonl"
 
-#: Model shapes for ``--synthetic`` (Qwen2.5 configs; the vocabulary is the tokenizer's).
+#: Model shapes for ``--synthetic`` (Qwen2.5 configs, hf_peft_baseline.py's; the vocabulary
+#: is the tokenizer's).
 SHAPES = {
-    "qwen2.5-0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-    ),  # fmt: skip
+    "qwen2.5-0.5b": {**ARCH["qwen2.5-0.5b"], **QWEN_CONFIG},
     "tiny": dict(
         hidden_size=32,
         intermediate_size=64,
@@ -109,7 +103,7 @@ def synthetic_personas(
     base = work / f"base-{shape}{tag}"
     if not (base / "config.json").exists():
         cfg = Qwen2Config(
-            **SHAPES[shape], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+            **dict(SHAPES[shape], vocab_size=len(tok)), bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             **({"initializer_range": init_range} if init_range else {}),
         )  # fmt: skip
