@@ -233,15 +233,8 @@ def run_setup(name, idx, ring, out_q, steps):
 
         if "threads1" in patches:
             torch.set_num_threads(1)
-        spec = load_spec(
-            SPEC,
-            [
-                f"train.max_steps={steps}",
-                "train.checkpoint_interval=1000000",
-                "guard.enabled=false",
-                *overrides,
-            ],
-        )
+        run = [f"train.max_steps={steps}", "train.checkpoint_interval=1000000"]
+        spec = load_spec(SPEC, [*run, "guard.enabled=false", *overrides])
         ref = models.resolve_ref(spec.model.name, spec.model.revision, spec.base_dir)
         tokenizer = models.load_tokenizer(ref)
         ensure_chat_template(tokenizer, spec.model.chat_template)
@@ -321,18 +314,9 @@ def summarise(results: dict, flop_per_token: float, peak_gflops: float) -> dict:
 def table(results: dict) -> str:
     """The results as a markdown table; the one-thread ratio column only when measured."""
     t1 = any("ratio_vs_baseline_t1" in r for r in results.values())
-    head = [
-        "set-up",
-        "what changes",
-        "threads",
-        "tokens/s",
-        "x baseline",
-        *(["x baseline-t1"] if t1 else []),
-        "median step s",
-        "peak RSS GiB",
-        "MFU",
-        "max loss diff vs baseline",
-    ]
+    head = ["set-up", "what changes", "threads", "tokens/s", "x baseline"]
+    head += ["x baseline-t1"] if t1 else []
+    head += ["median step s", "peak RSS GiB", "MFU", "max loss diff vs baseline"]
     rows = []
     for name, r in results.items():
         if "error" in r:
