@@ -31,6 +31,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 #: Qwen2.5's config fields beside the shapes of hf_peft_baseline.py's ``ARCH``, as its
 #: ``build`` sets them.
 QWEN_CONFIG = {"max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6}
+#: A 2-layer stand-in of a decoder's shape for checking a GPU script on a CPU; not a
+#: benchmark shape.
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 # ---------------------------------------------------------------------------------------

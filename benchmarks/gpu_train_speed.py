@@ -220,16 +220,8 @@ SETUPS = {
 }
 
 
-# A 2-layer stand-in for checking this script on a CPU (--smoke); not a benchmark shape.
-SMOKE = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1000,
-    "tie_word_embeddings": True,
-}
+# The shape for checking this script on a CPU (GPU_SPEED_SMOKE=1); not a benchmark shape.
+SMOKE = {**common.TINY, "vocab_size": 1000, "tie_word_embeddings": True}
 
 
 def device():

@@ -155,13 +155,7 @@ EVAL_OVERRIDES = [
     "guard.mc_tolerance=null",  # the multiple-choice row needs lm-eval, not on the GPU machine
 ]
 # A 2-layer stand-in of each architecture for checking this script on a CPU (--tiny).
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+TINY = common.TINY
 GIB = 2**30
 
 
