@@ -413,8 +413,8 @@ def run_recipe(name: str, args, scratch: Path, log: Path, left: float) -> dict:
     if proc.returncode:
         row["error"] = "build: " + proc.stderr[-400:]
         return row
-    row["build"] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "seconds": 0}
-    row["build"]["seconds"] = round(time.time() - t, 1)
+    built = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["build"] = {**built, "seconds": round(time.time() - t, 1)}
     persona = scratch / f"persona-{name}"
     overrides = [f"model.name={model_dir}", f"train.max_steps={args.steps}"]
     overrides += [f"output_dir={persona}", f"train.checkpoint_interval={args.steps}"]
@@ -443,10 +443,8 @@ def run_recipe(name: str, args, scratch: Path, log: Path, left: float) -> dict:
     if row["train"]["rc"] != 0 or not manifest.exists():
         return row
     stats = json.loads(manifest.read_text())["training"]
-    row["train"].update(
-        {k: stats.get(k) for k in ("steps", "train_seconds", "tokens_per_s", "peak_gpu_gib")}
-    )
-    row["train"]["effective_batch"] = stats.get("effective_batch")
+    kept = ("steps", "train_seconds", "tokens_per_s", "peak_gpu_gib", "effective_batch")
+    row["train"].update({k: stats.get(k) for k in kept})
     row["eval"] = run_cmd(["eval", str(persona)], cap(), log)
     merged = scratch / f"merged-{name}"
     row["export"] = run_cmd(["export", str(persona), "--merged", str(merged)], cap(), log)
@@ -480,11 +478,8 @@ def main() -> int:
     ap.add_argument("--command", default="", help="with --merge: the call's command")
     args = ap.parse_args()
     if args.build:
-        print(
-            json.dumps(
-                build_model(args.build[0], Path(args.tokenizer), Path(args.build[1]), args.tiny)
-            )
-        )
+        recipe, folder = args.build
+        print(json.dumps(build_model(recipe, Path(args.tokenizer), Path(folder), args.tiny)))
         return 0
     if args.random_embedder:
         print(random_embedder(args.random_embedder))
