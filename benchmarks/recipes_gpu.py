@@ -157,6 +157,8 @@ EVAL_OVERRIDES = [
 # A 2-layer stand-in of each architecture for checking this script on a CPU (--tiny).
 TINY = common.TINY
 GIB = 2**30
+#: The four commands timed for each recipe, and their colours in the plot.
+COMMAND_COLOURS = {"train": "#4c72b0", "eval": "#55a868", "export": "#c44e52", "serve": "#8172b2"}
 
 
 def _mark(x, i: int):
@@ -451,7 +453,7 @@ def run_recipe(name: str, args, scratch: Path, log: Path, left: float) -> dict:
     shutil.rmtree(merged, ignore_errors=True)
     row["serve"] = serve_once(persona, name.replace(".", "-"), cap(), log)
     budget = SEED_GPU[name][0]
-    peaks = [row[c].get("gpu_peak_gb") for c in ("train", "eval", "export", "serve")]
+    peaks = [row[c].get("gpu_peak_gb") for c in COMMAND_COLOURS]
     peaks = [p for p in peaks if p is not None]
     row["gpu_peak_gb"] = max(peaks) if peaks else None
     row["fits_seed_gpu"] = None if budget is None or not peaks else max(peaks) <= budget
@@ -645,12 +647,7 @@ def plot(res: dict, path: Path) -> Path:
     a.set_title("GPU memory per recipe against the seed's GPU")
     a.legend(fontsize=8)
     bottom = [0.0] * len(rows)
-    for cmd, color in (
-        ("train", "#4c72b0"),
-        ("eval", "#55a868"),
-        ("export", "#c44e52"),
-        ("serve", "#8172b2"),
-    ):
+    for cmd, color in COMMAND_COLOURS.items():
         v = [float((r.get(cmd) or {}).get("seconds") or 0) for r in rows]
         b.bar(x, v, bottom=bottom, color=color, label=cmd)
         bottom = [p + q for p, q in zip(bottom, v)]

@@ -383,8 +383,7 @@ def main() -> None:
             label = f"{args.synthetic} {'bf16' if q == 'none' else q}"
             runs.append({"label": label, **measure(dirs, None, levels, args)})
     elif len(args.persona_dirs) >= 1:
-        label = "persona dirs"
-        runs.append({"label": label, **measure(args.persona_dirs, None, levels, args)})
+        runs.append({"label": "persona dirs", **measure(args.persona_dirs, None, levels, args)})
     else:
         ap.error("give persona directories, --synthetic SHAPE or --url")
     report = {
