@@ -31,29 +31,17 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import common  # noqa: F401 - first: sys.path and offline Hugging Face settings
+import common  # first: sys.path and offline Hugging Face settings
 import httpx
 import numpy as np
-from common import (
-    QWEN_CONFIG,
-    REPO,
-    RESULTS,
-    describe,
-    figure,
-    machine_info,
-    markdown_table,
-    save_plot,
-    write_json,
-    write_markdown,
-)
 from hf_peft_baseline import ARCH
 
-PROMPTS = REPO / "src/personatune/evaluate/data/general_prompts.jsonl"
+PROMPTS = common.REPO / "src/personatune/evaluate/data/general_prompts.jsonl"
 
 #: Model shapes for ``--synthetic`` (Qwen2.5 configs, hf_peft_baseline.py's; the vocabulary
 #: is the tokenizer's).
 SHAPES = {
-    "qwen2.5-0.5b": {**ARCH["qwen2.5-0.5b"], **QWEN_CONFIG},
+    "qwen2.5-0.5b": {**ARCH["qwen2.5-0.5b"], **common.QWEN_CONFIG},
     "tiny": dict(
         hidden_size=32,
         intermediate_size=64,
@@ -141,7 +129,7 @@ def start_server(dirs: list[Path], max_batch: int, max_queue: int) -> tuple[subp
     cmd = [sys.executable, "-m", "personatune.cli", "serve", *map(str, dirs), "--host",
            "127.0.0.1", "--port", "0", "--max-batch", str(max_batch), "--max-queue",
            str(max_queue), "--log-level", "warning"]  # fmt: skip
-    path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(common.REPO / "src"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PERSONATUNE_API_KEY": "", "PYTHONPATH": path}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
@@ -294,7 +282,7 @@ def measure(dirs: list[Path] | None, url: str | None, levels: list[int], args) -
 
 def write_results(out: Path, report: dict) -> None:
     """JSON, a Markdown table and a plot (each written to a temp file and renamed)."""
-    write_json(out.with_suffix(".json"), report)
+    common.write_json(out.with_suffix(".json"), report)
     s = report["setup"]
     head = ["run", "clients", "requests ok / sent", "errors", "req/s", "tokens/s",
             "x 1 client", "latency p50 / p95 (s)", "TTFT p50 / p95 (s)"]  # fmt: skip
@@ -323,21 +311,21 @@ def write_results(out: Path, report: dict) -> None:
         f"{', '.join(report['runs'][0]['models'])}; {s['max_tokens']} max tokens per answer, "
         f"temperature {s['temperature']}, prompts from general_prompts.jsonl, loopback. "
         f"Server: `--max-batch {s['max_batch']} --max-queue {s['max_queue']}`.\n\n"
-        f"Machine: {describe(s['machine'])}. 1-minute load average ({loads}).\n\n"
-        f"Command: `{s['command']}`\n\n" + markdown_table(head, rows) + "\n"
+        f"Machine: {common.describe(s['machine'])}. 1-minute load average ({loads}).\n\n"
+        f"Command: `{s['command']}`\n\n" + common.markdown_table(head, rows) + "\n"
     )
     if s["device"] == "cuda":
         md += (
             "\nBefore continuous batching (issue 10, one request at a time, one H200, "
             "Qwen2.5-0.5B shape, NF4, one adapter, 128 tokens):\n\n"
-            + markdown_table(
+            + common.markdown_table(
                 ["clients", "tokens/s", "note"],
                 [[o["clients"], o["tokens_per_s"], o["note"]] for o in OLD_CUDA],
             )  # fmt: skip
             + "\n"
         )
-    write_markdown(out.with_suffix(".md"), md)
-    fig, axes = figure(1, 2, figsize=(10, 3.8))
+    common.write_markdown(out.with_suffix(".md"), md)
+    fig, axes = common.figure(1, 2, figsize=(10, 3.8))
     for r in report["runs"]:
         x = [lv["clients"] for lv in r["levels"]]
         axes[0].plot(x, [lv["tokens_per_s"] for lv in r["levels"]], "o-", label=r["label"])
@@ -349,7 +337,7 @@ def write_results(out: Path, report: dict) -> None:
                 xscale="log", xticks=x, xticklabels=[str(c) for c in x])  # fmt: skip
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=7)
-    save_plot(fig, out.with_suffix(".png"))
+    common.save_plot(fig, out.with_suffix(".png"))
 
 
 def main() -> None:
@@ -389,7 +377,7 @@ def main() -> None:
     report = {
         "setup": {
             "device": device,
-            "machine": machine_info(),
+            "machine": common.machine_info(),
             "max_tokens": args.max_tokens,
             "temperature": args.temperature,
             "max_batch": args.max_batch,
@@ -399,7 +387,7 @@ def main() -> None:
         },
         "runs": runs,
     }
-    out = args.out or RESULTS / f"serve_load_{device}"
+    out = args.out or common.RESULTS / f"serve_load_{device}"
     write_results(out, report)
     print(f"results in {out.with_suffix('.json')}")
     if any(lv["errors"] for r in runs for lv in r["levels"]):
