@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import common  # noqa: F401 - first: sys.path and offline Hugging Face settings
+# first: common puts src/ on sys.path and sets the offline Hugging Face settings
 from common import RESULTS, describe, machine_info, markdown_table, write_json, write_markdown
 from serve_load import PROMPTS, synthetic_personas
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import common  # noqa: F401 - first: sys.path and offline Hugging Face settings
+# first: common puts src/ on sys.path and sets the offline Hugging Face settings
 from common import RESULTS, describe, machine_info, markdown_table, write_json, write_markdown
 
 PIRATE = (

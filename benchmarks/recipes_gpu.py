@@ -370,15 +370,10 @@ def serve_once(persona: Path, name: str, timeout: float, log: Path) -> dict:
                     time.sleep(0.5)
             out["ready_s"] = round(time.time() - t, 1)
             t1 = time.time()
-            reply = _http(
-                f"{url}/v1/chat/completions",
-                {
-                    "model": name,
-                    "messages": [{"role": "user", "content": "Hello! Who are you?"}],
-                    "max_tokens": 32,
-                },
-                timeout=max(5, timeout - (time.time() - t)),
-            )
+            ask = [{"role": "user", "content": "Hello! Who are you?"}]
+            body = {"model": name, "messages": ask, "max_tokens": 32}
+            left = max(5, timeout - (time.time() - t))
+            reply = _http(f"{url}/v1/chat/completions", body, timeout=left)
             out["request_s"] = round(time.time() - t1, 2)
             out["usage"] = reply.get("usage")
             out["finish_reason"] = reply["choices"][0].get("finish_reason")
