@@ -759,45 +759,34 @@ def report(rows: dict) -> str:
     """A markdown table: baseline rows, then each set-up with its ratio to the baseline of
     the same model and quantization measured in the same call."""
     base = {(b["model"], b["quant"]): b for b in rows["baseline"] if "tokens_per_s" in b}
+    machine = rows["machine"]
+    rest = [f"{k} {v}" for k, v in machine.items() if k not in ("gpu", "bf16_matmul_tflops")]
+    head = ["set-up", "model", "weights", "batch x seq", "tokens/s", "x baseline", "peak GiB"]
+    head += ["MFU", "what changes"]
     out = [
         f"varlen check: {rows.get('varlen_check')}",
         "",
-        (
-            f"GPU: {rows['machine'].get('gpu')}, bf16 matmul peak "
-            f"{rows['machine'].get('bf16_matmul_tflops')} TFLOP/s; "
-        )
-        + ", ".join(
-            f"{k} {v}" for k, v in rows["machine"].items() if k not in ("gpu", "bf16_matmul_tflops")
-        ),
+        f"GPU: {machine.get('gpu')}, bf16 matmul peak {machine.get('bf16_matmul_tflops')} "
+        f"TFLOP/s; " + ", ".join(rest),
         "",
-        (
-            "| set-up | model | weights | batch x seq | tokens/s | x baseline | peak GiB "
-            "| MFU | what changes |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|",
+        common.markdown_table(head, []),  # the header; rows follow
     ]
-    for b in rows["baseline"]:
-        if "tokens_per_s" in b:
-            out.append(
-                f"| baseline | {b['model']} | {b['quant']} | {b['batch']}x{b['seq']} | "
-                f"{b['tokens_per_s']} | 1.00 | {b['peak_mem_gib']} | {b['mfu']} | "
-                "hf_peft_baseline.py |"
-            )
-    for r in rows["setups"]:
+    # the baseline rows (no "setup" key), then the set-ups
+    for r in [b for b in rows["baseline"] if "tokens_per_s" in b] + rows["setups"]:
         if "error" in r:
-            out.append(
-                f"| {r['setup']} | | | | error | | | | "
-                f"{r['error'].strip().splitlines()[-1][:120]} |"
-            )
+            error = r["error"].strip().splitlines()[-1][:120]
+            out.append(f"| {r['setup']} | | | | error | | | | {error} |")
             continue
         quant = "bf16" if r["quant"] == "none" else r["quant"]
-        b = base.get((r["model"], quant))
-        ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
-        out.append(
-            f"| {r['setup']} | {r['model']} | {quant} | {r['batch']}x{r['seq']} | "
-            f"{r['tokens_per_s']} | {ratio} | {r['peak_mem_gib']} | {r['mfu']} | "
-            f"{SETUPS[r['setup']].what} |"
-        )
+        if "setup" in r:
+            b = base.get((r["model"], quant))
+            ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
+            name, what = r["setup"], SETUPS[r["setup"]].what
+        else:  # a baseline row
+            name, ratio, what = "baseline", "1.00", "hf_peft_baseline.py"
+        cells = [name, r["model"], quant, f"{r['batch']}x{r['seq']}", r["tokens_per_s"], ratio]
+        cells += [r["peak_mem_gib"], r["mfu"], what]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out)
 
 
