@@ -196,15 +196,13 @@ def plot(rows: list[dict], path: Path) -> None:
         for r in rows
     ]
     fig, axes = common.figure(1, 4, figsize=(14, 3.6))
-    for ax, (key, title) in zip(
-        axes,
-        [
-            ("adoption_rate", "persona adoption % ↑"),
-            ("probe_accuracy", "factual probe % ↑"),
-            ("stress_pass_rate", "stress checks % ↑"),
-            ("drift_perplexity", "drift perplexity ↓"),
-        ],
-    ):
+    panels = [
+        ("adoption_rate", "persona adoption % ↑"),
+        ("probe_accuracy", "factual probe % ↑"),
+        ("stress_pass_rate", "stress checks % ↑"),
+        ("drift_perplexity", "drift perplexity ↓"),
+    ]
+    for ax, (key, title) in zip(axes, panels):
         vals = [r["tuned"][key] for r in rows]
         colours = [
             "tab:red" if r["arm"] == "off" or not r["gate_passed"] else "tab:green" for r in rows

@@ -170,11 +170,8 @@ def one_request(client: httpx.Client, url: str, body: dict) -> dict:
                             "latency_s": time.perf_counter() - start}  # fmt: skip
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                if (
-                    first is None
-                    and chunk["choices"]
-                    and chunk["choices"][0]["delta"].get("content")
-                ):
+                delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+                if first is None and delta.get("content"):
                     first = time.perf_counter() - start
     except httpx.HTTPError as e:
         return {"error": f"{type(e).__name__}: {e}", "latency_s": time.perf_counter() - start}

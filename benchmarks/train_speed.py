@@ -345,12 +345,8 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = common.figure(figsize=(7, 4))
     for name, r in results.items():
         if "loss" in r:
-            ax.plot(
-                range(1, len(r["loss"]) + 1),
-                r["loss"],
-                label=name,
-                lw=2.5 if name in ("baseline", "personatune") else 1,
-            )
+            wide = name in ("baseline", "personatune")
+            ax.plot(range(1, len(r["loss"]) + 1), r["loss"], label=name, lw=2.5 if wide else 1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title("pirate example, SmolLM2-135M, same data and seed")
