@@ -78,11 +78,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"baseline": [], "engine": []}
     for _ in range(args.reps):
         for name in runs:
-            with (
-                baseline()
-                if name == "baseline" and not args.conversations
-                else contextlib.nullcontext()
-            ):
+            old_engine = name == "baseline" and not args.conversations
+            with baseline() if old_engine else contextlib.nullcontext():
                 start = time.perf_counter()
                 if args.conversations:
                     answers = _conversations(model, tok, convs, args, name == "engine")

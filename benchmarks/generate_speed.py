@@ -282,11 +282,8 @@ def main() -> int:
         ref = resolve_ref("embedded")
         tok = load_tokenizer(ref)
         ensure_chat_template(tok, None)
-        ids = tok(
-            render_prompt(tok, [{"role": "user", "content": PROMPT}]),
-            return_tensors="pt",
-            add_special_tokens=False,
-        ).input_ids
+        text = render_prompt(tok, [{"role": "user", "content": PROMPT}])
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
         base = load_model(ref, "none", device)
         if args.persona:
             from peft import PeftModel

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401 - before personatune: sys.path and offline Hugging Face settings
+import common  # before personatune: sys.path and offline Hugging Face settings
 import torch
 
 PROMPTS = [
