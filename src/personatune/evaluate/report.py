@@ -9,6 +9,7 @@ import html
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 
 from personatune.evaluate.card import probe_change
@@ -113,14 +114,16 @@ def plot_metrics(metrics: dict, path: Path) -> bytes:
     keys = list(metrics)
     cols = 5
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.8 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         m = metrics[key]
         vals = [m["base"], m["tuned"]]
         shown = [0 if v is None or math.isnan(v) else v for v in vals]
         ax.bar(["base", "tuned"], shown, color=["tab:gray", "tab:orange"])
         arrow = {True: " ↑", False: " ↓"}.get(m["higher_is_better"], "")
-        ax.set_title(f"{m['label']}{arrow}", fontsize=8)
+        # long labels ("identity questions answered in persona, ...") ran into the next
+        # panel's title: wrap them to the panel's width
+        ax.set_title(textwrap.fill(f"{m['label']}{arrow}", 40), fontsize=8)
         for i, v in enumerate(vals):
             ax.text(i, shown[i], _fmt(v, m["unit"]), ha="center", va="bottom", fontsize=8)
         ax.tick_params(labelsize=8)

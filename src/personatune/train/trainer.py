@@ -317,10 +317,11 @@ def train(
         except PersonatuneError as refused:
             _search_or_raise(spec, state, work, refused, console)
         publish(work, output)
+        # a --resume with no steps left trains nothing, so it has no speed to report
+        speed = f"{stats['tokens_per_s']:.0f} tokens/s, " if stats["tokens_per_s"] else ""
         console.print(
             f"[green]persona written to {output}[/] "
-            f"({stats['steps']} steps, {stats['tokens_per_s']:.0f} tokens/s, "
-            f"effective batch {stats['effective_batch']})"
+            f"({stats['steps']} steps, {speed}effective batch {stats['effective_batch']})"
         )
     state.wait_for_everyone()
     return output
