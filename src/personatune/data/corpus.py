@@ -133,21 +133,10 @@ _GUTENBERG_END = re.compile(
 )
 _ILLUSTRATION = re.compile(r"\[Illustration[^\]]*\]", re.IGNORECASE)
 _ITALIC = re.compile(r"(?<!\w)_(?=\S)|(?<=\S)_(?!\w)")
-_QUOTES = str.maketrans(
-    {
-        "\u201c": '"',
-        "\u201d": '"',
-        "\u201e": '"',
-        "\u201f": '"',
-        "\u2033": '"',
-        "\u2018": "'",
-        "\u2019": "'",
-        "\u201a": "'",
-        "\u201b": "'",
-        "\u2032": "'",
-        "\u00a0": " ",
-        "\ufeff": "",
-    }
+_QUOTES = str.maketrans(  # curly quotes to straight ones, no-break space to space, no BOM
+    "\u201c\u201d\u201e\u201f\u2033\u2018\u2019\u201a\u201b\u2032\u00a0",
+    '"' * 5 + "'" * 5 + " ",
+    "\ufeff",
 )
 
 
@@ -263,12 +252,7 @@ def split_scenes(book: Book) -> list[Chapter]:
     after the book. Titles are made unique as in :func:`split_chapters`.
     """
     found = scene_spans(book.text) or ([(book.title, 0, len(book.text))] if book.text else [])
-    chapters, seen = [], Counter()
-    for idx, (name, start, end) in enumerate(found, 1):
-        seen[name] += 1
-        unique = name if seen[name] == 1 else f"{name} ({seen[name]})"
-        chapters.append(Chapter(book.title, idx, unique, text=book.text[start:end], offset=start))
-    return chapters
+    return _chapters(book.title, book.text, found)
 
 
 def _paragraphs(text: str) -> list[tuple[int, int]]:
@@ -366,13 +350,16 @@ def split_chapters(book: Book | str, min_chars: int = MIN_CHAPTER_CHARS) -> list
     flush()
     if not started and text:
         found = [(title, 0, len(text))]
+    return _chapters(title, text, found)
+
+
+def _chapters(book: str, text: str, found: list[tuple[str, int, int]]) -> list[Chapter]:
+    """Chapters of ``(title, start, end)`` spans of ``text``, repeated titles numbered."""
     chapters, seen = [], Counter()
     for idx, (name, start, end) in enumerate(found, 1):
         seen[name] += 1
         unique = name if seen[name] == 1 else f"{name} ({seen[name]})"
-        chapters.append(
-            Chapter(book=title, index=idx, title=unique, text=text[start:end], offset=start)
-        )
+        chapters.append(Chapter(book, idx, unique, text=text[start:end], offset=start))
     return chapters
 
 
