@@ -240,7 +240,10 @@ def from_corpus(
     """
     out = Path(out)
     _check_settings(out, corpus, labels, overwrite, character, format, eval_chapters)
-    _check_chunking(chunk_size, chunk_overlap)
+    try:
+        chunk_text("x", chunk_size, chunk_overlap)
+    except ValueError as e:
+        raise PersonatuneError(f"--chunk-size/--chunk-overlap: {e}") from None
     people = {
         "character": character,
         "aliases": list(dict.fromkeys([character, *aliases])),
@@ -275,7 +278,11 @@ def from_corpus(
         "seed": seed,
     }
     report = _report(corpus, books, settings, pairs, evals, chunks, attribution, n_samples)
-    _write_folder(out, train, evals, chunks, report)
+    with building(out) as work:
+        write_jsonl(work / "dialogue_train.jsonl", train)
+        write_jsonl(work / "dialogue_eval.jsonl", evals)
+        write_jsonl(work / "chunks_train.jsonl", chunks)
+        write_json(work / "report.json", report)
     return report
 
 
@@ -301,13 +308,6 @@ def _check_settings(
         raise PersonatuneError(f"--format {format}: choose auto, {', '.join(FORMATS)}")
     if not 0 <= eval_chapters < 1:
         raise PersonatuneError(f"--eval-chapters {eval_chapters}: give a share in [0, 1)")
-
-
-def _check_chunking(chunk_size: int, chunk_overlap: int) -> None:
-    try:
-        chunk_text("x", chunk_size, chunk_overlap)
-    except ValueError as e:
-        raise PersonatuneError(f"--chunk-size/--chunk-overlap: {e}") from None
 
 
 def _by_format(books: Sequence[Book]) -> tuple[list[Chapter], list[Chapter]]:
@@ -404,14 +404,3 @@ def _report(
         "attribution": attribution,
         "samples": summary["samples"],
     }
-
-
-def _write_folder(
-    out: Path, train: list[dict], evals: list[dict], chunks: list[dict], report: dict
-) -> None:
-    """Write the four files into a temporary folder beside ``out``, then rename it."""
-    with building(out) as work:
-        write_jsonl(work / "dialogue_train.jsonl", train)
-        write_jsonl(work / "dialogue_eval.jsonl", evals)
-        write_jsonl(work / "chunks_train.jsonl", chunks)
-        write_json(work / "report.json", report)
