@@ -96,12 +96,6 @@ def pick_teacher(
     )
 
 
-def shipped_prompts() -> list[str]:
-    """The shipped pool of general prompts for synthesis (``synth_prompts.jsonl``)."""
-    path = resources.files("personatune.evaluate") / "data" / "synth_prompts.jsonl"
-    return [r["prompt"] for r in read_jsonl(Path(str(path)))]
-
-
 def read_prompts(spec: PersonaSpec) -> tuple[list[str], str]:
     """The prompts to answer and where they came from: the spec's ``prompts:`` file (a
     JSONL of ``{"prompt"}`` or a text file of one prompt per line) or the shipped pool.
@@ -110,20 +104,14 @@ def read_prompts(spec: PersonaSpec) -> tuple[list[str], str]:
         PersonatuneError: the file is missing, unreadable, or holds no prompt.
     """
     if not spec.prompts:
-        return shipped_prompts(), "shipped:synth_prompts.jsonl"
+        path = resources.files("personatune.evaluate") / "data" / "synth_prompts.jsonl"
+        return [r["prompt"] for r in read_jsonl(Path(str(path)))], "shipped:synth_prompts.jsonl"
     path = spec.resolve(spec.prompts)
     if path.suffix == ".jsonl":
         rows = read_jsonl(path)
-        bad = next(
-            (
-                i
-                for i, r in enumerate(rows, 1)
-                if not isinstance(r, dict) or not str(r.get("prompt", "")).strip()
-            ),
-            None,
-        )
-        if bad:
-            raise PersonatuneError(f"{path}:row {bad}: needs a non-empty 'prompt' field")
+        for i, r in enumerate(rows, 1):
+            if not isinstance(r, dict) or not str(r.get("prompt", "")).strip():
+                raise PersonatuneError(f"{path}:row {i}: needs a non-empty 'prompt' field")
         prompts = [r["prompt"].strip() for r in rows]
     else:
         from personatune.io import read_text
