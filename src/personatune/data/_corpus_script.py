@@ -74,10 +74,6 @@ _INLINE_DIRECTION = re.compile(r"\[[^\]\n]*\]|\([^)\n]*\)|_[A-Z][^_\n]*\._")
 _OPENERS = {"[": "]", "(": ")"}
 
 
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
-
-
 def _speaker_name(name: str) -> str | None:
     """The label's name with spacing collapsed, or None when it is a heading, a
     transition or a roman numeral rather than a speaker."""
@@ -164,7 +160,7 @@ class _Line:
         self.raw, self.kind, self.name, self.rest_at, self.punct = line, "text", "", -1, ""
         self.ext = ""
         s = line.strip()
-        self.indent = _indent(line)
+        self.indent = len(line) - len(line.lstrip(" "))
         if not s:
             self.kind = "blank"
         elif _heading(line, block_start):

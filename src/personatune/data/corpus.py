@@ -499,11 +499,7 @@ def chunk_text(text: str, size: int = 500, overlap: int = 50) -> list[str]:
 
     Raises ``ValueError`` unless ``size > overlap >= 0`` (both ints).
     """
-    if (
-        isinstance(size, bool)
-        or isinstance(overlap, bool)
-        or not (isinstance(size, int) and isinstance(overlap, int))
-    ):
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (size, overlap)):
         raise ValueError(f"size and overlap must be ints, got {size!r} and {overlap!r}")
     if overlap < 0 or size <= overlap:
         raise ValueError(
