@@ -61,11 +61,8 @@ def generate_answers(
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     adapter = current_adapter(model)
     reqs = [Request(ids[i], tokenizer, adapter, Sampling(limits[i])) for i in order]
-    answers = run_batch(model, reqs, batch_size, progress, prefixes)
-    out: list[Answer | None] = [None] * len(ids)
-    for i, a in zip(order, answers):
-        out[i] = a
-    return out  # type: ignore[return-value]
+    answers = dict(zip(order, run_batch(model, reqs, batch_size, progress, prefixes)))
+    return [answers[i] for i in range(len(ids))]
 
 
 def persona_request(

@@ -19,7 +19,6 @@ Needs llama-cpp-python (``pip install 'personatune[llama-cpp]'``).
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import logging
 import os
@@ -30,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from personatune.data.chat import ensure_chat_template
 from personatune.engine.api import persona_request
 from personatune.engine.batcher import Answer, Batch, Event, Request, _Row
-from personatune.engine.load import Registry, describe_personas
-from personatune.engine.sampling import Sampling, choose, end_of_turn_ids
+from personatune.engine.load import Registry, attach_tokenizers, describe_personas
+from personatune.engine.sampling import Sampling, choose
 from personatune.engine.scheduler import DEFAULT_MAX_QUEUE, Scheduler
 from personatune.errors import PersonatuneError
 
@@ -154,7 +152,7 @@ def load_llama_cpp(
     from personatune.export.gguf_file import write_lora_gguf, write_model_gguf
     from personatune.export.merged import merge_persona
     from personatune.io import sha256_file
-    from personatune.models import cache_dir, load_tokenizer
+    from personatune.models import cache_dir
 
     quant = quant or BASE_QUANT
     ref, personas = describe_personas(dirs)
@@ -173,17 +171,12 @@ def load_llama_cpp(
 
     fingerprint = ref.fingerprint().split(":")[-1][:16]
     base_file = _cached_gguf(folder, f"base-{fingerprint}-{quant}.gguf", write_base)
-    tokenizer = load_tokenizer(ref)
-    ensure_chat_template(tokenizer)
+    attach_tokenizers(ref, personas)
     config, gen = _configs(ref)
     lora_files = {}
     for name, p in personas.items():
-        p.tokenizer = tokenizer
         if p.path is None:
             continue
-        if p.spec.model.chat_template:
-            p.tokenizer = copy.copy(tokenizer)
-            ensure_chat_template(p.tokenizer, p.spec.model.chat_template)
         digest = sha256_file(p.path / "adapter_model.safetensors")[:16]
         lora_files[name] = _cached_gguf(
             folder,
@@ -216,11 +209,6 @@ class LlamaCppBatch(Batch):
         self.peft = False
         self.rows: list[_Row] = []
         self._ends: dict[int, frozenset[int]] = {}
-
-    def _end_ids(self, tokenizer) -> frozenset[int]:
-        if id(tokenizer) not in self._ends:
-            self._ends[id(tokenizer)] = end_of_turn_ids(self.model, tokenizer)
-        return self._ends[id(tokenizer)]
 
     def add(self, req: Request) -> list[tuple[Request, Answer]]:
         if self.rows:
@@ -266,11 +254,6 @@ class LlamaCppBatch(Batch):
             return []
         self.rows = []
         return [self._finish(row, reason)]
-
-    def fail_all(self, message: str) -> list[tuple[Request, Answer]]:
-        out = [self.fail(r.req, message, len(r.ids)) for r in self.rows]
-        self.rows = []
-        return out
 
     def restore(self) -> None:
         pass

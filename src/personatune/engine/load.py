@@ -129,15 +129,6 @@ def _one_base(paths: list[Path], specs: list[PersonaSpec]) -> ModelRef:
     return refs[0]
 
 
-def _read_all(dirs: list[str | Path]) -> tuple[list[Path], list[PersonaSpec], ModelRef]:
-    if not dirs:
-        raise PersonatuneError("give at least one persona directory")
-    paths = [Path(d) for d in dirs]
-    specs = [read_spec(p) for p in paths]
-    _check_names(paths, specs)
-    return paths, specs, _one_base(paths, specs)
-
-
 def _served(path: Path, spec: PersonaSpec, tokenizer) -> ServedPersona:
     stamp = path / MANIFEST
     return ServedPersona(
@@ -163,7 +154,12 @@ def describe_personas(dirs: list[str | Path]) -> tuple[ModelRef, dict[str, Serve
     Raises:
         PersonatuneError: as :func:`load_registry`.
     """
-    paths, specs, ref = _read_all(dirs)
+    if not dirs:
+        raise PersonatuneError("give at least one persona directory")
+    paths = [Path(d) for d in dirs]
+    specs = [read_spec(p) for p in paths]
+    _check_names(paths, specs)
+    ref = _one_base(paths, specs)
     personas = {
         BASE_ID: ServedPersona(
             BASE_ID, f"The base model ({ref.name}) without any persona adapter.", "", None
@@ -171,6 +167,18 @@ def describe_personas(dirs: list[str | Path]) -> tuple[ModelRef, dict[str, Serve
     }
     personas.update((s.name, _served(p, s, None)) for p, s in zip(paths, specs))
     return ref, personas
+
+
+def attach_tokenizers(ref: ModelRef, personas: dict[str, ServedPersona]) -> None:
+    """Give every persona the base model's tokenizer (chat template ensured), or a copy
+    with its own chat template where its spec sets one."""
+    tokenizer = load_tokenizer(ref)
+    ensure_chat_template(tokenizer)
+    for p in personas.values():
+        p.tokenizer = tokenizer
+        if p.spec is not None and p.spec.model.chat_template:
+            p.tokenizer = copy.copy(tokenizer)
+            ensure_chat_template(p.tokenizer, p.spec.model.chat_template)
 
 
 def load_registry(dirs: list[str | Path], device: torch.device | None = None) -> Registry:
@@ -189,26 +197,13 @@ def load_registry(dirs: list[str | Path], device: torch.device | None = None) ->
     """
     from peft import PeftModel
 
-    paths, specs, ref = _read_all(dirs)
-    tokenizer = load_tokenizer(ref)
-    ensure_chat_template(tokenizer)
-    base = load_model(ref, specs[0].model.quantization, device)
-    model = None
-    personas = {
-        BASE_ID: ServedPersona(
-            BASE_ID, f"The base model ({ref.name}) without any persona adapter.", "", tokenizer
-        )
-    }
-    for p, s in zip(paths, specs):
-        if model is None:
-            model = PeftModel.from_pretrained(base, p, adapter_name=adapter_name(s.name))
-        else:
-            model.load_adapter(p, adapter_name=adapter_name(s.name))
-        tok = tokenizer
-        if s.model.chat_template:  # a persona-specific template needs its own tokenizer object
-            tok = copy.copy(tokenizer)
-            ensure_chat_template(tok, s.model.chat_template)
-        personas[s.name] = _served(p, s, tok)
+    ref, personas = describe_personas(dirs)
+    attach_tokenizers(ref, personas)
+    first, *rest = (p for p in personas.values() if p.adapter is not None)
+    base = load_model(ref, first.spec.model.quantization, device)
+    model = PeftModel.from_pretrained(base, first.path, adapter_name=first.adapter)
+    for p in rest:
+        model.load_adapter(p.path, adapter_name=p.adapter)
     model.eval()
     ctx = getattr(base.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
     return Registry(model, ref.name, ref, personas, int(ctx))
