@@ -20,8 +20,6 @@ import contextlib
 
 import torch
 
-# ---- 1. Falcon's FalconLinear under bitsandbytes ----------------------------------------
-
 
 @contextlib.contextmanager
 def falcon_linear_as_nn_linear(active: bool):
@@ -45,9 +43,6 @@ def falcon_linear_as_nn_linear(active: bool):
         modeling_falcon.FalconLinear = original
 
 
-# ---- 2. saving a model loaded from GGUF -------------------------------------------------
-
-
 def drop_gguf_quantizer(model) -> None:
     """Clear the GGUF quantizer marker of a model loaded with ``gguf_file=``, so that
     ``save_pretrained`` works. transformers de-quantises GGUF tensors to fp32 while
@@ -59,8 +54,6 @@ def drop_gguf_quantizer(model) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
-
-# ---- 3. variable-length attention for packed rows ---------------------------------------
 
 #: Attention implementation used for padding-free (packed) training; see :func:`varlen_attention`.
 VARLEN_ATTENTION = "personatune_varlen"
@@ -211,9 +204,6 @@ def use_varlen_attention(model) -> bool:
     return switch_attention(model, VARLEN_ATTENTION, varlen_attention)
 
 
-# ---- 4. LoRA inputs under autocast ------------------------------------------------------
-
-
 def autocast_lora_inputs(model) -> None:
     """Under autocast, LoRA layers take their input as it comes (bf16 on CUDA) instead of
     first copying it to the adapter's fp32 dtype: autocast runs the adapter's matmuls in
@@ -234,9 +224,6 @@ def autocast_lora_inputs(model) -> None:
     for module in model.modules():
         if type(module) is Linear:
             module._cast_input_dtype = types.MethodType(cast, module)
-
-
-# ---- 5. lm-eval task configs ------------------------------------------------------------
 
 
 def fuse_lora(model) -> int:
@@ -295,8 +282,6 @@ def load_task_yaml(path) -> dict:
 
     return load_yaml(path, resolve_func=True)
 
-
-# ---- 7. the output head on a sliced input -----------------------------------------------
 
 _HEAD_HOOK = "_personatune_contiguous_head"
 

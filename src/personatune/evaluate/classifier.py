@@ -46,11 +46,8 @@ class PersonaClassifier:
         """P(in persona) for each text, shape ``(n,)``."""
         if not len(texts):
             return np.zeros(0)
-        return self.proba_features(self.encode(list(texts)))
-
-    def proba_features(self, x: np.ndarray) -> np.ndarray:
-        """P(in persona) for feature rows ``x`` of shape ``(n, d)``."""
-        return self.model.predict_proba(np.asarray(x, dtype=np.float64))[:, 1]
+        x = np.asarray(self.encode(list(texts)), dtype=np.float64)
+        return self.model.predict_proba(x)[:, 1]
 
     def adoption(self, texts: Sequence[str]) -> dict:
         """``{"rate": share of texts with P >= 0.5 (0..1), "score": mean P,

@@ -120,14 +120,8 @@ def conditional_perplexity(
     finally:
         model.train(was_training)
     ppl, tokens = pooled(per)
-    return Perplexity(
-        ppl,
-        math.log(ppl) if tokens else math.nan,
-        tokens,
-        sum(p is not None for p in per),
-        skipped,
-        per,
-    )
+    nll, examples = (math.log(ppl) if tokens else math.nan), sum(p is not None for p in per)
+    return Perplexity(ppl, nll, tokens, examples, skipped, per)
 
 
 def heldout_perplexity(
@@ -149,10 +143,9 @@ def heldout_perplexity(
         progress: called with the number of conversations done (each is scored twice).
 
     Returns:
-        ``{"examples", "tokens", "skipped_overlong", "max_length", "bf16_autocast",
-        "base": {"perplexity",
-        "nll"}, "tuned": {...}, "reduction", "groups": {value: {"examples", "tokens",
-        "base", "tuned"}}}``; NLL in nats per token.
+        ``{"examples", "tokens", "skipped_overlong", "max_length", "bf16_autocast", "base":
+        {"perplexity", "nll"}, "tuned": {...}, "reduction", "group_by", "groups": {value:
+        {"examples", "tokens", "base", "tuned"}}}``; NLL in nats per token.
 
     Raises:
         PersonatuneError: a text example, or no conversation short enough to score.

@@ -54,7 +54,6 @@ class RichProgressCallback(TrainerCallback):
         self.console = console or Console(stderr=True)
         self.progress = None
         self.task = None
-        self.loss = float("nan")
         self.start = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -72,7 +71,6 @@ class RichProgressCallback(TrainerCallback):
         )
         self.task = self.progress.add_task("train", total=state.max_steps, loss="-")
         self.progress.start()
-
         self.start, self.first_step = time.time(), state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -83,14 +81,14 @@ class RichProgressCallback(TrainerCallback):
         # The step's loss arrives here, after on_step_end, so the plain line prints here.
         if not self.progress or not logs or "loss" not in logs:
             return
-        self.loss = logs["loss"]
-        self.progress.update(self.task, loss=f"{self.loss:.3f}")
+        loss = logs["loss"]
+        self.progress.update(self.task, loss=f"{loss:.3f}")
         tenth = max(1, state.max_steps // 10)
         if not self.console.is_terminal and state.global_step % tenth == 0:
             done = state.global_step - self.first_step
             eta = (time.time() - self.start) / max(done, 1) * (state.max_steps - state.global_step)
             self.console.print(
-                f"step {state.global_step}/{state.max_steps} loss {self.loss:.3f} ETA {eta:.0f}s",
+                f"step {state.global_step}/{state.max_steps} loss {loss:.3f} ETA {eta:.0f}s",
                 soft_wrap=True,
             )
 
