@@ -546,7 +546,6 @@ def extract_utterances(
     att = _Attributor(
         character, tuple(aliases), tuple(companions), tuple(narrator_names), tuple(excluded)
     )
-    chapters = list(chapters)
     parsed = [(ch, _parse_chapter(ch, att)) for ch in chapters]
     people: dict[str, set[str]] = {}  # per book: names seen as speakers ("Lestrade")
     for ch, utts in parsed:

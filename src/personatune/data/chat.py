@@ -65,10 +65,8 @@ def _template(tokenizer, messages: list[dict], add_generation_prompt: bool = Fal
     except Exception as e:  # jinja raises TemplateError for e.g. unsupported system roles
         if messages and messages[0]["role"] == "system" and "system" in str(e).lower():
             # Templates without a system role (Gemma, early Mistral): fold it into turn 1.
-            first = {
-                **messages[1],
-                "content": messages[0]["content"] + "\n\n" + messages[1]["content"],
-            }
+            content = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            first = {**messages[1], "content": content}
             return _template(tokenizer, [first, *messages[2:]], add_generation_prompt)
         raise PersonatuneError(f"the chat template failed on this conversation: {e}") from None
 

@@ -85,9 +85,8 @@ def read_corpus(path: str | Path, encoding: str = "utf-8", format: str = "prose"
     books = [b for b in books if b.chapters]
     if not books:
         raise PersonatuneError(f"{path}: no book text found after cleaning")
-    titles = Counter(b.title for b in books)
-    if max(titles.values()) > 1:
-        dup = next(t for t, n in titles.items() if n > 1)
+    dup = next((t for t, n in Counter(b.title for b in books).items() if n > 1), None)
+    if dup is not None:
         raise PersonatuneError(
             f"{path}: two books are titled '{dup}'; give them distinct "
             "--- From <title> --- lines or file names"
@@ -239,7 +238,18 @@ def from_corpus(
             settings, or no line of the character found. Nothing is written then.
     """
     out = Path(out)
-    _check_settings(out, corpus, labels, overwrite, character, format, eval_chapters)
+    # refuse, before reading anything, an output that may not be replaced and impossible settings
+    if out.exists() and not overwrite:
+        raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise PersonatuneError(f"{out} is a file; choose a folder for --out")
+    check_replaceable(out, "corpus data folder", [corpus, *([labels] if labels else [])], SIGNATURE)
+    if not character.strip():
+        raise PersonatuneError("--character must not be empty")
+    if format not in ("auto", *FORMATS):
+        raise PersonatuneError(f"--format {format}: choose auto, {', '.join(FORMATS)}")
+    if not 0 <= eval_chapters < 1:
+        raise PersonatuneError(f"--eval-chapters {eval_chapters}: give a share in [0, 1)")
     try:
         chunk_text("x", chunk_size, chunk_overlap)
     except ValueError as e:
@@ -247,9 +257,9 @@ def from_corpus(
     people = {
         "character": character,
         "aliases": list(dict.fromkeys([character, *aliases])),
-        "companions": tuple(companions),
-        "narrator_names": tuple(narrator_names),
-        "excluded": tuple(excluded),
+        "companions": list(companions),
+        "narrator_names": list(narrator_names),
+        "excluded": list(excluded),
     }
     label_rows = read_labels(labels, character) if labels else None
     books = read_corpus(corpus, encoding, format)
@@ -268,9 +278,6 @@ def from_corpus(
         attribution = score_attribution(books, utterances, label_rows, character, str(labels))
     settings = {
         **people,
-        "companions": list(companions),
-        "narrator_names": list(narrator_names),
-        "excluded": list(excluded),
         "format": format,
         "chunk_size": chunk_size,
         "chunk_overlap": chunk_overlap,
@@ -284,30 +291,6 @@ def from_corpus(
         write_jsonl(work / "chunks_train.jsonl", chunks)
         write_json(work / "report.json", report)
     return report
-
-
-def _check_settings(
-    out: Path,
-    corpus: str | Path,
-    labels: str | Path | None,
-    overwrite: bool,
-    character: str,
-    format: str,
-    eval_chapters: float,
-) -> None:
-    """Refuse, before reading anything, an output that may not be replaced and
-    impossible settings."""
-    if out.exists() and not overwrite:
-        raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise PersonatuneError(f"{out} is a file; choose a folder for --out")
-    check_replaceable(out, "corpus data folder", [corpus, *([labels] if labels else [])], SIGNATURE)
-    if not character.strip():
-        raise PersonatuneError("--character must not be empty")
-    if format not in ("auto", *FORMATS):
-        raise PersonatuneError(f"--format {format}: choose auto, {', '.join(FORMATS)}")
-    if not 0 <= eval_chapters < 1:
-        raise PersonatuneError(f"--eval-chapters {eval_chapters}: give a share in [0, 1)")
 
 
 def _by_format(books: Sequence[Book]) -> tuple[list[Chapter], list[Chapter]]:
