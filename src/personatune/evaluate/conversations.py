@@ -59,15 +59,9 @@ def run_conversations(
         live = [i for i, c in enumerate(items) if turn < len(c["turns"])]
         for i in live:
             histories[i].append({"role": "user", "content": items[i]["turns"][turn]["prompt"]})
-        asked = [list(histories[i]) for i in live]
+        sets = [([list(histories[i]) for i in live], max_new_tokens)]
         answers = cached_answer_sets(
-            model,
-            tokenizer,
-            [(asked, max_new_tokens)],
-            fingerprint,
-            batch_size,
-            progress,
-            prefixes,
+            model, tokenizer, sets, fingerprint, batch_size, progress, prefixes
         )[0]
         for i, a in zip(live, answers):
             histories[i].append({"role": "assistant", "content": a.text})

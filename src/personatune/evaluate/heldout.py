@@ -23,11 +23,8 @@ def heldout_examples(persona_dir: Path, spec, data: Sequence[Path] = ()) -> tupl
 
     if data:
         paths = [str(d) for d in data]
-        return (
-            [ex for p in paths for ex in load_source(DataSource(path=p), spec.base_dir)],
-            paths,
-            [],
-        )
+        examples = [ex for p in paths for ex in load_source(DataSource(path=p), spec.base_dir)]
+        return examples, paths, []
     if not any(s.eval_path for s in spec.data):
         raise PersonatuneError(f"{persona_dir}: no data source has eval_path; pass --data FILE")
     split = persona_split(spec, persona_dir)
@@ -82,7 +79,6 @@ def eval_heldout(
     check_replaceable_file(out, "held-out perplexity report", protect, keys)
     if plot.exists():  # the plot is ours only if the report beside it is
         check_replaceable_file(plot, "held-out perplexity plot", protect)
-        check_replaceable_file(out, "held-out perplexity report", protect, keys)
         if not out.exists():
             raise PersonatuneError(
                 f"{plot}: not a plot that personatune wrote; choose another --out"
