@@ -46,17 +46,6 @@ BASE_QUANT = "q8_0"
 MAX_CONTEXT = 4096
 
 
-def _require():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise PersonatuneError(
-            "--engine llama-cpp needs llama-cpp-python: pip install 'personatune[llama-cpp]' "
-            "(builds llama.cpp), or use --engine torch"
-        ) from None
-    return llama_cpp
-
-
 @dataclass
 class LlamaCppModel:
     """A llama.cpp context on the base GGUF with every persona's LoRA adapter loaded.
@@ -148,7 +137,13 @@ def load_llama_cpp(
         PersonatuneError: llama-cpp-python missing, persona directories that the torch
             engine would refuse too, or a base model the GGUF export does not write.
     """
-    llama_cpp = _require()
+    try:
+        import llama_cpp
+    except ImportError:
+        raise PersonatuneError(
+            "--engine llama-cpp needs llama-cpp-python: pip install 'personatune[llama-cpp]' "
+            "(builds llama.cpp), or use --engine torch"
+        ) from None
     from personatune.export.gguf_file import write_lora_gguf, write_model_gguf
     from personatune.export.merged import merge_persona
     from personatune.io import sha256_file
@@ -288,10 +283,7 @@ def ask(
     """:func:`personatune.engine.ask` on the llama.cpp engine: answers to ``(model id,
     messages)`` items, each persona's system prompt prepended, one request at a time
     (``max_batch`` is accepted and ignored)."""
-    reqs = [
-        persona_request(registry.personas[name], messages, sampling, emit)
-        for name, messages in items
-    ]
+    reqs = [persona_request(registry.personas[name], msgs, sampling, emit) for name, msgs in items]
     return run_requests(registry.model, reqs)
 
 

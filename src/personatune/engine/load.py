@@ -129,21 +129,6 @@ def _one_base(paths: list[Path], specs: list[PersonaSpec]) -> ModelRef:
     return refs[0]
 
 
-def _served(path: Path, spec: PersonaSpec, tokenizer) -> ServedPersona:
-    stamp = path / MANIFEST
-    return ServedPersona(
-        spec.name,
-        spec.description,
-        spec.system_prompt,
-        tokenizer,
-        adapter=adapter_name(spec.name),
-        path=path,
-        spec=spec,
-        test_prompts=list(spec.test_prompts),
-        created=int((stamp if stamp.exists() else path).stat().st_mtime),
-    )
-
-
 def describe_personas(dirs: list[str | Path]) -> tuple[ModelRef, dict[str, ServedPersona]]:
     """The personas of ``dirs`` without loading any model (``tokenizer`` None): for a
     server that forwards generation elsewhere, and for printing a vLLM command.
@@ -160,12 +145,21 @@ def describe_personas(dirs: list[str | Path]) -> tuple[ModelRef, dict[str, Serve
     specs = [read_spec(p) for p in paths]
     _check_names(paths, specs)
     ref = _one_base(paths, specs)
-    personas = {
-        BASE_ID: ServedPersona(
-            BASE_ID, f"The base model ({ref.name}) without any persona adapter.", "", None
+    description = f"The base model ({ref.name}) without any persona adapter."
+    personas = {BASE_ID: ServedPersona(BASE_ID, description, "", None)}
+    for p, s in zip(paths, specs):
+        stamp = p / MANIFEST
+        personas[s.name] = ServedPersona(
+            s.name,
+            s.description,
+            s.system_prompt,
+            None,
+            adapter=adapter_name(s.name),
+            path=p,
+            spec=s,
+            test_prompts=list(s.test_prompts),
+            created=int((stamp if stamp.exists() else p).stat().st_mtime),
         )
-    }
-    personas.update((s.name, _served(p, s, None)) for p, s in zip(paths, specs))
     return ref, personas
 
 

@@ -41,9 +41,8 @@ def end_of_turn_ids(model, tokenizer) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         out.add(tokenizer.eos_token_id)
     try:
-        r = render_chat(
-            tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
-        )
+        turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+        r = render_chat(tokenizer, turn)
         last = max(i for i, m in enumerate(r.mask) if m)
         if r.input_ids[last] in set(tokenizer.all_special_ids):
             out.add(r.input_ids[last])
