@@ -71,14 +71,8 @@ class AnswerCache:
     def __init__(self, namespace: dict):
         self.namespace = {**namespace, "version": CACHE_VERSION}
         self.path = cache_dir() / "answers" / f"{digest(self.namespace)[:24]}.jsonl"
-        self.entries: dict[str, Answer] = {}
-        if self.path.exists():
-            for row in read_jsonl(self.path):
-                self.entries[row["key"]] = Answer(**row["answer"])
-
-    @staticmethod
-    def key(conversation: list[dict]) -> str:
-        return digest(conversation)
+        rows = read_jsonl(self.path) if self.path.exists() else []
+        self.entries: dict[str, Answer] = {r["key"]: Answer(**r["answer"]) for r in rows}
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +137,7 @@ def cached_answer_sets(
                     "dtype": dtype,
                 }
             )
-    keys = [[AnswerCache.key(c) for c in convs] for convs, _ in sets]
+    keys = [[digest(c) for c in convs] for convs, _ in sets]
     todo: dict[tuple[int, str], list[dict]] = {}
     for (convs, limit), ks in zip(sets, keys):
         for k, c in zip(ks, convs):

@@ -130,14 +130,9 @@ def fit_adoption_classifier(
         PersonatuneError: too few persona examples (fewer than 5).
     """
     exs = classifier_examples(spec, data)
+    convs, limit = [example_prompt(spec, e, False) for e in exs], spec.eval.max_new_tokens
     plain = cached_answers(
-        base_model,
-        tokenizer,
-        [example_prompt(spec, e, False) for e in exs],
-        fingerprint,
-        spec.eval.max_new_tokens,
-        spec.eval.batch_size,
-        progress,
+        base_model, tokenizer, convs, fingerprint, limit, spec.eval.batch_size, progress
     )
     return fit_classifier([e.messages[-1]["content"] for e in exs], [a.text for a in plain])
 
