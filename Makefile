@@ -28,7 +28,12 @@ demo: $(BIN)/personatune
 # Corpus to persona: Holmes's lines from the six books (never copied into the repo),
 # a LoRA on the embedded model, and held-out chapters' conditional perplexity, base vs tuned.
 # THREADS=0 lets a short probe pick the CPU thread count (one thread wins on a busy machine).
+# The gate refuses Holmes on the probe under his system prompt (README, "From a raw
+# corpus"); the search's frontier is measured there, so SHERLOCK_SEARCH (seconds, the
+# guard's search_budget_s) is 0 by default, and a refused run is published with
+# --resume --no-gate (the verdict stays in gate.json) so that the report card can be made.
 SHERLOCK_CORPUS ?= ../shared/data/sherlock/corpus.txt
+SHERLOCK_SEARCH ?= 0
 THREADS ?= 0
 sherlock: $(BIN)/personatune
 	@if [ ! -f "$(SHERLOCK_CORPUS)" ]; then \
@@ -38,8 +43,13 @@ sherlock: $(BIN)/personatune
 	$(BIN)/personatune data from-corpus "$(SHERLOCK_CORPUS)" --out runs/sherlock-data \
 	  --character Holmes --alias "Sherlock Holmes" --alias "Mr. Holmes" --narrator Watson \
 	  --exclude "Mycroft Holmes" --labels tests/fixtures/sherlock_attribution.jsonl --overwrite; \
-	$(BIN)/personatune train examples/sherlock/persona.yaml train.threads=$(THREADS) --overwrite; \
-	$(BIN)/personatune eval-heldout runs/sherlock --threads $(THREADS) --overwrite
+	$(BIN)/personatune train examples/sherlock/persona.yaml train.threads=$(THREADS) \
+	  guard.search_budget_s=$(SHERLOCK_SEARCH) --overwrite || { [ $$? -eq 2 ] && \
+	  $(BIN)/personatune train examples/sherlock/persona.yaml train.threads=$(THREADS) \
+	  --resume --no-gate; }; \
+	$(BIN)/personatune eval-heldout runs/sherlock --threads $(THREADS) --overwrite; \
+	$(BIN)/personatune eval runs/sherlock --threads $(THREADS) --overwrite \
+	  --benchmark mc_tiny=src/personatune/evaluate/data/mc_tiny.jsonl
 
 test: $(BIN)/personatune
 	$(BIN)/pytest -q
