@@ -5,6 +5,7 @@ any evaluation set or with the pirate example's training prompts."""
 from __future__ import annotations
 
 import csv
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -131,5 +132,22 @@ def test_synth_prompts_are_disjoint_from_every_evaluation_set(source):
         for p in load_set("synth_prompts")
         for src, o in others
         if (why := near_duplicate(p["prompt"], o))
+    ]
+    assert not clashes, clashes[:5]
+
+
+def test_butler_pairs_are_disjoint_from_every_evaluation_set():
+    """Guards against the butler example's hand-written pairs training on an evaluation
+    prompt (its report card would then measure memory), exact or near-duplicate
+    (:func:`near_duplicate`)."""
+    path = REPO / "examples/butler/butler.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 200 and all(set(r) == {"prompt", "response"} for r in rows)
+    evaluation = [(s, o) for s, o in other_prompts() if not s.endswith(".csv")]
+    clashes = [
+        (r["prompt"], src, o, why)
+        for r in rows
+        for src, o in evaluation
+        if (why := near_duplicate(r["prompt"], o))
     ]
     assert not clashes, clashes[:5]
