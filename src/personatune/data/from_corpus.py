@@ -238,22 +238,9 @@ def from_corpus(
             settings, or no line of the character found. Nothing is written then.
     """
     out = Path(out)
-    # refuse, before reading anything, an output that may not be replaced and impossible settings
-    if out.exists() and not overwrite:
-        raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise PersonatuneError(f"{out} is a file; choose a folder for --out")
-    check_replaceable(out, "corpus data folder", [corpus, *([labels] if labels else [])], SIGNATURE)
-    if not character.strip():
-        raise PersonatuneError("--character must not be empty")
-    if format not in ("auto", *FORMATS):
-        raise PersonatuneError(f"--format {format}: choose auto, {', '.join(FORMATS)}")
-    if not 0 <= eval_chapters < 1:
-        raise PersonatuneError(f"--eval-chapters {eval_chapters}: give a share in [0, 1)")
-    try:
-        chunk_text("x", chunk_size, chunk_overlap)
-    except ValueError as e:
-        raise PersonatuneError(f"--chunk-size/--chunk-overlap: {e}") from None
+    _check_settings(
+        out, corpus, labels, overwrite, character, format, eval_chapters, chunk_size, chunk_overlap
+    )
     people = {
         "character": character,
         "aliases": list(dict.fromkeys([character, *aliases])),
@@ -285,12 +272,38 @@ def from_corpus(
         "seed": seed,
     }
     report = _report(corpus, books, settings, pairs, evals, chunks, attribution, n_samples)
-    with building(out) as work:
-        write_jsonl(work / "dialogue_train.jsonl", train)
-        write_jsonl(work / "dialogue_eval.jsonl", evals)
-        write_jsonl(work / "chunks_train.jsonl", chunks)
-        write_json(work / "report.json", report)
+    _write_folder(out, train, evals, chunks, report)
     return report
+
+
+def _check_settings(
+    out: Path,
+    corpus: str | Path,
+    labels: str | Path | None,
+    overwrite: bool,
+    character: str,
+    format: str,
+    eval_chapters: float,
+    chunk_size: int,
+    chunk_overlap: int,
+) -> None:
+    """Refuse, before reading anything, an output that may not be replaced and
+    impossible settings."""
+    if out.exists() and not overwrite:
+        raise PersonatuneError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise PersonatuneError(f"{out} is a file; choose a folder for --out")
+    check_replaceable(out, "corpus data folder", [corpus, *([labels] if labels else [])], SIGNATURE)
+    if not character.strip():
+        raise PersonatuneError("--character must not be empty")
+    if format not in ("auto", *FORMATS):
+        raise PersonatuneError(f"--format {format}: choose auto, {', '.join(FORMATS)}")
+    if not 0 <= eval_chapters < 1:
+        raise PersonatuneError(f"--eval-chapters {eval_chapters}: give a share in [0, 1)")
+    try:
+        chunk_text("x", chunk_size, chunk_overlap)
+    except ValueError as e:
+        raise PersonatuneError(f"--chunk-size/--chunk-overlap: {e}") from None
 
 
 def _by_format(books: Sequence[Book]) -> tuple[list[Chapter], list[Chapter]]:
@@ -387,3 +400,14 @@ def _report(
         "attribution": attribution,
         "samples": summary["samples"],
     }
+
+
+def _write_folder(
+    out: Path, train: list[dict], evals: list[dict], chunks: list[dict], report: dict
+) -> None:
+    """Write the four files into a temporary folder beside ``out``, then rename it."""
+    with building(out) as work:
+        write_jsonl(work / "dialogue_train.jsonl", train)
+        write_jsonl(work / "dialogue_eval.jsonl", evals)
+        write_jsonl(work / "chunks_train.jsonl", chunks)
+        write_json(work / "report.json", report)

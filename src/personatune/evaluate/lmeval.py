@@ -17,6 +17,17 @@ GENERIC_TEXT = "Question: {{question}}\nAnswer:"
 _DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def _first_row(path: Path) -> dict:
+    """The first row of a JSONL or JSON-list benchmark file (its columns name the task's
+    fields); ``{}`` for other formats or an empty file."""
+    if path.suffix == ".jsonl":
+        return next((row for _, row in jsonl_records(path)), {})
+    if path.suffix == ".json":
+        data = read_json(path)
+        return data[0] if isinstance(data, list) and data else {}
+    return {}
+
+
 def check_generic(path: Path) -> int:
     """Validate a generic multiple-choice file (JSONL rows ``{"question": str,
     "choices": [str, ...], "label": int index of the right choice}``) and return its row
@@ -67,12 +78,7 @@ def task_config(task: str, path: str | Path) -> dict:
     builder = _DATASET_BUILDERS.get(path.suffix)
     if builder is None:
         raise PersonatuneError(f"{path}: benchmark data must be .jsonl, .json, .csv or .parquet")
-    first = {}
-    if path.suffix == ".jsonl":
-        first = next((row for _, row in jsonl_records(path)), {})
-    elif path.suffix == ".json":
-        data = read_json(path)
-        first = data[0] if isinstance(data, list) and data else {}
+    first = _first_row(path)
     metrics = [
         {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
     ]

@@ -120,7 +120,8 @@ def conditional_perplexity(
     finally:
         model.train(was_training)
     ppl, tokens = pooled(per)
-    nll, examples = (math.log(ppl) if tokens else math.nan), sum(p is not None for p in per)
+    nll = math.log(ppl) if tokens else math.nan
+    examples = sum(p is not None for p in per)
     return Perplexity(ppl, nll, tokens, examples, skipped, per)
 
 

@@ -130,9 +130,10 @@ def fit_adoption_classifier(
         PersonatuneError: too few persona examples (fewer than 5).
     """
     exs = classifier_examples(spec, data)
-    convs, limit = [example_prompt(spec, e, False) for e in exs], spec.eval.max_new_tokens
+    convs = [example_prompt(spec, e, False) for e in exs]
+    ev = spec.eval
     plain = cached_answers(
-        base_model, tokenizer, convs, fingerprint, limit, spec.eval.batch_size, progress
+        base_model, tokenizer, convs, fingerprint, ev.max_new_tokens, ev.batch_size, progress
     )
     return fit_classifier([e.messages[-1]["content"] for e in exs], [a.text for a in plain])
 
