@@ -156,12 +156,7 @@ def select_checkpoint(
     for c in sorted(candidates, key=rank):
         m = {**c, **(measure(c["step"]) if measure else {})}
         reasons = retention_failures(
-            base,
-            m,
-            probe_tolerance,
-            max_drift_ratio,
-            degeneration_tolerance,
-            mc_tolerance,
+            base, m, probe_tolerance, max_drift_ratio, degeneration_tolerance, mc_tolerance
         )
         checked.append(
             {
@@ -425,7 +420,7 @@ class Guard:
         """Guard metrics of an inference model (see :func:`inference_copy`) on the fixed
         subsets: ``adoption_rate`` (0..1) and ``persona_score`` (mean P(persona)) on the
         general prompts under the persona's system prompt; knowledge
-        (:meth:`knowledge`: ``probe_accuracy`` and ``probe_plain_accuracy`` in percent,
+        (:meth:`_knowledge_scores`: ``probe_accuracy`` and ``probe_plain_accuracy`` in percent,
         ``degeneration``, and ``mc_accuracy`` with ``guard.mc_tolerance``); ``drift_ppl``
         and ``drift_ratio``. Answers are cached when ``fingerprint`` is given."""
         ev = self.spec.eval
@@ -468,24 +463,14 @@ class Guard:
         answers = iter(generate_answers(model, tok, flat, limits, ev.batch_size, progress))
         return [[next(answers) for _ in convs] for convs, _ in sets]
 
-    def knowledge(
-        self,
-        model,
-        items: Sequence[dict],
-        fingerprint: str | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> dict:
-        """What a verbose voice cannot fail by itself: the factual probe ``items`` with
-        the knowledge budget (``eval.knowledge_max_new_tokens``), the accepted answer
-        found anywhere in the answer (:func:`score_probe`), under the persona's system
-        prompt (``probe_accuracy``) and without one (``probe_plain_accuracy``), percent;
-        ``degeneration``, the :func:`answer_degeneration` shares of both answer sets;
-        and, when ``guard.mc_tolerance`` is set, ``mc_accuracy``: the shipped
-        ``mc_tiny`` multiple choice by log-likelihood through lm-eval, percent."""
-        p, q = self._answer_sets(model, probe_sets(self.spec, items), fingerprint, progress)
-        return self._knowledge_scores(model, items, p, q)
-
     def _knowledge_scores(self, model, items, persona: list[Answer], plain: list[Answer]):
+        """What a verbose voice cannot fail by itself, on the factual probe ``items``
+        answered with the knowledge budget (``eval.knowledge_max_new_tokens``): the accepted
+        answer found anywhere in the answer (:func:`score_probe`), under the persona's system
+        prompt (``probe_accuracy``) and without one (``probe_plain_accuracy``), percent;
+        ``degeneration``, the :func:`answer_degeneration` shares of both answer sets; and,
+        when ``guard.mc_tolerance`` is set, ``mc_accuracy``: the shipped ``mc_tiny``
+        multiple choice by log-likelihood through lm-eval, percent."""
         limit = self.spec.eval.knowledge_max_new_tokens
         out = {
             "probe_accuracy": score_probe([a.text for a in persona], items)["accuracy"],
@@ -498,10 +483,6 @@ class Guard:
             out["mc_accuracy"] = 100 * run_benchmark(model, self.tokenizer, *MC_TINY)["acc"]
         return out
 
-    def callback(self, log_path: Path) -> GuardCallback:
-        """The transformers callback that logs guard metrics at every checkpoint."""
-        return GuardCallback(self, Path(log_path))
-
     def full_metrics(
         self,
         model,
@@ -509,11 +490,13 @@ class Guard:
         drift_convs: list[list[dict]],
         progress: Callable[[int], None] | None = None,
     ) -> dict:
-        """:meth:`knowledge` on every held-out probe question (answers cached by
-        ``fingerprint``; ``2 x len(data.probe)`` answers) and perplexity on
+        """Knowledge (:meth:`_knowledge_scores`) on every held-out probe question (answers
+        cached by ``fingerprint``; ``2 x len(data.probe)`` answers) and perplexity on
         ``drift_convs``, the base model's answers to every held-out general prompt."""
+        sets = probe_sets(self.spec, self.data.probe)
+        p, q = self._answer_sets(model, sets, fingerprint, progress)
         return {
-            **self.knowledge(model, self.data.probe, fingerprint, progress),
+            **self._knowledge_scores(model, self.data.probe, p, q),
             "drift_ppl": perplexity(model, self.tokenizer, drift_convs, fingerprint=fingerprint),
         }
 
@@ -613,21 +596,18 @@ class Guard:
                         f"held-out persona prompts. Change: {cmp['advice']}"
                     )
                     result["chosen"] = None
-        published = (
-            result["chosen"] if result["chosen"] is not None else (last if not g.gate else None)
-        )
+        # without the gate, the only candidate is the last checkpoint, published either way
+        published = result["chosen"] if g.gate else last
         if published is not None:
             shutil.copyfile(ckpts[published] / ADAPTER_WEIGHTS, work / ADAPTER_WEIGHTS)
         result.update(
-            {
-                "published": published,
-                "overridden": not g.gate,
-                "base_full": base_full,
-                "probe_questions": len(self.data.probe),
-                "drift_prompts": len(self.data.general),
-                "gate_s": round(time.time() - start, 1),
-                "gate_cpu_s": round(time.process_time() - start_cpu, 1),
-            }
+            published=published,
+            overridden=not g.gate,
+            base_full=base_full,
+            probe_questions=len(self.data.probe),
+            drift_prompts=len(self.data.general),
+            gate_s=round(time.time() - start, 1),
+            gate_cpu_s=round(time.process_time() - start_cpu, 1),
         )
         write_json(work / "gate.json", result)
         print_gate(result, console)

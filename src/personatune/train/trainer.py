@@ -3,12 +3,15 @@ write the persona directory."""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import PartialState
 from rich.console import Console
 from transformers import (
@@ -20,7 +23,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
-from personatune import patches
+from personatune import __version__, patches
 from personatune.config import PersonaSpec, dump_spec
 from personatune.data.chat import ensure_chat_template
 from personatune.data.dataset import PreparedData, data_files, heldout_rows, prepare_data
@@ -132,8 +135,6 @@ def collator(spec: PersonaSpec, tokenizer, model=None):
 
 
 def _keeps_logits(model) -> bool:
-    import inspect
-
     if model is None:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -144,8 +145,6 @@ def training_args(spec: PersonaSpec, work: Path, device: torch.device, has_eval:
     """transformers ``TrainingArguments`` for ``spec``: logging every step, checkpoints
     every ``train.checkpoint_interval`` steps, bf16 autocast where :func:`use_bf16`, Liger
     kernels on CUDA where installed (``train.liger``), ``torch.compile`` if asked."""
-    import importlib.util
-
     t = spec.train
     liger = (
         t.liger and device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
@@ -237,9 +236,6 @@ def build_trainer(
 def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) -> dict:
     """The ``persona.json`` manifest: who the persona is and how it was made."""
     import peft
-    import transformers
-
-    from personatune import __version__
 
     return {
         "name": spec.name,
@@ -373,7 +369,7 @@ def _setup_guard(spec, state, ref, tokenizer, base, data: PreparedData, work, co
     the main process, both None with ``guard.enabled`` off."""
     if not spec.guard.enabled:
         return None, None
-    from personatune.train.guard import Guard
+    from personatune.train.guard import Guard, GuardCallback
 
     device = next(base.parameters()).device
     if device.type == "cpu" and spec.train.threads:  # the guard generates before training
@@ -381,7 +377,7 @@ def _setup_guard(spec, state, ref, tokenizer, base, data: PreparedData, work, co
     with state.main_process_first():
         guard = Guard.prepare(spec, ref, tokenizer, base, len(data.train), data.split, console)
     data.train += guard.rows
-    return guard, guard.callback(work / TRAIN_LOG) if state.is_main_process else None
+    return guard, GuardCallback(guard, work / TRAIN_LOG) if state.is_main_process else None
 
 
 def _run_training(spec, state, ref, tokenizer, data, work, resume, callbacks, console) -> _Run:
