@@ -132,14 +132,6 @@ def test_claims_identity(answer, claims):
     assert M.claims_identity(answer, ["Qwen", "Alibaba Cloud", "SmolLM", "Hugging Face"]) is claims
 
 
-def test_identity_claim_share():
-    """Guards against the share being computed over claims instead of answers."""
-    answers = ["I am Qwen.", "Ahoy, I be Saltbeard.", "Made by Alibaba Cloud.", "Hi"]
-    assert M.identity_claim_share(answers, ["Qwen", "Alibaba Cloud"]) == 0.5
-    assert M.identity_claim_share([], ["Qwen"]) == 0.0
-    assert not M.claims_identity("I am Qwen.", [])
-
-
 def _answer(text, tokens, reason):
     from personatune.engine import Answer
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from personatune.data.chat import with_system_prompt
 from personatune.engine import Answer, PrefixCache
 from personatune.evaluate.answers import cached_answer_sets
+from personatune.evaluate.metrics import percent
 from personatune.evaluate.probe import answer_matches, load_set
 
 
@@ -98,16 +99,12 @@ def score_conversations(
         ]
         for conv, item in zip(answers, items)
     ]
-
-    def pct(xs):
-        return 100.0 * sum(xs) / len(xs) if xs else None
-
     adoption, accuracy, questions, counts = [], [], [], []
     for turn in range(n_turns):
         here = [row[turn] for row in in_persona if turn < len(row)]
         asked = [row[turn] for row in correct if turn < len(row) and row[turn] is not None]
-        adoption.append(pct(here))
-        accuracy.append(pct(asked))
+        adoption.append(percent(here, None))
+        accuracy.append(percent(asked, None))
         questions.append(len(asked))
         counts.append(len(here))
     return {

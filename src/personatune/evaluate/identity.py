@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from personatune.evaluate.metrics import base_identity, claims_identity, names_in_answers
+from personatune.evaluate.metrics import base_identity, claims_identity, names_in_answers, percent
 from personatune.evaluate.probe import load_set
 
 
@@ -47,8 +47,9 @@ def score_identity(texts: Sequence[str], proba: Sequence[float], names: Sequence
     """
     claims = [claims_identity(t, names) for t in texts]
     held = [p >= 0.5 and not c for p, c in zip(proba, claims, strict=True)]
-
-    def pct(xs):
-        return 100.0 * sum(xs) / len(xs) if xs else 0.0
-
-    return {"in_persona": pct(held), "claims_base": pct(claims), "held": held, "claims": claims}
+    return {
+        "in_persona": percent(held),
+        "claims_base": percent(claims),
+        "held": held,
+        "claims": claims,
+    }

@@ -50,6 +50,12 @@ def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
         raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
 
 
+def percent(flags: Sequence[bool], empty: float | None = 0.0) -> float | None:
+    """The percentage of true ``flags``, ``100 * sum(flags) / len(flags)``; ``empty``
+    (default 0.0) when there are none."""
+    return 100.0 * sum(flags) / len(flags) if flags else empty
+
+
 def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
     """Mean ROUGE-L F-measure (0..1) of each prediction against its reference.
 
@@ -440,12 +446,6 @@ def claims_identity(answer: str, names: Sequence[str]) -> bool:
             if not _NEGATION.search(clause):
                 return True
     return False
-
-
-def identity_claim_share(answers: Sequence[str], names: Sequence[str]) -> float:
-    """Share (0..1) of ``answers`` for which :func:`claims_identity` is True; 0.0 for no
-    answers."""
-    return sum(claims_identity(a, names) for a in answers) / len(answers) if answers else 0.0
 
 
 # What a model says about itself: "I am SmolLM", "my name is Qwen", "I'm Llama, a ...",

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from importlib import resources
 
-from personatune.evaluate.metrics import normalize, words
+from personatune.evaluate.metrics import normalize, percent, words
 from personatune.io import jsonl_records
 
 DATA = "personatune.evaluate"
@@ -118,15 +118,11 @@ def score_probe(texts: Sequence[str], items: Sequence[dict]) -> dict:
     cats: dict[str, list[bool]] = defaultdict(list)
     for ok, it in zip(correct, items):
         cats[it.get("category", "")].append(ok)
-
-    def pct(xs):
-        return 100.0 * sum(xs) / len(xs) if xs else 0.0
-
     return {
-        "accuracy": pct(correct),
+        "accuracy": percent(correct),
         "n": len(items),
         "correct": correct,
-        "by_category": {c: pct(v) for c, v in sorted(cats.items())},
+        "by_category": {c: percent(v) for c, v in sorted(cats.items())},
     }
 
 
@@ -173,10 +169,10 @@ def score_stress(texts: Sequence[str], items: Sequence[dict]) -> dict:
             kinds[it["kind"]].append(ok)
     checked = [p for p in passed if p is not None]
     return {
-        "pass_rate": 100.0 * sum(checked) / len(checked) if checked else 0.0,
+        "pass_rate": percent(checked),
         "checked": len(checked),
         "passed": passed,
-        "by_kind": {k: 100.0 * sum(v) / len(v) for k, v in sorted(kinds.items())},
+        "by_kind": {k: percent(v) for k, v in sorted(kinds.items())},
     }
 
 
