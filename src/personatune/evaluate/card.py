@@ -20,16 +20,6 @@ from personatune.evaluate.probe import score_probe, score_stress
 
 FIDELITY, RETENTION, DEGENERATION = "persona fidelity", "capability retention", "degeneration"
 HOLDING = "identity and long conversations"
-#: The answer sets of an evaluation (see :func:`personatune.evaluate.run.answer_sets`):
-#: ``probe`` and ``probe_plain`` are the factual probe with the knowledge budget, under
-#: the persona's system prompt and without one; ``probe_direct`` is the probe answer cut
-#: to the short budget (directness); ``identity`` the identity questions under the
-#: persona's system prompt; ``conversations`` the scripted conversations (see
-#: :mod:`personatune.evaluate.conversations`).
-SETS = (
-    "heldout", "general", "probe", "probe_plain", "probe_direct", "stress", "identity", "drift",
-    "conversations",
-)  # fmt: skip
 #: The answer sets degeneration is measured on, as the gate measures it: the factual
 #: probe with the knowledge budget (``eval.knowledge_max_new_tokens``), with and without
 #: the persona's system prompt, where a verbose voice has room to end its turn.
@@ -88,16 +78,6 @@ class Side:
         return score_probe(self.texts(["probe"]), self.probe_items)
 
     @cached_property
-    def probe_plain(self) -> dict:
-        """:func:`score_probe` of the probe answers without a system prompt."""
-        return score_probe(self.texts(["probe_plain"]), self.probe_items)
-
-    @cached_property
-    def probe_direct(self) -> dict:
-        """:func:`score_probe` of the probe answers cut to the short budget."""
-        return score_probe(self.texts(["probe_direct"]), self.probe_items)
-
-    @cached_property
     def identity(self) -> dict:
         """:func:`personatune.evaluate.identity.score_identity` of the identity answers."""
         texts = self.texts(["identity"])
@@ -127,7 +107,8 @@ class Metric:
 
     Attributes:
         key: the metric's key in ``report.json``'s ``metrics``.
-        inputs: the answer sets it reads (see :data:`SETS`).
+        inputs: the answer sets it reads (see
+            :func:`personatune.evaluate.run.answer_sets`).
         compute: ``compute(side, inputs)`` -> the value for one model.
         unit: printed after the value (``%`` or nothing).
         higher_is_better: direction of a good change; None when neither.
@@ -146,6 +127,10 @@ class Metric:
 
 def _pairwise(fn):  # a metric against the held-out references (metrics.py's signature)
     return lambda s, on: fn(s.texts(on), s.references)
+
+
+def _probe_accuracy(s, on):  # the probe asked as answer set on[0]
+    return score_probe(s.texts(on), s.probe_items)["accuracy"]
 
 
 def _degen(key):
@@ -192,15 +177,14 @@ METRICS: tuple[Metric, ...] = (
            "%", True, HOLDING, "questions answered correctly at turn 8 of 8"),
     Metric("probe_accuracy", ("probe",), lambda s, on: s.probe["accuracy"], "%", True,
            RETENTION, "factual probe accuracy (knowledge budget, answer found anywhere)"),
-    Metric("probe_plain_accuracy", ("probe_plain",), lambda s, on: s.probe_plain["accuracy"],
-           "%", True, RETENTION, "factual probe accuracy without the system prompt"),
+    Metric("probe_plain_accuracy", ("probe_plain",), _probe_accuracy, "%", True, RETENTION,
+           "factual probe accuracy without the system prompt"),
     Metric("drift_perplexity", ("drift",), lambda s, on: s.perplexity[on[0]], "", False,
            RETENTION, "perplexity on base model's own answers"),
     Metric("stress_pass_rate", ("stress",), lambda s, on: s.stress["pass_rate"], "%", True,
            RETENTION, "stress checks passed"),
-    Metric("probe_direct_accuracy", ("probe_direct",), lambda s, on: s.probe_direct["accuracy"],
-           "%", True, RETENTION, "directness: probe answered within the short budget (style, "
-           "not gated)"),
+    Metric("probe_direct_accuracy", ("probe_direct",), _probe_accuracy, "%", True, RETENTION,
+           "directness: probe answered within the short budget (style, not gated)"),
     Metric("empty_rate", _DEG, _degen("empty"), "%", False, DEGENERATION,
            "empty answers (probe, knowledge budget)"),
     Metric("limit_rate", _DEG, _degen("cut"), "%", False, DEGENERATION,

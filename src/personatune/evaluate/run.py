@@ -23,6 +23,7 @@ from personatune.evaluate.identity import identity_names, load_identity_prompts
 from personatune.evaluate.metrics import degeneration_failures
 from personatune.evaluate.probe import drift_ratio
 from personatune.evaluate.progress import phase, progress_bar
+from personatune.evaluate.report import PLOTS, write_report
 from personatune.evaluate.suite import (
     ADOPTION_TARGET,
     MC_TINY,
@@ -41,13 +42,7 @@ from personatune.evaluate.suite import (
 from personatune.io import check_replaceable_file, check_writable, sha256_file
 from personatune.persona import ADAPTER_WEIGHTS, TRAIN_LOG, read_manifest, read_spec
 
-REPORT_FILES = (
-    "report.json",
-    "report.html",
-    "report_loss.png",
-    "report_metrics.png",
-    "report_turns.png",
-)
+REPORT_FILES = ("report.json", "report.html", *PLOTS)
 
 
 def check_report_target(out_dir: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
@@ -59,21 +54,19 @@ def check_report_target(out_dir: Path, overwrite: bool, protect: Iterable[Path] 
     Raises:
         PersonatuneError: one line naming the file and the fix.
     """
-    for name in REPORT_FILES:
-        if (out_dir / name).exists() and not overwrite:
-            raise PersonatuneError(
-                f"{out_dir / name} already exists; pass --overwrite to replace it"
-            )
     report = out_dir / REPORT_FILES[0]
-    for name in REPORT_FILES:
-        if (out_dir / name).exists():  # a report's files are ours only if its JSON is
-            check_replaceable_file(out_dir / name, "report", protect)
-            if not report.exists():
-                raise PersonatuneError(
-                    f"{out_dir / name}: not a report that personatune wrote (no {report.name} "
-                    "beside it); choose another --out folder"
-                )
-            check_replaceable_file(report, "report", protect, ("persona", "metrics"))
+    for path in (out_dir / name for name in REPORT_FILES):
+        if not path.exists():
+            continue
+        if not overwrite:
+            raise PersonatuneError(f"{path} already exists; pass --overwrite to replace it")
+        check_replaceable_file(path, "report", protect)  # ours only if the report's JSON is
+        if not report.exists():
+            raise PersonatuneError(
+                f"{path}: not a report that personatune wrote (no {report.name} "
+                "beside it); choose another --out folder"
+            )
+        check_replaceable_file(report, "report", protect, ("persona", "metrics"))
     check_writable(report, "report")
 
 
@@ -99,10 +92,13 @@ BASE_ONLY = ("drift", "identity_plain")
 
 
 def answer_sets(spec: PersonaSpec, data: EvalData) -> dict[str, tuple[list, int]]:
-    """Per answer set (:data:`personatune.evaluate.card.SETS`), the conversations asked
-    and their token limit; the sets of :data:`BASE_ONLY` are asked of the base model
-    only. ``probe_direct`` is not asked: it is ``probe`` cut to the short budget
-    (:func:`personatune.evaluate.suite.cut_answers`)."""
+    """Per answer set, the conversations asked and their token limit; the sets of
+    :data:`BASE_ONLY` are asked of the base model only. ``probe`` and ``probe_plain`` are
+    the factual probe with the knowledge budget, with the persona's system prompt and
+    without one. Two more sets reach the report card: ``probe_direct``, ``probe`` cut to
+    the short budget (:func:`personatune.evaluate.suite.cut_answers`), and
+    ``conversations``, the scripted conversations
+    (:mod:`personatune.evaluate.conversations`)."""
     ev = spec.eval
     knowledge = ev.knowledge_max_new_tokens
     identity = [r["prompt"] for r in load_identity_prompts()]
@@ -154,7 +150,6 @@ def evaluate(
             ``overwrite``, bad data, or a bad benchmark.
     """
     from personatune.engine import load_persona
-    from personatune.evaluate.report import write_report
 
     console = console or Console(stderr=True)
     persona_dir = Path(persona_dir)
