@@ -17,15 +17,6 @@ from personatune.models import cache_dir, use_bf16
 #: engine's continuous batching replaced fixed left-padded batches).
 CACHE_VERSION = 2
 
-__all__ = [
-    "Answer",
-    "AnswerCache",
-    "cached_answer_sets",
-    "cached_answers",
-    "for_inference",
-    "inference_copy",
-]
-
 
 def inference_copy(model, merge: bool = True):
     """A copy of ``model`` for fast greedy evaluation; ``model`` itself is untouched.
@@ -50,10 +41,8 @@ def for_inference(model):
     """``model`` itself in eval mode, cast in place to bf16 where
     :func:`personatune.models.use_bf16` says so and its weights are float32: the dtype of
     :func:`inference_copy`, for a model nothing else uses (no copy)."""
-    if (
-        use_bf16(next(model.parameters()).device)
-        and next(model.parameters()).dtype == torch.float32
-    ):
+    weight = next(model.parameters())
+    if use_bf16(weight.device) and weight.dtype == torch.float32:
         model = model.to(torch.bfloat16)
     return model.eval()
 
@@ -126,17 +115,11 @@ def cached_answer_sets(
         One list of answers per set, in the set's order.
     """
     dtype = str(next(model.parameters()).dtype)
-    caches: dict[int, AnswerCache] = {}  # one per limit: sets of one limit share a file
-    for _, limit in sets:
-        if limit not in caches:
-            caches[limit] = AnswerCache(
-                {
-                    "model": fingerprint,
-                    "template": tokenizer.chat_template,
-                    "max_new_tokens": limit,
-                    "dtype": dtype,
-                }
-            )
+    namespace = {"model": fingerprint, "template": tokenizer.chat_template, "dtype": dtype}
+    caches = {  # one per limit: sets of one limit share a file
+        n: AnswerCache({**namespace, "max_new_tokens": n})
+        for n in dict.fromkeys(n for _, n in sets)
+    }
     keys = [[digest(c) for c in convs] for convs, _ in sets]
     todo: dict[tuple[int, str], list[dict]] = {}
     for (convs, limit), ks in zip(sets, keys):
