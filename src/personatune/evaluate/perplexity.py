@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-from personatune.data.chat import render_chat
+from personatune.data.chat import render_chat, with_system_prompt
+from personatune.data.dataset import persona_system_prompt
+from personatune.errors import PersonatuneError
+from personatune.models import use_bf16
 
 
 @dataclass
@@ -85,8 +88,6 @@ def conditional_perplexity(
     keep.sort(key=lambda i: len(rendered[i].input_ids))
     device = next(model.parameters()).device
     if bf16 is None:
-        from personatune.models import use_bf16
-
         bf16 = use_bf16(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     per: list[tuple[float, int] | None] = [None] * len(rendered)
@@ -151,10 +152,6 @@ def heldout_perplexity(
     Raises:
         PersonatuneError: a text example, or no conversation short enough to score.
     """
-    from personatune.data.chat import with_system_prompt
-    from personatune.data.dataset import persona_system_prompt
-    from personatune.errors import PersonatuneError
-
     convs = []
     for ex in examples:
         if not ex.messages:
@@ -163,8 +160,6 @@ def heldout_perplexity(
                 "give prompt/response or chat data"
             )
         convs.append(with_system_prompt(ex.messages, persona_system_prompt(persona.spec, ex)))
-    from personatune.models import use_bf16
-
     bf16 = use_bf16(next(persona.model.parameters()).device)
     args = {"max_length": max_length, "batch_size": batch_size, "progress": progress, "bf16": bf16}
     tuned = conditional_perplexity(persona.model, persona.tokenizer, convs, **args)
@@ -204,13 +199,10 @@ def heldout_perplexity(
 
 def plot_heldout(report: dict, path: Path, title: str = "") -> None:
     """Bar chart of base and tuned conditional perplexity, overall and per group (with
-    the number of examples), saved as an image at ``path`` (PNG by extension) through a
-    temporary file."""
-    import matplotlib
+    the number of examples), saved as a PNG at ``path`` through a temporary file."""
+    from personatune.evaluate.report import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [
         f"all ({report['examples']})",
         *(
@@ -230,7 +222,4 @@ def plot_heldout(report: dict, path: Path, title: str = "") -> None:
     ax.set_title(title or "held-out conditional perplexity, lower is better")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path, dpi=120)
