@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,7 +16,6 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
-from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 from rich.text import Text
 
@@ -37,11 +38,7 @@ PersonaDirs = Annotated[
     list[Path], typer.Argument(help="persona directories from personatune train (one base model)")
 ]
 Threads = Annotated[
-    int,
-    typer.Option(
-        help="CPU threads for PyTorch; 0 keeps its default (one per core; fewer can be "
-        "faster on a busy shared machine)"
-    ),
+    int, typer.Option(help="PyTorch CPU threads; 0: one per core (fewer can be faster when busy)")
 ]
 EngineChoice = Annotated[
     str,
@@ -128,12 +125,7 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], **
 def main(
     ctx: typer.Context,
     debug: Annotated[
-        bool,
-        typer.Option(
-            "--debug",
-            help="show the traceback of an error as well as its one-line message "
-            "(also PERSONATUNE_DEBUG=1)",
-        ),
+        bool, typer.Option("--debug", help="also show an error's traceback (PERSONATUNE_DEBUG=1)")
     ] = False,
 ):
     """Give a chat LLM a persona with LoRA, without losing what it knew."""
@@ -217,14 +209,10 @@ def inspect(
 
 def marked_tokens(tokenizer, ids: list[int], mask: list[bool]) -> Text:
     """Decode ``ids`` with trained stretches wrapped in ⟦ ⟧ and coloured green."""
-    text, i = Text(), 0
-    while i < len(ids):
-        j = i
-        while j < len(ids) and mask[j] == mask[i]:
-            j += 1
-        piece = tokenizer.decode(ids[i:j])
-        text.append(f"⟦{piece}⟧" if mask[i] else piece, style="bold green" if mask[i] else "dim")
-        i = j
+    text = Text()
+    for trained, run in itertools.groupby(zip(ids, mask), key=lambda pair: pair[1]):
+        piece = tokenizer.decode([token for token, _ in run])
+        text.append(f"⟦{piece}⟧" if trained else piece, style="bold green" if trained else "dim")
     return text
 
 
@@ -250,9 +238,7 @@ def from_corpus(
     ] = None,
     exclude: Annotated[
         list[str] | None,
-        typer.Option(
-            help="someone else whose name contains an alias, e.g. 'Mycroft Holmes' (repeatable)"
-        ),
+        typer.Option(help="another's name containing an alias, e.g. 'Mycroft Holmes' (repeatable)"),
     ] = None,
     companion: Annotated[
         list[str] | None,
@@ -276,9 +262,7 @@ def from_corpus(
     seed: Annotated[int, typer.Option(help="seed of the held-out chapters and samples")] = 0,
     labels: Annotated[
         Path | None,
-        typer.Option(
-            help="hand-labelled attribution sample (JSONL) to measure precision and recall"
-        ),
+        typer.Option(help="hand-labelled quotes (JSONL): attribution precision and recall"),
     ] = None,
     samples: Annotated[int, typer.Option(help="random pairs to show and keep in the report")] = 5,
     encoding: Annotated[str, typer.Option(help="text encoding of the corpus")] = "utf-8",
@@ -337,27 +321,19 @@ def print_corpus_report(report: dict, out: Path) -> None:
         f"prompts: {kinds}; reply length median {report['response_chars']['median']}"
         f" characters; chunks: {chunks['count']} ({chunks['chars']:,} characters)"
     )
-    att = report["attribution"]
-    if att:
-
-        def fmt(v):
-            return "n/a" if v is None else f"{v:.3f}"
-
+    if att := report["attribution"]:
+        prec, rec = ("n/a" if v is None else f"{v:.3f}" for v in (att["precision"], att["recall"]))
         console.print(
             f"attribution on {att['labelled']} labelled quotes: precision "
-            f"{fmt(att['precision'])} ({att['tp']}/{att['tp'] + att['fp']}), recall "
-            f"{fmt(att['recall'])} ({att['tp']}/{att['tp'] + att['fn']})"
+            f"{prec} ({att['tp']}/{att['tp'] + att['fp']}), recall "
+            f"{rec} ({att['tp']}/{att['tp'] + att['fn']})"
         )
     if not pairs["eval"]:
         console.print("[yellow]no held-out pairs: raise --eval-chapters or add chapters[/]")
     for s in report["samples"]:
         prompt = s["prompt"] if len(s["prompt"]) <= 240 else "..." + s["prompt"][-237:]
-        console.print(
-            Text(
-                f"\n[{s['book']} / {s['chapter']} @{s['offset']}, {s['prompt_kind']} prompt]",
-                style="dim",
-            )
-        )
+        where = f"\n[{s['book']} / {s['chapter']} @{s['offset']}, {s['prompt_kind']} prompt]"
+        console.print(Text(where, style="dim"))
         console.print(Text("prompt: ", style="bold cyan") + Text(prompt))
         console.print(Text("reply:  ", style="bold magenta") + Text(s["response"]))
     console.print(f"\n[green]wrote {', '.join(FILES)} to {out}[/]")
@@ -394,7 +370,7 @@ def synthesize(
     adoption classifier, the persona terms and the degeneration checks agree."""
     from personatune.config import load_spec
     from personatune.data import synthesize as synth
-    from personatune.evaluate.run import progress_bar
+    from personatune.evaluate.progress import progress_bar
 
     s = load_spec(spec, overrides or [], need_data=False)
     with progress_bar(console) as bar:
@@ -564,10 +540,10 @@ def eval_heldout(
     """Conditional perplexity of held-out responses given their prompts, base model
     against the persona (response tokens only, exp of the mean NLL per token)."""
     from personatune.evaluate.heldout import eval_heldout as run_heldout
+    from personatune.evaluate.progress import progress_bar
 
     set_threads(threads)
-    columns = (*Progress.get_default_columns(), MofNCompleteColumn())  # with ETA
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_bar(console) as bar:
 
         def progress(total: int):
             task = bar.add_task("scoring tuned, then base", total=total)
@@ -616,11 +592,8 @@ def print_heldout(report: dict, max_length: int) -> None:
             ),
         ],
     )
-    if report["skipped_overlong"]:
-        console.print(
-            f"[yellow]{report['skipped_overlong']} examples longer than "
-            f"{max_length} tokens skipped[/]"
-        )
+    if skipped := report["skipped_overlong"]:
+        console.print(f"[yellow]{skipped} examples longer than {max_length} tokens skipped[/]")
 
 
 @app.command("eval")
@@ -708,9 +681,7 @@ def serve(
     ] = None,
     print_vllm: Annotated[
         bool,
-        typer.Option(
-            "--print-vllm", help="print the vllm serve command for these personas and exit"
-        ),
+        typer.Option("--print-vllm", help="only print the vllm serve command for these personas"),
     ] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
     engine: EngineChoice = "torch",
@@ -773,9 +744,7 @@ def export(
     persona_dir: Annotated[Path, typer.Argument(help="persona directory")],
     merged: Annotated[
         Path | None,
-        typer.Option(
-            help="write the adapter merged into the base weights here (plain transformers)"
-        ),
+        typer.Option(help="write the model with the adapter merged in here (plain transformers)"),
     ] = None,
     gguf: Annotated[
         Path | None,
@@ -802,17 +771,13 @@ def export(
     private: Annotated[bool, typer.Option(help="make the Hub repo private")] = False,
     dtype: Annotated[
         str | None,
-        typer.Option(
-            help="--merged weight dtype: float32, bfloat16 or float16 (default: the base's)"
-        ),
+        typer.Option(help="--merged dtype: float32, bfloat16 or float16 (default: the base's)"),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="replace an existing --merged or --gguf folder")
     ] = False,
 ):
     """Export a persona: a merged transformers model, a GGUF folder, and/or a Hub upload."""
-    import tempfile
-
     from personatune.export import check_hub, export_merged
     from personatune.export import push_to_hub as push
 
