@@ -341,10 +341,8 @@ def load_source(source: DataSource, base_dir: Path = Path(".")) -> list[Example]
         container = container or suffixes.get(path.suffix.lower())
         if container == "csv":
             records = _csv_records(path, text)
-        elif container == "jsonl":
-            records = _json_records(path, text, jsonl=True)
-        elif container == "json":
-            records = _json_records(path, text, jsonl=False)
+        elif container in ("json", "jsonl"):
+            records = _json_records(path, text, jsonl=container == "jsonl")
         else:
             raise PersonatuneError(
                 f"{path}: unknown file type; use .csv, .json or .jsonl or set format:"
