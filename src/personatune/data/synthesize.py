@@ -128,12 +128,11 @@ def http_teacher(
     *,
     api_key: str | None = None,
     max_tokens: int = 128,
-    temperature: float = 0.0,
-    concurrency: int = 4,
     timeout: float = 300.0,
 ) -> Callable[[list[list[dict]]], list[Reply]]:
     """Answers from an OpenAI-compatible ``POST {url}/chat/completions`` (llama.cpp,
-    vLLM, ``personatune serve``...). ``url`` is the API base (``http://host:8000/v1``).
+    vLLM, ``personatune serve``...), greedy, 4 requests at a time. ``url`` is the API base
+    (``http://host:8000/v1``); ``timeout`` is per request, in seconds (default 300).
 
     Raises (when called):
         PersonatuneError: the endpoint cannot be reached or answers with an error; the
@@ -149,7 +148,7 @@ def http_teacher(
             "model": model,
             "messages": messages,
             "max_tokens": max_tokens,
-            "temperature": temperature,
+            "temperature": 0.0,
             "seed": 0,
         }
         try:
@@ -170,7 +169,7 @@ def http_teacher(
         )
 
     def teach(conversations: list[list[dict]]) -> list[Reply]:
-        with httpx.Client(timeout=timeout) as client, ThreadPoolExecutor(concurrency) as pool:
+        with httpx.Client(timeout=timeout) as client, ThreadPoolExecutor(4) as pool:
             return list(pool.map(lambda c: one(client, c), conversations))
 
     return teach
@@ -234,7 +233,6 @@ def out_of_fold_proba(persona: np.ndarray, plain: np.ndarray, folds: int = 5) ->
 
 
 def select(
-    prompts: Sequence[str],
     candidates: Sequence[Reply],
     plain: Sequence[Reply],
     terms: Sequence[str],
@@ -353,7 +351,7 @@ def synthesize(
     candidates, plain = replies[: len(prompts)], replies[len(prompts) :]
 
     terms = list(spec.persona_terms)
-    kept, scores, dropped = select(prompts, candidates, plain, terms, encode, max_tokens)
+    kept, scores, dropped = select(candidates, plain, terms, encode, max_tokens)
     if not kept:
         raise PersonatuneError(
             f"no synthesized answer passed the checks ({dict(dropped)}); make the system "
