@@ -200,6 +200,7 @@ _NUMBERED_STORY = re.compile(r"^[IVXLC]+\.\s+[A-Z\"'].*$")  # "I. A SCANDAL IN B
 _STORY = re.compile(r"^THE ADVENTURE OF\b[^a-z]*$")  # "THE ADVENTURE OF THE ..."
 _SECTION = re.compile(r"^[IVXLC]+\.?$")  # bare "II." inside a story
 _THE_END = re.compile(r"^THE END\.?$", re.IGNORECASE)
+_HEADINGS = (("end", _THE_END), ("chapter", _CHAPTER), ("part", _PART), ("section", _SECTION))
 _MAX_HEADING = 100  # characters; longer paragraphs are never headings
 MIN_CHAPTER_CHARS = 300  # shorter bodies (tables of contents, epigraphs) are dropped
 
@@ -220,12 +221,8 @@ def split_books(text: str, title: str | None = None, format: str = "prose") -> l
         raise TypeError(f"split_books expects str, got {type(text).__name__}")
     if format not in ("auto", *FORMATS):
         raise ValueError(f"format must be auto, {', '.join(FORMATS)}; got {format!r}")
-    seps = list(_BOOK_SEPARATOR.finditer(text))
-    if seps:
-        ends = [m.start() for m in seps[1:]] + [len(text)]
-        parts = [(m.group(1), text[m.end() : e]) for m, e in zip(seps, ends)]
-    else:
-        parts = [(title or "Untitled", text)]
+    pieces = _BOOK_SEPARATOR.split(text)  # [before, title 1, book 1, title 2, book 2...]
+    parts = list(zip(pieces[1::2], pieces[2::2])) or [(title or "Untitled", text)]
     books = []
     for name, raw in parts:
         fmt, reason = format, ""
@@ -272,14 +269,9 @@ def _heading(p: str) -> str | None:
     """Classify a paragraph: 'chapter', 'part', 'story', 'section', 'end' or None."""
     if len(p) > _MAX_HEADING:
         return None
-    if _THE_END.match(p):
-        return "end"
-    if _CHAPTER.match(p):
-        return "chapter"
-    if _PART.match(p):
-        return "part"
-    if _SECTION.match(p):
-        return "section"
+    for kind, pattern in _HEADINGS:
+        if pattern.match(p):
+            return kind
     if (_NUMBERED_STORY.match(p) or _STORY.match(p)) and _is_title_line(
         p.split(". ", 1)[-1].replace('"', "")
     ):
@@ -398,11 +390,8 @@ def extract_dialogue(
     most 150 characters of narration in between. Otherwise it is up to ``context_chars``
     characters (default 300) of the chapter text before the reply, cut at a sentence start
     (``prompt_kind="narrative"``). Replies with no text at all before them are skipped.
-    ``aliases``: names of the character in narration; ``companions``: the narrator's
-    phrases for the character; ``narrator_names``: the first-person narrator's names;
-    ``excluded``: other people whose names contain an alias (see
-    :func:`extract_utterances`; the defaults fit the Holmes stories). Raises
-    ``ValueError`` if ``aliases`` is empty.
+    The other arguments are :func:`extract_utterances`'s (the defaults fit the Holmes
+    stories). Raises ``ValueError`` if ``aliases`` is empty.
     """
     pairs: list[DialoguePair] = []
     by_chapter: dict[tuple[str, int], list[Utterance]] = {}
