@@ -35,6 +35,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from personatune.data._corpus_dialogue import Utterance
@@ -258,11 +259,8 @@ def parse_turns(chapter: Chapter, character: str, aliases: Sequence[str]) -> lis
     """
     own = {" ".join(a.split()).casefold() for a in (character, *aliases)}
     text = chapter.text
-    offsets, pos = [], 0
     lines = text.split("\n")
-    for line in lines:
-        offsets.append(pos)
-        pos += len(line) + 1
+    offsets = [0, *accumulate(len(line) + 1 for line in lines)]  # of each line's start
     kinds = _classify(lines)
     names = Counter(k.name for k in kinds if k.kind == "label")
     turns: list[Utterance] = []
@@ -348,12 +346,9 @@ def detect_format(text: str) -> tuple[str, str]:
     cues, else a play. Returns ``(format, reason)``, the reason giving the counts.
     """
     lines = text.split("\n")
-    kinds = _classify(lines)
-    labels: Counter[str] = Counter()
-    cues: Counter[str] = Counter()
-    for ln in kinds:  # labels that head a turn (see _classify)
-        if ln.kind == "label":
-            (labels if ln.rest_at >= 0 or ln.punct else cues)[ln.name] += 1
+    heads = [ln for ln in _classify(lines) if ln.kind == "label"]  # labels that head a turn
+    labels = Counter(ln.name for ln in heads if ln.rest_at >= 0 or ln.punct)
+    cues = Counter(ln.name for ln in heads if ln.rest_at < 0 and not ln.punct)
     n_labels = sum(k for k in labels.values() if k >= 2)
     n_cues = sum(k for k in cues.values() if k >= 2)
     slugs = sum(bool(_SLUG.match(line.strip())) for line in lines)
@@ -363,13 +358,10 @@ def detect_format(text: str) -> tuple[str, str]:
         f"{n_labels} NAME./NAME: speaker labels, {n_cues} speaker names alone above their "
         f"lines, {slugs} INT./EXT. scene headings, {quoted} lines with double quotes"
     )
-    if turns < MIN_TURNS or turns < quoted:
-        why = (
-            f"fewer than {MIN_TURNS} labelled turns"
-            if turns < MIN_TURNS
-            else "fewer labelled turns than quoted lines"
-        )
-        return "prose", f"{counts}: read as prose, {why}"
+    if turns < MIN_TURNS:
+        return "prose", f"{counts}: read as prose, fewer than {MIN_TURNS} labelled turns"
+    if turns < quoted:
+        return "prose", f"{counts}: read as prose, fewer labelled turns than quoted lines"
     if n_cues > n_labels or (slugs and n_cues >= n_labels):
         return "screenplay", f"{counts}: read as a screenplay, speaker names above dialogue"
     return "play", f"{counts}: read as a play, speaker labels"
