@@ -277,11 +277,9 @@ def _parse_personachat(rec: dict, src: DataSource, where: str) -> Example:
             speaker, _, said = line.partition(":")
             role = "assistant" if speaker.strip().lower().endswith("b") else "user"
             messages.append({"role": role, "content": said.strip() or line})
-        if isinstance(rec.get("reference"), str) and rec["reference"].strip():
-            ref = rec["reference"].partition(":")
-            messages.append(
-                {"role": "assistant", "content": (ref[2] if ref[1] else ref[0]).strip()}
-            )
+        ref = rec.get("reference")
+        if isinstance(ref, str) and ref.strip():  # "Persona B: reply", or the reply alone
+            messages.append({"role": "assistant", "content": ref.split(":", 1)[-1].strip()})
         if messages and messages[0]["role"] == "assistant":
             messages = messages[1:]
         messages = _check_turns(messages, where)
