@@ -294,7 +294,7 @@ def prepare_data(spec: PersonaSpec, tokenizer) -> PreparedData:
             "the description with personatune data synthesize"
         )
     rng = random.Random(spec.train.seed)
-    train_rows, eval_rows, eval_examples, all_stats = [], [], [], []
+    train_rows, eval_rows, eval_examples = [], [], []
     loaded = load_examples(spec)
     split = derive_split(spec, loaded)
     for (_, stats), source, train_ex, eval_ex in zip(loaded, spec.data, split.train, split.heldout):
@@ -315,5 +315,4 @@ def prepare_data(spec: PersonaSpec, tokenizer) -> PreparedData:
         stats.train, stats.eval = len(rows["train"]), len(rows["eval"])
         train_rows += _mix(rows["train"], source.weight, rng)
         eval_rows += rows["eval"]
-        all_stats.append(stats)
-    return PreparedData(train_rows, eval_rows, eval_examples, all_stats, split)
+    return PreparedData(train_rows, eval_rows, eval_examples, [s for _, s in loaded], split)
