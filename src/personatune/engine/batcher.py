@@ -142,10 +142,6 @@ class _Row:
             else None
         )
 
-    @property
-    def last(self) -> int:
-        return self.ids[-1]
-
 
 class GrowingLayer(DynamicLayer):
     """A KV-cache layer (``(batch, heads, seq, head_dim)``) that writes each step's keys
@@ -472,19 +468,8 @@ class Batch:
         if past:
             self._fill(cache, reused, past)
         logits = self._forward(ids, mask, positions, cache, [r.req.adapter for r in rows])
-        toks = choose(logits, [r.req.sampling for r in rows], [r.generator for r in rows])
-        out, keep = [], []
-        for i, (row, tok) in enumerate(zip(rows, toks)):
-            try:
-                reason = self._advance(row, tok)
-            except Exception as e:  # this row's decode or callback: it fails alone
-                log.exception("a request failed")
-                out.append(self.fail(row.req, f"{type(e).__name__}: {e}", len(row.ids)))
-                continue
-            if reason is not None:
-                out.append(self._finish(row, reason))
-            else:
-                keep.append(i)
+        out, done = self._advance_all(rows, logits)
+        keep = [i for i in range(len(rows)) if i not in done]
         if keep:
             if len(keep) < len(rows):
                 idx = torch.tensor(keep, device=self.device)
@@ -563,24 +548,13 @@ class Batch:
         if not self.rows:
             return []
         rows = self.rows
-        ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        ids = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[r.pos] for r in rows], device=self.device)
         self.mask = F.pad(self.mask, (0, 1), value=1)
         logits = self._forward(ids, self.mask, positions, self.cache, [r.req.adapter for r in rows])
-        toks = choose(logits, [r.req.sampling for r in rows], [r.generator for r in rows])
-        finished, done = [], set()
-        for i, (r, tok) in enumerate(zip(rows, toks)):
+        for r in rows:
             r.pos += 1
-            try:
-                reason = self._advance(r, tok)
-            except Exception as e:  # this row's decode or callback: it fails alone
-                log.exception("a request failed")
-                finished.append(self.fail(r.req, f"{type(e).__name__}: {e}", len(r.ids)))
-                done.add(i)
-                continue
-            if reason is not None:
-                finished.append(self._finish(r, reason))
-                done.add(i)
+        finished, done = self._advance_all(rows, logits)
         if done:
             self._drop(done)
         return finished
@@ -590,6 +564,26 @@ class Batch:
         out = [self.fail(r.req, message, len(r.ids)) for r in self.rows]
         self.rows, self.cache, self.mask = [], None, None
         return out
+
+    def _advance_all(
+        self, rows: list[_Row], logits: torch.Tensor
+    ) -> tuple[list[tuple[Request, Answer]], set[int]]:
+        """Choose each row's next token from ``logits`` ``(batch, vocab)`` and record it;
+        returns the finished rows' answers and their indices."""
+        toks = choose(logits, [r.req.sampling for r in rows], [r.generator for r in rows])
+        finished, done = [], set()
+        for i, (row, tok) in enumerate(zip(rows, toks)):
+            try:
+                reason = self._advance(row, tok)
+            except Exception as e:  # this row's decode or callback: it fails alone
+                log.exception("a request failed")
+                finished.append(self.fail(row.req, f"{type(e).__name__}: {e}", len(row.ids)))
+                done.add(i)
+                continue
+            if reason is not None:
+                finished.append(self._finish(row, reason))
+                done.add(i)
+        return finished, done
 
     def _advance(self, row: _Row, tok: int) -> str | None:
         """Record ``tok`` for ``row``; return its finish reason, or None to go on."""

@@ -152,16 +152,10 @@ def load_llama_cpp(
     quant = quant or BASE_QUANT
     ref, personas = describe_personas(dirs)
     folder = cache_dir() / "llama-cpp"
-    base = {}
-
-    def base_model():
-        if not base:
-            first = next(p.path for p in personas.values() if p.path is not None)
-            base["m"] = merge_persona(first, merge=False)
-        return base["m"]
 
     def write_base(path):
-        m = base_model()
+        first = next(p.path for p in personas.values() if p.path is not None)
+        m = merge_persona(first, merge=False)
         write_model_gguf(path, m.model, m.tokenizer, name=ref.name, quant=quant)
 
     fingerprint = ref.fingerprint().split(":")[-1][:16]
@@ -238,7 +232,7 @@ class LlamaCppBatch(Batch):
             return []
         (row,) = self.rows
         try:
-            logits = self.model.logits([row.last], row.pos)
+            logits = self.model.logits([row.ids[-1]], row.pos)
             row.pos += 1
             reason = self._advance(row, choose(logits, [row.req.sampling], [row.generator])[0])
         except Exception as e:
@@ -250,28 +244,6 @@ class LlamaCppBatch(Batch):
         self.rows = []
         return [self._finish(row, reason)]
 
-    def restore(self) -> None:
-        pass
-
-
-def run_requests(
-    model: LlamaCppModel,
-    requests: Sequence[Request],
-    progress: Callable[[int], None] | None = None,
-) -> list[Answer]:
-    """Answer ``requests`` one after another on llama.cpp, in input order (as
-    :func:`personatune.engine.run_batch` with one row)."""
-    batch = LlamaCppBatch(model)
-    out = []
-    for req in requests:
-        finished = batch.add(req)
-        while not finished:
-            finished = batch.step()
-        out.append(finished[0][1])
-        if progress:
-            progress(1)
-    return out
-
 
 def ask(
     registry: Registry,
@@ -282,9 +254,15 @@ def ask(
 ) -> list[Answer]:
     """:func:`personatune.engine.ask` on the llama.cpp engine: answers to ``(model id,
     messages)`` items, each persona's system prompt prepended, one request at a time
-    (``max_batch`` is accepted and ignored)."""
-    reqs = [persona_request(registry.personas[name], msgs, sampling, emit) for name, msgs in items]
-    return run_requests(registry.model, reqs)
+    (``max_batch`` is accepted and ignored), in input order."""
+    batch = LlamaCppBatch(registry.model)
+    out = []
+    for name, msgs in items:
+        finished = batch.add(persona_request(registry.personas[name], msgs, sampling, emit))
+        while not finished:
+            finished = batch.step()
+        out.append(finished[0][1])
+    return out
 
 
 class LlamaCppScheduler(Scheduler):
@@ -292,10 +270,8 @@ class LlamaCppScheduler(Scheduler):
     and counters, over a :class:`LlamaCppBatch` (one request decoding at a time, so
     ``max_batch`` is 1)."""
 
-    def __init__(
-        self, model: LlamaCppModel, max_batch: int = 1, max_queue: int = DEFAULT_MAX_QUEUE
-    ):
+    def __init__(self, model: LlamaCppModel, max_queue: int = DEFAULT_MAX_QUEUE):
         super().__init__(model, 1, max_queue, batch=LlamaCppBatch(model))
 
 
-__all__ = ["LlamaCppModel", "LlamaCppScheduler", "ask", "load_llama_cpp", "run_requests"]
+__all__ = ["LlamaCppModel", "LlamaCppScheduler", "ask", "load_llama_cpp"]

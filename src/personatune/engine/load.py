@@ -69,10 +69,6 @@ class Registry:
     personas: dict[str, ServedPersona]
     context_length: int
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
 
 @dataclass
 class Persona:

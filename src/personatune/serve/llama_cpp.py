@@ -21,4 +21,4 @@ class LlamaCppBackend(LocalBackend):
         self.registry = registry
         self.personas = registry.personas
         self.base_model = registry.base_model
-        self.scheduler = LlamaCppScheduler(registry.model, 1, max_queue)
+        self.scheduler = LlamaCppScheduler(registry.model, max_queue)
