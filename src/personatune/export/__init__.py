@@ -9,12 +9,6 @@
   a Go template, stop strings).
 """
 
-from personatune.export.merged import (
-    check_hub,
-    export_merged,
-    merge_persona,
-    pick_dtype,
-    push_to_hub,
-)
+from personatune.export.merged import check_hub, export_merged, push_to_hub
 
-__all__ = ["check_hub", "export_merged", "merge_persona", "pick_dtype", "push_to_hub"]
+__all__ = ["check_hub", "export_merged", "push_to_hub"]

@@ -77,9 +77,6 @@ def check_quant(quant: str) -> None:
         ) from None
 
 
-# ---- end-of-turn tokens ------------------------------------------------------------------
-
-
 def stop_tokens(model, tokenizer, frame) -> list[int]:
     """The persona's end-of-turn token ids (:func:`personatune.engine.end_of_turn_ids`:
     generation config EOS, tokenizer EOS, the template's turn-closing token), the one
@@ -162,17 +159,10 @@ def _rope_freqs(config) -> np.ndarray | None:
     factor = rope.get("factor", 8.0)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old = rope.get("original_max_position_embeddings", 8192)
-    out = []
-    for f in freqs:
-        wavelen = 2 * math.pi / f
-        if wavelen < old / high:
-            out.append(1.0)
-        elif wavelen > old / low:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    out = np.where(wavelen > old / low, factor, 1 / ((1 - smooth) / factor + smooth))
+    return np.where(wavelen < old / high, 1.0, out).astype(np.float32)
 
 
 #: The pre-tokenizer regex of Qwen2's tokenizer.json, as quoted in llama.cpp's
@@ -281,8 +271,7 @@ def _add_tokenizer(writer, tokenizer, config, chat_template: str, eot: list[int]
 
 def _permute(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
     """llama.cpp's rotary layout for Q and K rows (``LlamaModel.permute``)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
+    n_head = n_head_kv or n_head
     return (
         w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
         .swapaxes(1, 2)
@@ -314,9 +303,9 @@ def _model_tensors(model):
     config = model.config
     tmap = gguf.get_tensor_name_map(_arch(config), config.num_hidden_layers)
     for name, w in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # llama.cpp uses token_embd for the output when output.weight is absent
-        if name.endswith("rotary_emb.inv_freq"):
+        # llama.cpp uses token_embd for the output when output.weight is absent
+        tied = name == "lm_head.weight" and config.tie_word_embeddings
+        if tied or name.endswith("rotary_emb.inv_freq"):
             continue
         w = _llama_layout(name, w.detach().float(), config)
         yield _gguf_name(tmap, name), w.numpy()
@@ -403,20 +392,19 @@ def write_model_gguf(
     return path
 
 
-def llama_cpp_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+def llama_cpp_quantize(src: Path, dst: Path, quant: str) -> None:
     """Quantize a GGUF file with llama.cpp's ``llama_model_quantize`` (the code behind
     ``llama-quantize``), through llama-cpp-python. Metadata is copied; tensors whose rows
-    do not fit the type's blocks get llama.cpp's fallback type.
+    do not fit the type's blocks get llama.cpp's fallback type. Threads: llama.cpp's
+    default (all cores).
 
     Raises:
-        PersonatuneError: llama-cpp-python is missing, or llama.cpp reports a failure.
+        PersonatuneError: llama.cpp reports a failure.
     """
-    check_quant(quant)
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
-    params.nthread = threads
     log = logging.getLogger("llama-cpp-python")  # llama.cpp's log, printed per tensor
     level = log.level
     log.setLevel(logging.ERROR)
@@ -427,9 +415,6 @@ def llama_cpp_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> No
         log.setLevel(level)
     if rc != 0:
         raise PersonatuneError(f"--quant {quant}: llama.cpp's quantizer failed (code {rc})")
-
-
-# ---- LoRA adapter ------------------------------------------------------------------------
 
 
 def write_lora_gguf(
@@ -500,17 +485,13 @@ def write_lora_gguf(
             key = get_pattern_key(list(pattern), module)  # peft's own matching
             m_alpha = pattern.get(key, alpha)
             peft_scale = m_alpha / (math.sqrt(rank) if lcfg.get("use_rslora") else rank)
-            b = b * (peft_scale / (alpha / rank))
-            b = _llama_layout(base, b, config)
+            b = _llama_layout(base, b * (peft_scale / (alpha / rank)), config)
             target = _gguf_name(tmap, base)
             yield target + ".lora_a", a.numpy()
             yield target + ".lora_b", b.numpy()
 
     _write(path, writer, tensors(), quant)
     return path
-
-
-# ---- the export command ------------------------------------------------------------------
 
 
 def export_gguf(

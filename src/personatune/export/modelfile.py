@@ -137,16 +137,14 @@ def go_template(frame: ChatFrame) -> str:
         )
     lines.append("{{- range $i, $m := .Messages }}")
     lines.append("{{- $last := eq (len (slice $.Messages $i)) 1 }}")
-    first = True
     for role in ("system", "user", "assistant"):
-        head = "{{- if" if first else "{{- else if"
+        head = "{{- if" if role == "system" else "{{- else if"
         close = _lit(frame.suffix[role])
         if role == "assistant" and close:
             close = "{{ if not $last }}" + close + "{{ end }}"
         lines.append(
             f'{head} eq $m.Role "{role}" }}}}{_lit(frame.prefix[role])}{{{{ $m.Content }}}}{close}'
         )
-        first = False
     lines.append("{{- end }}")
     lines.append(
         '{{- if and $last (ne $m.Role "assistant") }}' + _lit(frame.generation_prompt) + "{{ end }}"
