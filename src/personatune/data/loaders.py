@@ -225,12 +225,6 @@ def _parse_sharegpt(rec: dict, src: DataSource, where: str) -> Example:
     return Example(_check_turns(out, where), where=where)
 
 
-def _str_list(value, key: str, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _row_error(where, f"'{key}' must be a list of strings")
-    return value
-
-
 def _alternate(lines: list[str], where: str) -> list[dict]:
     """Give alternating roles to dialogue lines, the last one the persona's (assistant).
     A leading assistant turn is dropped: several chat templates must start with a user."""
@@ -256,12 +250,13 @@ def _parse_personachat(rec: dict, src: DataSource, where: str) -> Example:
         facts, utts = _need(rec, "personality", where), rec["utterances"]
         if not isinstance(utts, list) or not utts:
             raise _row_error(where, "'utterances' must be a non-empty list")
-        last = utts[-1]
-        history, candidates = (last.get(k) if isinstance(last, dict) else None
-                               for k in ("history", "candidates"))  # fmt: skip
+        last = utts[-1] if isinstance(utts[-1], dict) else {}
+        history, candidates = last.get("history") or [], last.get("candidates")
         if not isinstance(candidates, list) or not candidates:
             raise _row_error(where, "the last utterance needs 'history' and 'candidates' lists")
-        lines = [*_str_list(history or [], "history", where), candidates[-1]]
+        if not isinstance(history, list) or not all(isinstance(v, str) for v in history):
+            raise _row_error(where, "'history' must be a list of strings")
+        lines = [*history, candidates[-1]]
         if not isinstance(lines[-1], str):
             raise _row_error(where, "'candidates' must be strings")
         lines = [line for line in lines if line != "__ SILENCE __"]
