@@ -489,10 +489,7 @@ class _Resolver:
                 u.speaker, u.rule, changed = who, "alternation", True
         # a run whose known speakers are the character on one side only, and others on the
         # other side (several descriptions of one person, or several people in turn)
-        sides: list[set[str]] = [set(), set()]
-        for j, k in enumerate(run):
-            if self.utts[k].speaker:
-                sides[j % 2].add(self.utts[k].speaker)
+        sides = [{self.utts[k].speaker for k in run[c::2]} - {None} for c in (0, 1)]
         for c in (0, 1):
             if sides[c] == {self.character} and sides[1 - c] and self.character not in sides[1 - c]:
                 plan = {
