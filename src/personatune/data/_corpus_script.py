@@ -103,13 +103,9 @@ def _heading(line: str, block_start: bool) -> str:
 
 
 def scene_spans(text: str) -> list[tuple[str, int, int]]:
-    """``(title, body start, body end)`` of each scene of a cleaned script, in
-    characters of ``text``: bodies run from the line after a heading (``ACT I``,
-    ``SCENE 2. The same.``, ``INT. FERRY CABIN - NIGHT``; at the start of a block) to the
-    next heading, trimmed to whole non-blank lines; a scene title is its heading, after
-    the act's (``"ACT I SCENE I. Elsinore."``). Text before the first heading is dropped
-    (title page, list of persons), as are scenes without a body. ``[]`` when there is no
-    heading."""
+    """``(title, body start, body end)`` of each scene of a cleaned script, in characters
+    of ``text``, bodies trimmed to whole non-blank lines (headings, titles and what is
+    dropped: :func:`~personatune.data.corpus.split_scenes`); ``[]`` without headings."""
     found: list[tuple[str, int, int]] = []
     act = current = ""
     start, pos, seen = 0, 0, False
