@@ -99,19 +99,16 @@ def score_conversations(
         ]
         for conv, item in zip(answers, items)
     ]
-    adoption, accuracy, questions, counts = [], [], [], []
-    for turn in range(n_turns):
-        here = [row[turn] for row in in_persona if turn < len(row)]
-        asked = [row[turn] for row in correct if turn < len(row) and row[turn] is not None]
-        adoption.append(percent(here, None))
-        accuracy.append(percent(asked, None))
-        questions.append(len(asked))
-        counts.append(len(here))
+    # per turn, the answers given and the questions asked at it
+    here = [[row[t] for row in in_persona if t < len(row)] for t in range(n_turns)]
+    asked = [
+        [row[t] for row in correct if t < len(row) and row[t] is not None] for t in range(n_turns)
+    ]
     return {
-        "adoption_by_turn": adoption,
-        "correct_by_turn": accuracy,
-        "questions_by_turn": questions,
-        "answers_by_turn": counts,
+        "adoption_by_turn": [percent(x, None) for x in here],
+        "correct_by_turn": [percent(x, None) for x in asked],
+        "questions_by_turn": [len(x) for x in asked],
+        "answers_by_turn": [len(x) for x in here],
         "in_persona": in_persona,
         "correct": correct,
     }
