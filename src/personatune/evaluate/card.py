@@ -63,10 +63,6 @@ class Side:
         """The answers' texts of ``sets``, in order."""
         return [a.text for s in sets for a in self.answers.get(s, [])]
 
-    def finished(self, sets: Sequence[str]) -> list[bool]:
-        """Per answer of ``sets``: whether it ended its turn before the token limit."""
-        return [a.finished for s in sets for a in self.answers.get(s, [])]
-
     @cached_property
     def adoption(self) -> dict:
         """The classifier's ``{"rate", "score", "proba"}`` on the general prompts."""
@@ -237,13 +233,8 @@ def probe_change(report: dict) -> str:
 def print_summary(report: dict, out, console: Console) -> None:
     """The compact summary of ``personatune eval``: each metric with base, tuned and the
     change, green where it moved the right way; the classifier; the targets."""
-    table = Table(
-        "metric",
-        "base",
-        "tuned",
-        "change",
-        title=f"{report['persona']}: base vs tuned (greedy, held-out)",
-    )
+    title = f"{report['persona']}: base vs tuned (greedy, held-out)"
+    table = Table("metric", "base", "tuned", "change", title=title)
     group = None
     for m in report["metrics"].values():
         if m["group"] != group:

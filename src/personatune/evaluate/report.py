@@ -225,10 +225,9 @@ def render_html(
         for k, v in report["targets"].items()
     )
     clf = report["classifier"]
-    gate = report.get("guard") or {}
+    g = (report.get("guard") or {}).get("gate")
     gate_html = ""
-    if gate.get("gate"):
-        g = gate["gate"]
+    if g:
         checked = "".join(
             f"<tr><td>{c['step']}</td><td>{_fmt(c.get('persona_score'))}</td>"
             f"<td>{_fmt(c.get('probe_accuracy'))}</td><td>{_fmt(c.get('drift_ratio'))}</td>"
