@@ -214,9 +214,6 @@ def degeneration_shares(
     n_tokens: Sequence[int],
     max_new_tokens: int | Sequence[int],
     ended_turn: Sequence[bool],
-    *,
-    n: int = 4,
-    repetitive_above: float = REPETITIVE_SEQ_REP,
 ) -> dict[str, float]:
     """Shares (0..1) of degenerate answers, for comparing a tuned model with its base.
 
@@ -228,18 +225,15 @@ def degeneration_shares(
             for all, or one per answer (answer sets of different budgets pooled).
         ended_turn: per answer, whether generation stopped on the model's own end-of-turn
             token (``<|im_end|>`` for ChatML models) rather than on the limit.
-        n: word n-gram order of the repetition test (default 4).
-        repetitive_above: seq-rep-n above which an answer is a repetition loop (default
-            :data:`REPETITIVE_SEQ_REP`, 0.3).
 
     Returns:
         ``{"empty", "cut", "repetitive", "end_of_turn", "answers"}``: ``empty`` is the share
         of answers that are blank after ``strip()``; ``cut`` the share that used all
         ``max_new_tokens`` tokens without ending the turn; ``repetitive`` the share whose
-        :func:`seq_rep_n` exceeds ``repetitive_above`` (Welleck et al. 2019 average
-        seq-rep-4 over texts; a share of loops is what a gate can bound); ``end_of_turn``
-        the share that ended with the end-of-turn token; ``answers`` the count. All shares
-        are 0.0 for no answers.
+        seq-rep-4 (:func:`seq_rep_n`) exceeds :data:`REPETITIVE_SEQ_REP` (0.3; Welleck et
+        al. 2019 average seq-rep-4 over texts; a share of loops is what a gate can bound);
+        ``end_of_turn`` the share that ended with the end-of-turn token; ``answers`` the
+        count. All shares are 0.0 for no answers.
 
     Raises:
         ValueError: the sequences differ in length, a limit is below 1, or a token count
@@ -267,7 +261,7 @@ def degeneration_shares(
     return {
         "empty": share(not t.strip() for t in texts),
         "cut": share(k >= m and not e for k, m, e in zip(n_tokens, limits, ended_turn)),
-        "repetitive": share(seq_rep_n(t, n) > repetitive_above for t in texts),
+        "repetitive": share(seq_rep_n(t) > REPETITIVE_SEQ_REP for t in texts),
         "end_of_turn": share(bool(e) for e in ended_turn),
         "answers": total,
     }
@@ -275,11 +269,9 @@ def degeneration_shares(
 
 def ended_turn(answer) -> bool:
     """Whether an engine answer (:class:`personatune.engine.Answer`) ended with the
-    model's own end-of-turn token: ``finish_reason == "stop"``. The engine also stops
-    with ``stop`` on a request's stop sequences, but the evaluation and the guard never
-    set any, so there it means an end-of-turn token (any of
-    :func:`personatune.engine.sampling.end_of_turn_ids`: the chat template's turn end,
-    the tokenizer's and the generation config's EOS)."""
+    model's own end-of-turn token (any of
+    :func:`personatune.engine.sampling.end_of_turn_ids`): ``finish_reason == "stop"``,
+    which a request's stop sequences also give, but the evaluation and the guard set none."""
     return answer.finish_reason == "stop"
 
 

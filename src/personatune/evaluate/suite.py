@@ -148,14 +148,11 @@ def drift_conversations(general: Sequence[dict], base_answers: Sequence[Answer])
 
 
 def perplexity(
-    model,
-    tokenizer,
-    conversations: Sequence[list[dict]],
-    batch_size: int = 16,
-    fingerprint: str | None = None,
+    model, tokenizer, conversations: Sequence[list[dict]], fingerprint: str | None = None
 ) -> float:
     """Conditional perplexity of the assistant turns (see
-    :func:`personatune.evaluate.perplexity.conditional_perplexity`); nan for none.
+    :func:`personatune.evaluate.perplexity.conditional_perplexity`, 16 conversations per
+    forward pass); nan for none.
 
     With ``fingerprint`` (the weights' identity, as for the answer cache) the value is
     cached under ``cache_dir() / "perplexity"``, keyed by it, the weights' dtype, the chat
@@ -174,7 +171,7 @@ def perplexity(
         path = cache_dir() / "perplexity" / f"{digest(key)[:24]}.json"
         if path.is_file():
             return read_json(path)["perplexity"]
-    ppl = conditional_perplexity(model, tokenizer, conversations, batch_size=batch_size).perplexity
+    ppl = conditional_perplexity(model, tokenizer, conversations, batch_size=16).perplexity
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"perplexity": ppl})
