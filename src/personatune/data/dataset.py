@@ -95,15 +95,14 @@ def _mix(rows: list[dict], weight: float, rng: random.Random) -> list[dict]:
     return rows * whole + rng.sample(rows, round(len(rows) * frac))
 
 
-def _unique(examples: list[Example], seen: set[str], stats: SourceStats | None) -> list[Example]:
+def _unique(examples: list[Example], seen: set[str], stats: SourceStats) -> list[Example]:
     """``examples`` without those whose :meth:`Example.key` is in ``seen`` or repeats,
     each dropped one counted in ``stats.duplicates``; the kept keys join ``seen``."""
     kept = []
     for ex in examples:
         k = ex.key()
         if k in seen:
-            if stats is not None:
-                stats.duplicates += 1
+            stats.duplicates += 1
             continue
         seen.add(k)
         kept.append(ex)
@@ -128,8 +127,8 @@ def split_source(
     spec: PersonaSpec,
     source: DataSource,
     examples: list[Example],
-    stats: SourceStats | None = None,
-    train_keys: frozenset[str] | set[str] = frozenset(),
+    stats: SourceStats,
+    train_keys: set[str],
 ) -> tuple[list[Example], list[Example]]:
     """Train and eval examples of one source, given its kept ``examples``.
 
@@ -178,17 +177,14 @@ def data_files(spec: PersonaSpec) -> list[Path]:
     return [spec.resolve(s.path) for s in spec.data if not s.path.startswith("hf:")]
 
 
-def derive_split(
-    spec: PersonaSpec, loaded: list[tuple[list[Example], SourceStats]] | None = None
-) -> Split:
+def derive_split(spec: PersonaSpec, loaded: list[tuple[list[Example], SourceStats]]) -> Split:
     """Split the spec's data from the data files (:func:`split_source` per source), as
-    ``personatune train`` does; ``loaded`` is :func:`load_examples`'s result when the
-    caller has it (duplicates are counted into its stats).
+    ``personatune train`` does; ``loaded`` is :func:`load_examples`'s result (duplicates
+    are counted into its stats).
 
     Raises:
         PersonatuneError: bad data files, or an ``eval_size`` leaving no training example.
     """
-    loaded = load_examples(spec) if loaded is None else loaded
     train_keys = {ex.key() for examples, _ in loaded for ex in examples}
     split = Split([], [])
     for (examples, stats), source in zip(loaded, spec.data):
