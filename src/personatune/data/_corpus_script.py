@@ -284,14 +284,13 @@ def parse_turns(chapter: Chapter, character: str, aliases: Sequence[str]) -> lis
         s = ln.raw.strip()
         if ln.kind in ("blank", "heading"):
             closer = ""  # an unclosed bracket ends with its block
+            close()
+            continue
         if closer:
             if closer in ln.raw and cur is not None:  # speech may go on after the bracket
                 closer = add(i, ln.raw.index(closer) + 1)
             elif closer in ln.raw:
                 closer = ""
-            continue
-        if ln.kind == "blank" or ln.kind == "heading":
-            close()
             continue
         if s[0] in _OPENERS and _OPENERS[s[0]] not in s:  # a direction over several lines
             closer = _OPENERS[s[0]]
