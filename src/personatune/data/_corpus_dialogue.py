@@ -320,16 +320,13 @@ def _parse_chapter(ch: Chapter, att: _Attributor) -> list[Utterance]:
             if not frag.strip(' "'):
                 continue
             if k > 1:  # narration after a quote
-                m = att.after_verb_first.match(frag) or att.after_speaker_first.match(frag)
-                if m:
+                if m := att.after_verb_first.match(frag) or att.after_speaker_first.match(frag):
                     u.verb.append(att.speaker_of(m))
             if k < len(bounds) - 1:  # narration before a quote
-                m = att.before[0].search(frag[-120:]) or att.before[1].search(frag[-120:])
-                if m:
+                if m := att.before[0].search(frag[-120:]) or att.before[1].search(frag[-120:]):
                     u.verb.append(att.speaker_of(m))
                 if k == 1 and not continuing and u.para == pi:
-                    b = att.beat.match(frag)
-                    if b:
+                    if b := att.beat.match(frag):
                         u.beat = att.speaker_of(b)
     return utts
 

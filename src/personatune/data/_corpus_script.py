@@ -118,8 +118,7 @@ def scene_spans(text: str) -> list[tuple[str, int, int]]:
             found.append((current, start + lead, start + len(body.rstrip())))
 
     for i, line in enumerate(lines):
-        kind = _heading(line, i == 0 or not lines[i - 1].strip())
-        if kind:
+        if kind := _heading(line, i == 0 or not lines[i - 1].strip()):
             flush(pos)
             label = " ".join(line.split())
             if kind == "act":
@@ -223,8 +222,7 @@ def _spoken_segments(line: str, start: int) -> tuple[list[tuple[int, int]], str]
         end = m.start() if m else len(line)
         seg = line[pos:end]
         if m is None:  # "I [crossing" + next line "to the door] will go."
-            opens = [seg.find(o) for o in _OPENERS if o in seg]
-            if opens:
+            if opens := [seg.find(o) for o in _OPENERS if o in seg]:
                 cut = min(opens)
                 closer, seg = _OPENERS[seg[cut]], seg[:cut]
         if seg.strip():

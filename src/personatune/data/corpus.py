@@ -166,11 +166,9 @@ def _strip_boilerplate(text: str) -> str:
     """Unix newlines, no Gutenberg header or footer, no illustration markers, straight
     quotes (one character to one, or a deletion)."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    start = _GUTENBERG_START.search(text)
-    if start:
+    if start := _GUTENBERG_START.search(text):
         text = text[start.end() :]
-    end = _GUTENBERG_END.search(text)
-    if end:
+    if end := _GUTENBERG_END.search(text):
         text = text[: end.start()]
     return _ILLUSTRATION.sub("", text).translate(_QUOTES)
 
@@ -500,8 +498,7 @@ def chunk_text(text: str, size: int = 500, overlap: int = 50) -> list[str]:
         if end < n and not text[end].isspace():
             cut = max(text.rfind(c, start + overlap + 1, end) for c in " \n\t")
             end = cut if cut > start + overlap else end
-        chunk = text[start:end].strip()
-        if chunk:
+        if chunk := text[start:end].strip():
             chunks.append(chunk)
         if end >= n:
             break
