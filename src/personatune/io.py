@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -17,8 +18,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from personatune.errors import PersonatuneError
-
-# ---- atomic writes -------------------------------------------------------------------
 
 
 def write_text(path: Path, text: str) -> None:
@@ -50,9 +49,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-# ---- reading ---------------------------------------------------------------------------
 
 
 def jsonl_records(path: Path, text: str | None = None) -> Iterator[tuple[int, object]]:
@@ -104,10 +100,6 @@ def parse_json(text: str, path: Path | str) -> object:
         raise PersonatuneError(f"{path}: JSON nested too deeply to read") from None
 
 
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
-
-
 def read_text(path: Path, encoding: str = "utf-8", what: str = "file") -> str:
     """Decode a text file. UTF-8 also accepts a BOM; a UTF-16/32 byte-order mark is
     followed whatever ``encoding`` says, since the mark is unambiguous. ``what`` names the
@@ -127,17 +119,16 @@ def read_text(path: Path, encoding: str = "utf-8", what: str = "file") -> str:
     except PermissionError:
         raise PersonatuneError(f"{path}: not readable (permission denied)") from None
     enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
-    for bom, name in _BOMS:
-        if raw.startswith(bom):
-            enc = name
-            break
+    # UTF-32 first: UTF-16 LE's byte-order mark is the start of UTF-32 LE's
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        enc = "utf-32"
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        enc = "utf-16"
     # NUL bytes never occur in text; they are the mark of UTF-16 written without a BOM
     hint = "utf-16" if b"\x00" in raw[:4096] else "cp1252"
-    fix = (
-        f"re-save the file as UTF-8 or set this source's encoding (e.g. encoding: {hint})"
-        if what == "data file"
-        else "re-save the file as UTF-8"
-    )
+    fix = "re-save the file as UTF-8"
+    if what == "data file":
+        fix += f" or set this source's encoding (e.g. encoding: {hint})"
     try:
         text = raw.decode(enc)
     except UnicodeDecodeError as e:
@@ -153,9 +144,6 @@ def read_text(path: Path, encoding: str = "utf-8", what: str = "file") -> str:
             f"{path}: line {line} holds NUL bytes, so it is not {encoding} text; {fix}"
         )
     return text
-
-
-# ---- hashing -------------------------------------------------------------------------
 
 
 def sha256_file(path: Path) -> str:
@@ -186,15 +174,10 @@ def package_dir(module: str, needed_for: str, install: str) -> Path:
         PersonatuneError: not installed; the message names ``needed_for`` and ``install``
             (the pip command).
     """
-    import importlib.util
-
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise PersonatuneError(f"{needed_for}: {install}")
     return Path(spec.submodule_search_locations[0])
-
-
-# ---- output folders ------------------------------------------------------------------
 
 
 def partial_dir(output: Path) -> Path:
@@ -208,17 +191,13 @@ def check_replaceable(
 ) -> None:
     """Refuse to let ``--overwrite`` remove anything personatune did not write.
 
-    A folder may be replaced only when it holds every file named in ``signature`` (the
-    files personatune writes there, e.g. a persona's ``adapter_config.json`` and
-    ``config.yaml``) or nothing at all, and never when it is the current directory, one
-    above it or the home folder, or when it holds a path of ``protect`` (the spec, its
-    data files). A file ``target`` may be replaced unless it is in ``protect``.
-
-    Args:
-        target: the output that would be replaced.
-        kind: what the writer makes, for the message (``persona directory``...).
-        protect: paths that must survive (spec folder, data files); resolved first.
-        signature: file names that every ``kind`` folder personatune writes holds.
+    A folder ``target`` may be replaced only when it holds every file named in
+    ``signature`` (the files every ``kind`` folder personatune writes holds, e.g. a
+    persona's ``adapter_config.json`` and ``config.yaml``) or nothing at all, and never
+    when it is the current directory, one above it or the home folder, or when it holds a
+    path of ``protect`` (the spec folder, its data files). A file ``target`` may be
+    replaced unless it is in ``protect``. ``kind`` names the output in messages
+    (``persona directory``...).
 
     Raises:
         PersonatuneError: one line naming ``target`` and why it is kept.
@@ -229,17 +208,16 @@ def check_replaceable(
     if not target.is_dir():
         return check_replaceable_file(target, kind, protect)
     real = target.resolve()
-    kept = [Path(p).resolve() for p in protect]
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents or real == Path.home().resolve():
         raise PersonatuneError(
             f"{target}: refusing to replace the current directory or one above it; "
             "choose a new output folder"
         )
-    for p in kept:
-        if p == real or real in p.parents:
+    for kept in (Path(p).resolve() for p in protect):
+        if kept == real or real in kept.parents:
             raise PersonatuneError(
-                f"{target}: holds {p.name}, an input of this run; choose a new output folder"
+                f"{target}: holds {kept.name}, an input of this run; choose a new output folder"
             )
     if all((target / name).exists() for name in signature) or not any(target.iterdir()):
         return
@@ -306,9 +284,11 @@ def check_writable(target: Path, what: str = "output") -> None:
         ) from None
 
 
-def new_work_dir(output: Path) -> Path:
-    """Make an empty, private-name work folder beside ``output`` (``.NAME.partial-XXXX``),
-    with normal permissions, for a writer that publishes with :func:`publish`.
+@contextlib.contextmanager
+def building(output: Path) -> Iterator[Path]:
+    """Yield a new, empty work folder beside ``output`` (``.NAME.partial-XXXX``, normal
+    permissions); when the block ends it is published as ``output`` (:func:`publish`), and
+    if the block raises it is removed, so ``output`` appears whole or not at all.
 
     Raises:
         PersonatuneError: the folder cannot be made there (read-only, no permission).
@@ -322,15 +302,6 @@ def new_work_dir(output: Path) -> Path:
             f"{output}: cannot write there ({e.strerror}); choose a folder you can write to"
         ) from None
     work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal folder
-    return work
-
-
-@contextlib.contextmanager
-def building(output: Path) -> Iterator[Path]:
-    """Yield a new work folder beside ``output`` (:func:`new_work_dir`); when the block
-    ends it is published as ``output`` (:func:`publish`), and if the block raises it is
-    removed, so ``output`` appears whole or not at all."""
-    work = new_work_dir(output)
     try:
         yield work
         publish(work, output)
