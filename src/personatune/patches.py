@@ -4,19 +4,19 @@ says what it works around, the measurement or bug behind it, and which test in
 
 1. :func:`falcon_linear_as_nn_linear`: transformers quantizes only exact ``nn.Linear``.
 2. :func:`drop_gguf_quantizer`: a de-quantised GGUF model refuses ``save_pretrained``.
-3. :func:`varlen_attention` / :func:`use_varlen_attention`: per-example attention over a
-   packed row, registered with transformers' ``AttentionInterface``.
+3. :func:`varlen_attention`: per-example attention in a packed row (``AttentionInterface``).
 4. :func:`autocast_lora_inputs`: a private peft method overridden per layer.
-5. :func:`fuse_lora` (``train.fused_lora``, off by default): peft's LoRA forward replaced
-   per layer by one ``addmm``; ``tests/test_train.py`` checks it against peft's forward.
+5. :func:`fuse_lora`: peft's LoRA forward as one ``addmm`` (tested in tests/test_train.py).
 6. :func:`load_task_yaml`: lm-eval's private YAML loader.
-7. :func:`contiguous_head_input`: the output head's input made contiguous, so that
-   PyTorch's ``matmul`` does not copy the whole head weight once per row.
+7. :func:`contiguous_head_input`: no copy of the head weight per row in PyTorch's matmul.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
+import types
 
 import torch
 
@@ -47,9 +47,8 @@ def drop_gguf_quantizer(model) -> None:
     """Clear the GGUF quantizer marker of a model loaded with ``gguf_file=``, so that
     ``save_pretrained`` works. transformers de-quantises GGUF tensors to fp32 while
     loading, yet keeps a ``GgufHfQuantizer`` whose ``is_serializable()`` is False, and
-    ``save_pretrained`` refuses such a model (transformers 5.x). The saved folder loads
-    in about 1 s instead of 16 s of de-quantising for the embedded model on 2 cores
-    (:func:`personatune.models._gguf_as_safetensors`)."""
+    ``save_pretrained`` refuses such a model (transformers 5.x); the de-quantised cache
+    of :func:`personatune.models._gguf_as_safetensors` (1 s to load, not 16) needs it."""
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -71,8 +70,6 @@ def _segments(cu_seq_lens: torch.Tensor) -> list[int]:
 def _torch_varlen():
     """PyTorch's FlashAttention variable-length kernel (``torch.nn.attention.varlen``,
     CUDA only, torch >= 2.9) and the keyword arguments its version takes, or None."""
-    import inspect
-
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -124,23 +121,11 @@ def varlen_attention(
         and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux", "sinks"))
     )
     if not plain:
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            is_causal=is_causal,
-            **kwargs,
-        )
+        kwargs.update(dropout=dropout, scaling=scaling, is_causal=is_causal)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     p = dropout if module.training else 0.0
-    flash = (
-        _torch_varlen()
-        if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
-        else None
-    )
+    half_cuda = query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+    flash = _torch_varlen() if half_cuda else None
     if flash and p == 0.0 and query.shape[-1] <= 256:
         varlen_attn, causal, gqa_arg = flash
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
@@ -155,8 +140,6 @@ def varlen_attention(
         n = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
         out = varlen_attn(q, k, v, cu, cu, int(n), int(n), scale=scaling, **causal, **extra)
         return out.unsqueeze(0), None
-    import itertools
-
     bounds = _segments(cu)
     dtype = query.dtype
     if query.device.type == "cpu":
@@ -212,8 +195,6 @@ def autocast_lora_inputs(model) -> None:
     ``0.5b-nocast`` rows of benchmarks/results/gpu_train_speed.md). Outside autocast (e.g.
     generation) peft's cast is kept. Overrides peft's private ``_cast_input_dtype`` on
     each plain ``lora.Linear`` of ``model``."""
-    import types
-
     from peft.tuners.lora.layer import Linear
 
     def cast(self, x, dtype):
@@ -236,8 +217,6 @@ def fuse_lora(model) -> int:
     runs where this one does not apply: adapters disabled or merged, mixed-adapter
     batches (``adapter_names``), several active adapters, LoRA variants (DoRA...).
     Returns the number of layers changed."""
-    import types
-
     from peft.tuners.lora import LoraLayer
 
     def forward(self, x, *args, **kwargs):
