@@ -131,17 +131,16 @@ def heldout_perplexity(
     examples: Sequence,
     max_length: int = 1024,
     batch_size: int = 4,
-    group_by: str = "book",
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Conditional perplexity of a persona and of its base model (adapter disabled) on
-    held-out examples, both under the persona's system prompt, as rendered for training.
+    held-out examples, both under the persona's system prompt, as rendered for training,
+    overall and per ``book`` (the provenance key of ``Example.meta``).
 
     Args:
         persona: a :class:`personatune.engine.Persona`.
         examples: :class:`personatune.data.loaders.Example` conversations (text examples
             are not allowed: they have no prompt).
-        group_by: a provenance key of ``Example.meta`` (``book``) to break results down by.
         progress: called with the number of conversations done (each is scored twice).
 
     Returns:
@@ -172,9 +171,9 @@ def heldout_perplexity(
         base = conditional_perplexity(persona.model, persona.tokenizer, convs, **args)
     groups: dict[str, dict] = {}
     for value in dict.fromkeys(
-        str(ex.meta.get(group_by)) for ex in examples if ex.meta.get(group_by) is not None
+        str(ex.meta.get("book")) for ex in examples if ex.meta.get("book") is not None
     ):
-        rows = [i for i, ex in enumerate(examples) if str(ex.meta.get(group_by)) == value]
+        rows = [i for i, ex in enumerate(examples) if str(ex.meta.get("book")) == value]
         b, n = pooled([base.per_example[i] for i in rows])
         t, _ = pooled([tuned.per_example[i] for i in rows])
         groups[value] = {
@@ -192,7 +191,7 @@ def heldout_perplexity(
         "base": {"perplexity": base.perplexity, "nll": base.nll},
         "tuned": {"perplexity": tuned.perplexity, "nll": tuned.nll},
         "reduction": 1 - tuned.perplexity / base.perplexity,
-        "group_by": group_by,
+        "group_by": "book",
         "groups": groups,
     }
 
