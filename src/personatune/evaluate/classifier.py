@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from personatune.errors import PersonatuneError
+from personatune.evaluate.metrics import load_embedder
 
 Encoder = Callable[[Sequence[str]], np.ndarray]
 
@@ -61,13 +62,10 @@ class PersonaClassifier:
 
     def summary(self) -> dict:
         """Method and error rate, for reports."""
+        keys = ("cv_error", "cv_folds", "fold_errors", "n_persona", "n_plain")
         return {
             "method": "logistic regression on all-MiniLM-L6-v2 sentence embeddings",
-            "cv_error": self.cv_error,
-            "cv_folds": self.cv_folds,
-            "fold_errors": self.fold_errors,
-            "n_persona": self.n_persona,
-            "n_plain": self.n_plain,
+            **{k: getattr(self, k) for k in keys},
         }
 
 
@@ -124,10 +122,7 @@ def fit_classifier(
     Raises:
         PersonatuneError: fewer than ``folds`` texts on either side.
     """
-    if encode is None:
-        from personatune.evaluate.metrics import load_embedder
-
-        encode = load_embedder()
+    encode = encode or load_embedder()
     texts = [*persona_texts, *plain_texts]
     y = np.array([1] * len(persona_texts) + [0] * len(plain_texts))
     x = encode(texts) if texts else np.zeros((0, 1))

@@ -162,8 +162,7 @@ def term_frequency(texts: Sequence[str], terms: Sequence[str]) -> float:
     A term of several words ("davy jones") counts its words when they occur in that
     order. 0.0 when the texts have no words or no terms are given.
     """
-    term_words = [tuple(words(t)) for t in terms]
-    term_words = [t for t in dict.fromkeys(term_words) if t]
+    term_words = [t for t in dict.fromkeys(tuple(words(t)) for t in terms) if t]
     total = hits = 0
     for text in texts:
         ws = words(text)
