@@ -11,6 +11,7 @@ from pathlib import Path
 
 from personatune.errors import PersonatuneError
 from personatune.io import jsonl_records, read_json
+from personatune.patches import load_task_yaml
 
 #: The prompt of the generic format, as in lm-eval's ARC tasks.
 GENERIC_TEXT = "Question: {{question}}\nAnswer:"
@@ -99,8 +100,6 @@ def task_config(task: str, path: str | Path) -> dict:
             "metadata": {"version": 1.0},
         }
     from lm_eval.tasks import TaskManager
-
-    from personatune.patches import load_task_yaml
 
     entry = TaskManager().task_index.get(task)
     if entry is None or entry.yaml_path is None:

@@ -14,12 +14,13 @@ from rich.progress import Progress
 from personatune.config import PersonaSpec
 from personatune.data.chat import with_system_prompt
 from personatune.data.dataset import persona_split, persona_system_prompt
-from personatune.engine import Answer
+from personatune.engine import Answer, load_persona
 from personatune.errors import PersonatuneError
 from personatune.evaluate import card
 from personatune.evaluate.answers import cached_answer_sets, inference_copy
 from personatune.evaluate.conversations import load_conversations, run_conversations
 from personatune.evaluate.identity import identity_names, load_identity_prompts
+from personatune.evaluate.lmeval import run_benchmark
 from personatune.evaluate.metrics import degeneration_failures
 from personatune.evaluate.probe import drift_ratio
 from personatune.evaluate.progress import phase, progress_bar
@@ -40,6 +41,7 @@ from personatune.evaluate.suite import (
     plain_conv,
 )
 from personatune.io import check_replaceable_file, check_writable, sha256_file
+from personatune.models import resolve_ref
 from personatune.persona import ADAPTER_WEIGHTS, TRAIN_LOG, read_manifest, read_spec
 
 REPORT_FILES = ("report.json", "report.html", *PLOTS)
@@ -93,12 +95,10 @@ BASE_ONLY = ("drift", "identity_plain")
 
 def answer_sets(spec: PersonaSpec, data: EvalData) -> dict[str, tuple[list, int]]:
     """Per answer set, the conversations asked and their token limit; the sets of
-    :data:`BASE_ONLY` are asked of the base model only. ``probe`` and ``probe_plain`` are
-    the factual probe with the knowledge budget, with the persona's system prompt and
-    without one. Two more sets reach the report card: ``probe_direct``, ``probe`` cut to
-    the short budget (:func:`personatune.evaluate.suite.cut_answers`), and
-    ``conversations``, the scripted conversations
-    (:mod:`personatune.evaluate.conversations`)."""
+    :data:`BASE_ONLY` are asked of the base model only. ``probe`` and ``probe_plain``: the
+    factual probe (knowledge budget) with and without the persona's system prompt.
+    ``probe_direct`` is not asked: it is ``probe`` cut to the short budget
+    (:func:`personatune.evaluate.suite.cut_answers`)."""
     ev = spec.eval
     knowledge = ev.knowledge_max_new_tokens
     identity = [r["prompt"] for r in load_identity_prompts()]
@@ -149,8 +149,6 @@ def evaluate(
         PersonatuneError: not a persona directory, an existing report without
             ``overwrite``, bad data, or a bad benchmark.
     """
-    from personatune.engine import load_persona
-
     console = console or Console(stderr=True)
     persona_dir = Path(persona_dir)
     out_dir = Path(out_dir) if out_dir else persona_dir
@@ -233,8 +231,6 @@ def _eval_inputs(spec: PersonaSpec, persona_dir: Path, console: Console) -> tupl
 
 
 def _inference_models(persona, persona_dir: Path) -> Models:
-    from personatune.models import resolve_ref
-
     spec = persona.spec
     base_fp = resolve_ref(spec.model.name, spec.model.revision, spec.base_dir).fingerprint()
     tuned_fp = f"{base_fp}+adapter:{sha256_file(persona_dir / ADAPTER_WEIGHTS)}"
@@ -294,8 +290,6 @@ def _perplexities(bar, spec, models: Models, tok, data: EvalData, answers, timin
 
 
 def _benchmarks(bar, models: Models, tok, benches, timings, cpu) -> list[dict]:
-    from personatune.evaluate.lmeval import run_benchmark
-
     results = []
     with phase(bar, "benchmarks", 2 * len(benches), timings, cpu) as adv:
         for task, path in benches:

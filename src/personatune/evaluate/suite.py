@@ -109,9 +109,8 @@ def example_prompt(spec: PersonaSpec, ex: Example, system: bool = True) -> list[
 def classifier_examples(spec: PersonaSpec, data: EvalData) -> list[Example]:
     """The persona training examples whose answers train the adoption classifier:
     ``eval.classifier_pairs`` of them, a seeded sample."""
-    pool = data.persona_train
-    n = min(spec.eval.classifier_pairs, len(pool))
-    return random.Random(spec.train.seed).sample(pool, n)
+    n = min(spec.eval.classifier_pairs, len(data.persona_train))
+    return random.Random(spec.train.seed).sample(data.persona_train, n)
 
 
 def fit_adoption_classifier(
