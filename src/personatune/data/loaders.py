@@ -63,9 +63,9 @@ def _need(record: dict, key: str, where: str):
 
 
 def _need_str(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
-    if key not in record or record[key] is None:
+    value = record.get(key)
+    if value is None:
         raise _row_error(where, f"missing field '{key}'; add it or fix the column name")
-    value = record[key]
     if not isinstance(value, str):
         raise _row_error(where, f"field '{key}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
@@ -282,9 +282,8 @@ def _parse_personachat(rec: dict, src: DataSource, where: str) -> Example:
         facts = [f for f in facts.splitlines() if f.strip()]
     if not isinstance(facts, list) or not all(isinstance(f, str) for f in facts):
         raise _row_error(where, "persona facts must be a list of strings")
-    for m in messages:
-        if not m["content"].strip():
-            raise _row_error(where, "has an empty dialogue line")
+    if any(not m["content"].strip() for m in messages):
+        raise _row_error(where, "has an empty dialogue line")
     return Example(messages, where=where, persona_facts=[f.strip() for f in facts])
 
 
