@@ -63,9 +63,8 @@ def use_decode_attention(model) -> str | None:
     was left alone (CUDA, eager, flash-attention, flex)."""
     from personatune.patches import switch_attention
 
-    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if next(model.parameters()).device.type != "cpu":
         return None
-    return (
-        before if switch_attention(model, DECODE_ATTENTION, decode_attention, _SWITCHABLE) else None
-    )
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switched = switch_attention(model, DECODE_ATTENTION, decode_attention, _SWITCHABLE)
+    return before if switched else None

@@ -32,7 +32,7 @@ import torch
 from personatune.engine.api import persona_request
 from personatune.engine.batcher import Answer, Batch, Event, Request, _Row
 from personatune.engine.load import Registry, attach_tokenizers, describe_personas
-from personatune.engine.sampling import Sampling, choose
+from personatune.engine.sampling import Sampling
 from personatune.engine.scheduler import DEFAULT_MAX_QUEUE, Scheduler
 from personatune.errors import PersonatuneError
 
@@ -54,13 +54,11 @@ class LlamaCppModel:
         llm: the ``llama_cpp.Llama`` object (one context, one sequence).
         adapters: persona (adapter) name -> ``llama_adapter_lora_p``.
         generation_config: the base model's, for :func:`~.sampling.end_of_turn_ids`.
-        threads: CPU threads llama.cpp uses.
     """
 
     llm: object
     adapters: dict
     generation_config: object
-    threads: int
 
     def use(self, adapter: str | None) -> None:
         """Make ``adapter`` the only active LoRA adapter (None: the base model)."""
@@ -183,14 +181,14 @@ def load_llama_cpp(
             raise PersonatuneError(f"{personas[name].path}: llama.cpp could not load {f}")
         llm._stack.callback(llama_cpp.llama_adapter_lora_free, a)  # freed with the model
         adapters[personas[name].adapter] = a  # keyed as requests name it
-    model = LlamaCppModel(llm, adapters, gen, threads)
+    model = LlamaCppModel(llm, adapters, gen)
     return Registry(model, ref.name, ref, personas, ctx)
 
 
 class LlamaCppBatch(Batch):
     """The engine's :class:`~personatune.engine.batcher.Batch` on llama.cpp, one row at a
-    time: ``add`` prefills a request with its adapter, ``step`` decodes its next token.
-    Finishing, stop strings, events and answers are the engine's own code."""
+    time: a prefill takes one request with its adapter, ``step`` decodes its next token.
+    Joining, finishing, stop strings, events and answers are the engine's own code."""
 
     def __init__(self, model: LlamaCppModel):
         self.model = model
@@ -199,33 +197,14 @@ class LlamaCppBatch(Batch):
         self.rows: list[_Row] = []
         self._ends: dict[int, frozenset[int]] = {}
 
-    def add(self, req: Request) -> list[tuple[Request, Answer]]:
-        if self.rows:
+    def _prefill(self, rows: list[_Row]) -> list[tuple[Request, Answer]]:
+        if self.rows or len(rows) > 1:
             raise RuntimeError("the llama.cpp engine decodes one request at a time")
-        row = _Row(req, self._end_ids(req.tokenizer), self.device)
-        if req.cancel.is_set():
-            return [self._finish(row, "cancelled")]
-        self.model.use(req.adapter)
-        logits = self.model.logits(req.input_ids, 0)
-        reason = self._advance(row, choose(logits, [req.sampling], [row.generator])[0])
-        if reason is not None:
-            return [self._finish(row, reason)]
-        self.rows = [row]
-        return []
-
-    def add_many(
-        self, reqs: Sequence[Request], isolate: bool = False
-    ) -> list[tuple[Request, Answer]]:
-        out = []
-        for req in reqs:
-            try:
-                out += self.add(req)
-            except Exception as e:
-                if not isolate:
-                    raise
-                log.exception("prefill failed")
-                out.append(self.fail(req, f"{type(e).__name__}: {e}"))
-        return out
+        self.model.use(rows[0].req.adapter)
+        finished, done = self._advance_all(rows, self.model.logits(rows[0].req.input_ids, 0))
+        if not done:
+            self.rows = rows
+        return finished
 
     def step(self) -> list[tuple[Request, Answer]]:
         if not self.rows:
@@ -233,16 +212,15 @@ class LlamaCppBatch(Batch):
         (row,) = self.rows
         try:
             logits = self.model.logits([row.ids[-1]], row.pos)
-            row.pos += 1
-            reason = self._advance(row, choose(logits, [row.req.sampling], [row.generator])[0])
         except Exception as e:
             log.exception("a request failed")
             self.rows = []
             return [self.fail(row.req, f"{type(e).__name__}: {e}", len(row.ids))]
-        if reason is None:
-            return []
-        self.rows = []
-        return [self._finish(row, reason)]
+        row.pos += 1
+        finished, done = self._advance_all(self.rows, logits)
+        if done:
+            self.rows = []
+        return finished
 
 
 def ask(
