@@ -230,12 +230,8 @@ def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], str]:
         if token in added:
             if not decoder[i].normalized:
                 token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            looks_special = token.startswith("<|") and token.endswith("|>")
-            types.append(
-                gguf.TokenType.CONTROL
-                if decoder[i].special or looks_special
-                else gguf.TokenType.USER_DEFINED
-            )
+            special = decoder[i].special or (token.startswith("<|") and token.endswith("|>"))
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
@@ -456,6 +452,7 @@ def write_lora_gguf(
     weights = load_file(persona_dir / "adapter_model.safetensors")
     tmap = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     alpha = float(lcfg["lora_alpha"])
+    pattern = lcfg.get("alpha_pattern") or {}
     pairs: dict[str, dict] = {}
     for key, t in weights.items():
         base = key.replace("base_model.model.", "", 1)
@@ -480,9 +477,7 @@ def write_lora_gguf(
         for base, ab in sorted(pairs.items()):
             a, b = ab["A"].float(), ab["B"].float()
             rank = a.shape[0]  # rank_pattern shows in the shapes
-            module = base.removesuffix(".weight")
-            pattern = lcfg.get("alpha_pattern") or {}
-            key = get_pattern_key(list(pattern), module)  # peft's own matching
+            key = get_pattern_key(list(pattern), base.removesuffix(".weight"))  # peft's matching
             m_alpha = pattern.get(key, alpha)
             peft_scale = m_alpha / (math.sqrt(rank) if lcfg.get("use_rslora") else rank)
             b = _llama_layout(base, b * (peft_scale / (alpha / rank)), config)

@@ -36,9 +36,6 @@ class ApiError(Exception):
         return JSONResponse({"error": err}, status_code=self.status, headers=headers)
 
 
-# ---------------------------------------------------------------- request schema
-
-
 class TextPart(BaseModel):
     """A text part of a message's content list (other part types are refused)."""
 
@@ -100,9 +97,6 @@ class ChatRequest(BaseModel):
         return v
 
 
-# ---------------------------------------------------------------- helpers
-
-
 def conversation(messages: list[Message], system_prompt: str, policy: SystemPolicy) -> list[dict]:
     """The conversation the model sees.
 
@@ -126,10 +120,6 @@ def conversation(messages: list[Message], system_prompt: str, policy: SystemPoli
         system = [system_prompt]
     head = [{"role": "system", "content": "\n\n".join(system)}] if system else []
     return head + rest
-
-
-def error_param(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if p != "body")
 
 
 def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None) -> str:

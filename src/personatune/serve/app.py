@@ -29,7 +29,6 @@ from personatune.serve.api import (
     SystemPolicy,
     chunk,
     conversation,
-    error_param,
     model_card,
     usage,
     watch_disconnect,
@@ -102,7 +101,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         err = e.errors()[0]
-        param = error_param(err.get("loc", ()))
+        param = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         msg = err.get("msg", "invalid request")
         if err.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None

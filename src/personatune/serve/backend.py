@@ -201,9 +201,7 @@ class UpstreamBackend:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        for key in ("temperature", "top_p", "seed"):
-            if getattr(req, key) is not None:
-                body[key] = getattr(req, key)
+        body |= req.model_dump(include={"temperature", "top_p", "seed"}, exclude_none=True)
         if req.stop:
             body["stop"] = req.stop
         try:
