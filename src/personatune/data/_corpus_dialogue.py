@@ -547,8 +547,6 @@ def extract_utterances(
             for kind, s in u.verb:
                 if kind == "named" and s not in (NARRATOR, character, "she"):
                     people.setdefault(ch.book, set()).add(s)
-    out: list[Utterance] = []
     for ch, utts in parsed:
         _Resolver(utts, att.mentions(people.get(ch.book, set())), character).run()
-        out.extend(utts)
-    return out
+    return [u for _, utts in parsed for u in utts]
