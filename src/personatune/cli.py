@@ -49,8 +49,7 @@ EngineChoice = Annotated[
 ]
 
 
-#: Failures of the user's machine rather than of personatune: a full disk, a read-only or
-#: forbidden path.
+#: Failures of the user's machine, not of personatune: a full disk, a read-only or forbidden path.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -125,7 +124,7 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], **
 def main(
     ctx: typer.Context,
     debug: Annotated[
-        bool, typer.Option("--debug", help="also show an error's traceback (PERSONATUNE_DEBUG=1)")
+        bool, typer.Option("--debug", help="also print errors' tracebacks (or PERSONATUNE_DEBUG=1)")
     ] = False,
 ):
     """Give a chat LLM a persona with LoRA, without losing what it knew."""
@@ -429,8 +428,7 @@ def chat(
         print_table(
             f"test prompts (greedy, at most {max_tokens} tokens)",
             ["prompt", *names],
-            # Text: model output is not rich markup
-            [[Text(q), *(Text(answers[n, q]) for n in names)] for q in prompts],
+            [[Text(q), *(Text(answers[n, q]) for n in names)] for q in prompts],  # not markup
             show_lines=True,
         )
         return
@@ -780,14 +778,14 @@ def export(
     """Export a persona: a merged transformers model, a GGUF folder, and/or a Hub upload."""
     from personatune.export import check_hub, export_merged
     from personatune.export import push_to_hub as push
+    from personatune.export.gguf_file import check_quant, export_gguf
+    from personatune.persona import read_spec
 
     if merged is None and push_to_hub is None and gguf is None:
         raise PersonatuneError("give --merged OUT, --gguf OUT and/or --push-to-hub REPO")
     if lora_gguf and gguf is None:
         raise PersonatuneError("--lora-gguf writes into the --gguf folder: add --gguf OUT")
     if gguf is not None:
-        from personatune.export.gguf_file import check_quant, export_gguf
-
         check_quant(quant)  # fail before the slow merge
     if push_to_hub:
         check_hub(push_to_hub)
@@ -795,8 +793,6 @@ def export(
         with console.status("writing GGUF"):
             export_gguf(persona_dir, gguf, quant=quant, lora=lora_gguf, overwrite=overwrite)
         console.print(f"[green]GGUF and Modelfile written to {gguf}[/]")
-        from personatune.persona import read_spec
-
         name = read_spec(persona_dir).name.lower()
         console.print(f"  ollama create {name} -f {gguf / 'Modelfile'} && ollama run {name}")
     if merged is None and push_to_hub is None:
