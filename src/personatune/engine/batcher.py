@@ -44,9 +44,6 @@ REFILL = 8
 PREFILL_TOKENS = 8192
 
 
-# ---------------------------------------------------------------- events and results
-
-
 @dataclass
 class Delta:
     """New answer text (a suffix of what was sent before)."""
@@ -277,10 +274,6 @@ def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(x, (0, 0, n, 0)) if n else x  # (batch, heads, seq, dim): pad seq on the left
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "base_model")
-
-
 class Batch:
     """The rows decoding together on one model, with their shared KV cache.
 
@@ -296,7 +289,7 @@ class Batch:
         self.model = model
         self.prefixes = prefixes
         self.device = next(model.parameters()).device
-        self.peft = _is_peft(model)
+        self.peft = hasattr(model, "peft_config") and hasattr(model, "base_model")
         self.rows: list[_Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None  # (batch, seq) 1 = real token, 0 = left padding
@@ -314,8 +307,6 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    # ------------------------------------------------------------ the model
 
     def _use(self, adapters: list[str | None]) -> dict:
         """Set the peft model up for ``adapters`` (one per row); return forward kwargs.
@@ -384,8 +375,6 @@ class Batch:
             if self._lora is not None:
                 self._lora.masks = None  # the model is plain peft again outside the engine
         return out.logits[:, -1, :]
-
-    # ------------------------------------------------------------ rows
 
     def _end_ids(self, tokenizer) -> frozenset[int]:
         if id(tokenizer) not in self._ends:

@@ -8,7 +8,7 @@ import logging
 import threading
 from collections import Counter, deque
 
-from personatune.engine.batcher import Batch, Done, Request
+from personatune.engine.batcher import Batch, Request
 
 log = logging.getLogger("personatune.engine")
 
@@ -123,6 +123,3 @@ class Scheduler:
             finished += self._batch.fail_all(f"{type(e).__name__}: {e}")
         for _, ans in finished:
             self.finished[ans.finish_reason] += 1
-
-
-__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_QUEUE", "Done", "QueueFull", "Scheduler"]

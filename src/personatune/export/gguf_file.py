@@ -88,9 +88,6 @@ def stop_tokens(model, tokenizer, frame) -> list[int]:
     return sorted(end_of_turn_ids(model, tokenizer), key=lambda i: (i not in closing, i))
 
 
-# ---- metadata ----------------------------------------------------------------------------
-
-
 def _arch(config):
     import gguf
 
@@ -260,9 +257,6 @@ def _add_tokenizer(writer, tokenizer, config, chat_template: str, eot: list[int]
         writer.add_eot_token_id(eot[0])
         if tokenizer.eos_token_id is None:
             writer.add_eos_token_id(eot[0])
-
-
-# ---- tensors -----------------------------------------------------------------------------
 
 
 def _permute(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
