@@ -75,17 +75,11 @@ def eval_data(spec: PersonaSpec, split: Split) -> EvalData:
     probe_all = load_set("factual_probe")
     _, general_all = general_split(spec.eval.general_prompts)
     probe, general = unseen(probe_all, "question", seen), unseen(general_all, "prompt", seen)
-    return EvalData(
-        persona_train,
-        heldout,
-        probe,
-        general,
-        load_set("stress_prompts"),
-        {
-            "probe_seen_in_training": len(probe_all) - len(probe),
-            "general_seen_in_training": len(general_all) - len(general),
-        },
-    )
+    excluded = {
+        "probe_seen_in_training": len(probe_all) - len(probe),
+        "general_seen_in_training": len(general_all) - len(general),
+    }
+    return EvalData(persona_train, heldout, probe, general, load_set("stress_prompts"), excluded)
 
 
 def persona_conv(spec: PersonaSpec, text: str) -> list[dict]:
