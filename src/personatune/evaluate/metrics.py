@@ -93,10 +93,8 @@ def jaccard(preds: Sequence[str], refs: Sequence[str]) -> float:
     :func:`words` of a prediction and its reference, as seed system 2 reports it. Two
     empty texts score 1.0. 0.0 for no pairs."""
     _check_pairs(preds, refs)
-    scores = []
-    for p, r in zip(preds, refs):
-        a, b = set(words(p)), set(words(r))
-        scores.append(len(a & b) / len(a | b) if a | b else 1.0)
+    pairs = [(set(words(p)), set(words(r))) for p, r in zip(preds, refs)]
+    scores = [len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs]
     return float(np.mean(scores)) if scores else 0.0
 
 
