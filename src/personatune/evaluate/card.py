@@ -270,14 +270,12 @@ def print_summary(report: dict, out, console: Console) -> None:
         )
     conv = report.get("conversations")
     if conv and conv["base"]["adoption_by_turn"]:
-
-        def turns(side):
-            return " ".join(
-                "-" if v is None else f"{v:.0f}" for v in conv[side]["adoption_by_turn"]
-            )
-
+        turns = {
+            s: " ".join("-" if v is None else f"{v:.0f}" for v in conv[s]["adoption_by_turn"])
+            for s in ("base", "tuned")
+        }
         console.print(
-            f"persona adoption % by conversation turn: base {turns('base')}; tuned {turns('tuned')}"
+            f"persona adoption % by conversation turn: base {turns['base']}; tuned {turns['tuned']}"
         )
     console.print(
         f"[green]wrote {out / 'report.json'} and {out / 'report.html'}[/] "

@@ -301,15 +301,16 @@ def _benchmarks(bar, models: Models, tok, benches, timings, cpu) -> list[dict]:
     return results
 
 
-def targets(spec: PersonaSpec, metrics: dict, drift: float, degeneration: dict) -> dict:
+def targets(spec: PersonaSpec, metrics: dict, drift: float, degeneration: list[str]) -> dict:
     """The report card's pass/fail targets, the gate's criteria on the whole sets:
     adoption at least 90%; ROUGE-L on the held-out references above the base model's
-    given the same system prompt (the adapter beats prompting); knowledge (the probe with the knowledge budget, with and
-    without the system prompt) within ``guard.probe_tolerance`` points of the base
-    model; drift within ``guard.max_drift_ratio``; degeneration within
-    ``guard.degeneration_tolerance`` points of the base model (``degeneration`` is
-    ``{"base", "tuned"}`` shares, see :func:`degeneration_failures`); the shipped
-    multiple choice (``mc_mc_tiny``, when scored) within ``guard.mc_tolerance``."""
+    given the same system prompt (the adapter beats prompting); knowledge (the probe with
+    the knowledge budget, with and without the system prompt) within
+    ``guard.probe_tolerance`` points of the base model; drift within
+    ``guard.max_drift_ratio``; degeneration within ``guard.degeneration_tolerance`` points
+    of the base model (``degeneration`` is the :func:`degeneration_failures` reasons, empty
+    when within); the shipped multiple choice (``mc_mc_tiny``, when scored) within
+    ``guard.mc_tolerance``."""
     g = spec.guard
     mc = f"mc_{MC_TINY[0]}"
 
@@ -325,17 +326,17 @@ def targets(spec: PersonaSpec, metrics: dict, drift: float, degeneration: dict) 
             side("base"), side("tuned"), g.probe_tolerance, g.mc_tolerance
         ),
         "drift_within_tolerance": drift <= g.max_drift_ratio,
-        "degeneration_within_tolerance": not degeneration_failures(
-            degeneration["base"], degeneration["tuned"], g.degeneration_tolerance
-        ),
+        "degeneration_within_tolerance": not degeneration,
     }
 
 
 def _report(spec, persona_dir, data, models: Models, clf, metrics, sides, bench_results) -> dict:
     base, tuned = sides["base"], sides["tuned"]
     drift = drift_ratio(tuned.perplexity["drift"], base.perplexity["drift"])
-    drop = base.probe["accuracy"] - tuned.probe["accuracy"]
     degeneration = {s: sides[s].degeneration(card.DEGENERATION_SETS) for s in sides}
+    failures = degeneration_failures(
+        degeneration["base"], degeneration["tuned"], spec.guard.degeneration_tolerance
+    )
     manifest = read_manifest(persona_dir)
     return {
         "persona": spec.name,
@@ -363,13 +364,11 @@ def _report(spec, persona_dir, data, models: Models, clf, metrics, sides, bench_
         "classifier": clf.summary(),
         "metrics": metrics,
         "drift_ratio": drift,
-        "probe_drop_points": drop,
+        "probe_drop_points": base.probe["accuracy"] - tuned.probe["accuracy"],
         "degeneration": degeneration,
-        "degeneration_failures": degeneration_failures(
-            degeneration["base"], degeneration["tuned"], spec.guard.degeneration_tolerance
-        ),
+        "degeneration_failures": failures,
         "conversations": {s: _turn_summary(sides[s]) for s in sides},
-        "targets": targets(spec, metrics, drift, degeneration),
+        "targets": targets(spec, metrics, drift, failures),
         "probe_by_category": {s: sides[s].probe["by_category"] for s in sides},
         "stress_by_kind": {s: sides[s].stress["by_kind"] for s in sides},
         "benchmarks": bench_results,
@@ -380,8 +379,7 @@ def _report(spec, persona_dir, data, models: Models, clf, metrics, sides, bench_
 
 
 def _turn_summary(side: card.Side) -> dict:
-    t = side.turns
-    return {k: t[k] for k in ("adoption_by_turn", "correct_by_turn", "questions_by_turn")}
+    return {k: side.turns[k] for k in ("adoption_by_turn", "correct_by_turn", "questions_by_turn")}
 
 
 def _answer_tables(data: EvalData, sides: dict[str, card.Side]) -> dict:
