@@ -243,12 +243,10 @@ def fuse_lora(model) -> int:
         )
         return flat.view(result.shape)
 
-    n = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
-            module.forward = types.MethodType(forward, module)
-            n += 1
-    return n
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "base_layer")]
+    for module in layers:
+        module.forward = types.MethodType(forward, module)
+    return len(layers)
 
 
 def load_task_yaml(path) -> dict:
