@@ -109,9 +109,8 @@ def render_chat(tokenizer, messages: list[dict], max_length: int | None = None) 
             )
         spans.append((len(before), len(through.rstrip())))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
     mask = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
-    return _cut(Rendered(ids, mask), max_length)
+    return _cut(Rendered(enc["input_ids"], mask), max_length)
 
 
 def render_text(tokenizer, text: str, max_length: int | None = None) -> Rendered:

@@ -259,8 +259,7 @@ def _is_title_line(p: str) -> bool:
     """A short heading-like line such as 'MR. SHERLOCK HOLMES.' or 'The Science of Deduction'."""
     if len(p) > 80 or '"' in p or not p[0].isupper() or p[-1] in ",;:":
         return False
-    long_words = [w for w in re.findall(r"[A-Za-z']+", p) if len(w) >= 5]
-    return p.isupper() or all(w[0].isupper() for w in long_words)
+    return p.isupper() or all(w[0].isupper() for w in re.findall(r"[A-Za-z']{5,}", p))
 
 
 def _heading(p: str) -> str | None:
@@ -550,7 +549,6 @@ def corpus_report(pairs: Sequence[Any], n_samples: int = 3, seed: int = 0) -> di
     drawn with ``random.Random(seed)`` (default seed 0)."""
     records = [p if isinstance(p, dict) else asdict(p) for p in pairs]
     lengths = sorted(len(r["response"]) for r in records)
-    rng = random.Random(seed)
     return {
         "pairs": len(records),
         "chapters": len({_key(r) for r in records}),
@@ -560,5 +558,5 @@ def corpus_report(pairs: Sequence[Any], n_samples: int = 3, seed: int = 0) -> di
             "median": lengths[len(lengths) // 2] if lengths else 0,
             "max": lengths[-1] if lengths else 0,
         },
-        "samples": rng.sample(records, min(n_samples, len(records))),
+        "samples": random.Random(seed).sample(records, min(n_samples, len(records))),
     }
