@@ -104,23 +104,21 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict]]:
 
 def _json_records(path: Path, text: str, jsonl: bool) -> Iterator[tuple[str, dict]]:
     if jsonl:
-        for n, rec in jsonl_records(path, text):
-            if not isinstance(rec, dict):
-                raise _row_error(f"{path}:line {n}", "expected a JSON object")
-            yield f"{path}:line {n}", rec
-        return
-    data = parse_json(text, path)
-    if isinstance(data, dict):  # {"data": [...]} style wrappers
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else [data]
-    if not isinstance(data, list):
-        raise PersonatuneError(
-            f"{path}: expected a JSON list of objects, got {type(data).__name__}"
-        )
-    for i, rec in enumerate(data, start=1):
+        rows = ((f"{path}:line {n}", rec) for n, rec in jsonl_records(path, text))
+    else:
+        data = parse_json(text, path)
+        if isinstance(data, dict):  # {"data": [...]} style wrappers
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else [data]
+        if not isinstance(data, list):
+            raise PersonatuneError(
+                f"{path}: expected a JSON list of objects, got {type(data).__name__}"
+            )
+        rows = ((f"{path}:item {i}", rec) for i, rec in enumerate(data, start=1))
+    for where, rec in rows:
         if not isinstance(rec, dict):
-            raise _row_error(f"{path}:item {i}", "expected a JSON object")
-        yield f"{path}:item {i}", rec
+            raise _row_error(where, "expected a JSON object")
+        yield where, rec
 
 
 def _hub_records(source: DataSource) -> Iterator[tuple[str, dict]]:
