@@ -160,27 +160,25 @@ def load_llama_cpp(
     base_file = _cached_gguf(folder, f"base-{fingerprint}-{quant}.gguf", write_base)
     attach_tokenizers(ref, personas)
     config, gen = _configs(ref)
-    lora_files = {}
-    for name, p in personas.items():
-        if p.path is None:
-            continue
-        digest = sha256_file(p.path / "adapter_model.safetensors")[:16]
-        lora_files[name] = _cached_gguf(
-            folder,
-            f"lora-{digest}.gguf",
-            lambda f, p=p: write_lora_gguf(f, p.path, config, name=p.name, quant="f32"),
-        )
     threads = threads or torch.get_num_threads()
     ctx = min(getattr(config, "max_position_embeddings", MAX_CONTEXT) or MAX_CONTEXT, MAX_CONTEXT)
     llm = llama_cpp.Llama(str(base_file), n_ctx=ctx, n_threads=threads,
                           n_threads_batch=threads, verbose=False)  # fmt: skip
     adapters = {}
-    for name, f in lora_files.items():
+    for p in personas.values():
+        if p.path is None:
+            continue
+        digest = sha256_file(p.path / "adapter_model.safetensors")[:16]
+        f = _cached_gguf(
+            folder,
+            f"lora-{digest}.gguf",
+            lambda out: write_lora_gguf(out, p.path, config, name=p.name, quant="f32"),
+        )
         a = llama_cpp.llama_adapter_lora_init(llm.model, str(f).encode())
         if a is None:
-            raise PersonatuneError(f"{personas[name].path}: llama.cpp could not load {f}")
+            raise PersonatuneError(f"{p.path}: llama.cpp could not load {f}")
         llm._stack.callback(llama_cpp.llama_adapter_lora_free, a)  # freed with the model
-        adapters[personas[name].adapter] = a  # keyed as requests name it
+        adapters[p.adapter] = a  # keyed as requests name it
     model = LlamaCppModel(llm, adapters, gen)
     return Registry(model, ref.name, ref, personas, ctx)
 

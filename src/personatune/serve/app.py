@@ -68,8 +68,7 @@ def create_app(
     other.
     """
     backend = LocalBackend(source, max_batch, max_queue) if isinstance(source, Registry) else source
-    app = FastAPI(title="personatune", lifespan=_lifespan(backend), docs_url="/docs",
-                  redoc_url=None)  # fmt: skip
+    app = FastAPI(title="personatune", lifespan=_lifespan(backend), redoc_url=None)
     app.state.backend = backend
     if isinstance(backend, LocalBackend):  # what tests and the health page look at
         app.state.registry, app.state.worker = backend.registry, backend.scheduler

@@ -83,13 +83,10 @@ class LocalBackend:
                 context), 429 (``max_queue`` requests wait already).
         """
 
-        def tokenize() -> list[int]:
-            try:
-                return encode(persona.tokenizer, conv)
-            except PersonatuneError as e:
-                raise ApiError(400, str(e), param="messages") from None
-
-        ids = await run_in_threadpool(tokenize)
+        try:
+            ids = await run_in_threadpool(encode, persona.tokenizer, conv)
+        except PersonatuneError as e:
+            raise ApiError(400, str(e), param="messages") from None
         context = self.registry.context_length
         room = context - len(ids)
         if room < 1:
