@@ -6,7 +6,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from personatune.data.chat import with_system_prompt
+from personatune.data.dataset import persona_split
+from personatune.engine import BASE_ID, Sampling, ask, load_registry
 from personatune.errors import PersonatuneError
+from personatune.persona import read_spec
 
 
 def compare_prompts(persona_dir: Path, spec, n_heldout: int) -> tuple[list[str], list[str]]:
@@ -17,8 +21,6 @@ def compare_prompts(persona_dir: Path, spec, n_heldout: int) -> tuple[list[str],
     Raises:
         PersonatuneError: bad data files, or no prompt at all.
     """
-    from personatune.data.dataset import persona_split
-
     split = persona_split(spec, persona_dir)
     held = [
         e for exs in split.heldout for e in exs if e.messages and e.messages[0]["role"] == "user"
@@ -45,10 +47,6 @@ def compare(
     Raises:
         PersonatuneError: not a persona directory, bad data, no prompts.
     """
-    from personatune.data.chat import with_system_prompt
-    from personatune.engine import BASE_ID, Sampling, ask, load_registry
-    from personatune.persona import read_spec
-
     console = console or Console(stderr=True)
     persona_dir = Path(persona_dir)
     prompts, notes = compare_prompts(persona_dir, read_spec(persona_dir), n_heldout)

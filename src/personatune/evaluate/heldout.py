@@ -6,7 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from personatune.config import DataSource
+from personatune.data.dataset import persona_split
+from personatune.data.loaders import load_source
+from personatune.engine import load_persona
 from personatune.errors import PersonatuneError
+from personatune.evaluate.perplexity import heldout_perplexity, plot_heldout
+from personatune.io import check_replaceable_file, check_writable, write_json
+from personatune.persona import read_spec
 
 
 def heldout_examples(persona_dir: Path, spec, data: Sequence[Path] = ()) -> tuple[list, list, list]:
@@ -17,10 +24,6 @@ def heldout_examples(persona_dir: Path, spec, data: Sequence[Path] = ()) -> tupl
     Raises:
         PersonatuneError: no ``data`` and no source with ``eval_path``, or bad data files.
     """
-    from personatune.config import DataSource
-    from personatune.data.dataset import persona_split
-    from personatune.data.loaders import load_source
-
     if data:
         paths = [str(d) for d in data]
         examples = [ex for p in paths for ex in load_source(DataSource(path=p), spec.base_dir)]
@@ -64,11 +67,6 @@ def eval_heldout(
         PersonatuneError: an existing report without ``overwrite``, bad arguments, not a
             persona directory, nothing to score.
     """
-    from personatune.engine import load_persona
-    from personatune.evaluate.perplexity import heldout_perplexity, plot_heldout
-    from personatune.io import check_replaceable_file, check_writable, write_json
-    from personatune.persona import read_spec
-
     persona_dir = Path(persona_dir)
     out = Path(out) if out else persona_dir / "heldout_perplexity.json"
     plot = out.with_suffix(".png")
