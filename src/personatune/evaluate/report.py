@@ -210,7 +210,7 @@ def render_html(
     adoption-by-turn plot also links its file, ``report_turns.png``, beside the page)."""
     e = html.escape
     rows = []
-    for key, m in report["metrics"].items():
+    for m in report["metrics"].values():
         better = m["higher_is_better"]
         delta = None if m["base"] is None or m["tuned"] is None else m["tuned"] - m["base"]
         good = None if better is None or delta is None else (delta >= 0) == better
@@ -258,11 +258,8 @@ def render_html(
         )
     degen_html = ""
     if report.get("degeneration_failures"):
-        degen_html = (
-            "<p class='bad'>Degeneration against the base model: "
-            + e("; ".join(report["degeneration_failures"]))
-            + "</p>"
-        )
+        failures = e("; ".join(report["degeneration_failures"]))
+        degen_html = f"<p class='bad'>Degeneration against the base model: {failures}</p>"
     details = "".join(
         f"<details{' open' if i == 0 else ''}><summary><b>{e(title)}</b> "
         f"({len(ans[key])})</summary>{_answers_table(ans[key], first, extra)}</details>"
