@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -145,11 +146,9 @@ def cpu_bf16_wins(repeats: int = 7) -> bool:
     med = {dt: statistics.median(ts[1:]) for dt, ts in times.items()}
     wins = med[torch.bfloat16] <= 0.8 * med[torch.float32]
     cached[key] = {"bf16_wins": wins, "fp32_s": med[torch.float32], "bf16_s": med[torch.bfloat16]}
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache only costs the probe again next time
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, cached)
-    except OSError:
-        pass  # a read-only cache only costs the probe again next time
     return wins
 
 
