@@ -216,7 +216,7 @@ def out_of_fold_proba(persona: np.ndarray, plain: np.ndarray, folds: int = 5) ->
         PersonatuneError: fewer than ``folds`` rows on either side.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     if min(len(persona), len(plain)) < folds:
         raise PersonatuneError(
@@ -225,11 +225,9 @@ def out_of_fold_proba(persona: np.ndarray, plain: np.ndarray, folds: int = 5) ->
         )
     x = np.concatenate([persona, plain]).astype(np.float64)
     y = np.r_[np.ones(len(persona), int), np.zeros(len(plain), int)]
-    proba = np.zeros(len(x))
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y):
-        model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
-        proba[test] = model.fit(x[train], y[train]).predict_proba(x[test])[:, 1]
-    return proba[: len(persona)]
+    model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
+    cv = StratifiedKFold(folds, shuffle=True, random_state=0)
+    return cross_val_predict(model, x, y, cv=cv, method="predict_proba")[: len(persona), 1]
 
 
 def select(
