@@ -21,12 +21,7 @@ from rich.text import Text
 
 from personatune.errors import PersonatuneError
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    help="Give a chat LLM a persona with LoRA, without losing what it knew.",
-)
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(no_args_is_help=True, help="Look at and build persona data.")
 app.add_typer(data_app, name="data")
 console = Console()
