@@ -82,7 +82,6 @@ class LocalBackend:
             ApiError: 400 (the chat template fails), 413 (prompt longer than the
                 context), 429 (``max_queue`` requests wait already).
         """
-
         try:
             ids = await run_in_threadpool(encode, persona.tokenizer, conv)
         except PersonatuneError as e:
