@@ -226,12 +226,11 @@ def _parse_sharegpt(rec: dict, src: DataSource, where: str) -> Example:
 def _alternate(lines: list[str], where: str) -> list[dict]:
     """Give alternating roles to dialogue lines, the last one the persona's (assistant).
     A leading assistant turn is dropped: several chat templates must start with a user."""
-    n = len(lines)
     msgs = [
-        {"role": "assistant" if (n - 1 - j) % 2 == 0 else "user", "content": line}
+        {"role": "assistant" if (len(lines) - j) % 2 else "user", "content": line}
         for j, line in enumerate(lines)
     ]
-    if msgs and msgs[0]["role"] == "assistant" and len(msgs) > 1:
+    if len(msgs) > 1 and msgs[0]["role"] == "assistant":
         msgs = msgs[1:]
     return _check_turns(msgs, where)
 
