@@ -103,8 +103,8 @@ class Metric:
 
     Attributes:
         key: the metric's key in ``report.json``'s ``metrics``.
-        inputs: the answer sets it reads (see
-            :func:`personatune.evaluate.run.answer_sets`).
+        inputs: the answer sets it reads (see :func:`personatune.evaluate.run.answer_sets`;
+            ``conversations`` is the scripted conversations).
         compute: ``compute(side, inputs)`` -> the value for one model.
         unit: printed after the value (``%`` or nothing).
         higher_is_better: direction of a good change; None when neither.
@@ -125,7 +125,7 @@ def _pairwise(fn):  # a metric against the held-out references (metrics.py's sig
     return lambda s, on: fn(s.texts(on), s.references)
 
 
-def _probe_accuracy(s, on):  # the probe asked as answer set on[0]
+def _probe_accuracy(s, on):  # score_probe of the probe's answers in the set ``on``
     return score_probe(s.texts(on), s.probe_items)["accuracy"]
 
 

@@ -266,9 +266,10 @@ def degeneration_shares(
 
 def ended_turn(answer) -> bool:
     """Whether an engine answer (:class:`personatune.engine.Answer`) ended with the
-    model's own end-of-turn token (any of
-    :func:`personatune.engine.sampling.end_of_turn_ids`): ``finish_reason == "stop"``,
-    which a request's stop sequences also give, but the evaluation and the guard set none."""
+    model's own end-of-turn token (any of :func:`personatune.engine.sampling.end_of_turn_ids`:
+    the chat template's turn end, the tokenizer's and the generation config's EOS):
+    ``finish_reason == "stop"``, which a request's stop sequences also give, but the
+    evaluation and the guard set none."""
     return answer.finish_reason == "stop"
 
 
