@@ -132,6 +132,12 @@ def test_claims_identity(answer, claims):
     assert M.claims_identity(answer, ["Qwen", "Alibaba Cloud", "SmolLM", "Hugging Face"]) is claims
 
 
+def test_no_names_claim_nothing():
+    """Guards against an empty name list (a base model whose names could not be read)
+    counting every answer as a claim (kept from the removed identity_claim_share test)."""
+    assert not M.claims_identity("I am Qwen.", [])
+
+
 def _answer(text, tokens, reason):
     from personatune.engine import Answer
 
