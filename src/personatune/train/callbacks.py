@@ -52,9 +52,7 @@ class RichProgressCallback(TrainerCallback):
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
-        self.progress = None
-        self.task = None
-        self.start = 0.0
+        self.progress = None  # the task, start time and first step are set with it
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

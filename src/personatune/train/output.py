@@ -13,6 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
 
 from personatune.config import PersonaSpec
 from personatune.errors import PersonatuneError
@@ -61,10 +64,6 @@ def check_runnable(spec: PersonaSpec, device: torch.device) -> None:
     Raises:
         PersonatuneError: names the key and a setting that runs here.
     """
-    from transformers import Trainer, TrainingArguments
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
     for key, value, known, default in (
         ("train.optimizer", spec.train.optimizer, OptimizerNames, "adamw_torch"),
         ("train.lr_scheduler", spec.train.lr_scheduler, SchedulerType, "cosine"),
@@ -94,15 +93,14 @@ def check_runnable(spec: PersonaSpec, device: torch.device) -> None:
 
 def prepare_output(
     output: Path, overwrite: bool, resume: bool, protect: Iterable[Path] = ()
-) -> Path:
-    """Check as :func:`check_output` does, then return the work folder, emptied unless
-    resuming. A work folder without checkpoints (a run that died early) is discarded."""
+) -> None:
+    """Check as :func:`check_output` does, then empty the work folder unless resuming. A
+    work folder without checkpoints (a run that died early) is discarded."""
     check_output(output, overwrite, resume, protect)
-    work = partial_dir(output)
     if not resume:
+        work = partial_dir(output)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-    return work
 
 
 def discard_unfinished(work: Path) -> None:

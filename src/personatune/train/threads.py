@@ -49,19 +49,18 @@ class ThreadProbe(TrainerCallback):
     count with :func:`probe_threads` and print the choice. Runs at the first step rather
     than at set-up, so that loading work of this or other processes is over."""
 
-    def __init__(self, hidden: int, dtype: torch.dtype, console: Console | None = None):
-        self.hidden, self.dtype, self.console = hidden, dtype, console
+    def __init__(self, hidden: int, dtype: torch.dtype):
+        self.hidden, self.dtype = hidden, dtype
         self.threads: int | None = None
-        self.medians: dict = {}
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.threads is not None:
             return
-        self.threads, self.medians = probe_threads(self.hidden, self.dtype)
+        self.threads, medians = probe_threads(self.hidden, self.dtype)
         torch.set_num_threads(self.threads)
-        if state.is_world_process_zero and self.medians:
-            shown = ", ".join(f"{n}: {1e3 * s:.1f} ms" for n, s in self.medians.items())
-            (self.console or Console(stderr=True)).print(
+        if state.is_world_process_zero and medians:
+            shown = ", ".join(f"{n}: {1e3 * s:.1f} ms" for n, s in medians.items())
+            Console(stderr=True).print(
                 f"CPU threads: {self.threads} (probe, threads: ms per matmul: {shown}; "
                 "set train.threads to fix it)"
             )

@@ -10,9 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import peft
 import torch
 import transformers
 from accelerate import PartialState
+from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -47,6 +49,7 @@ from personatune.models import (
 )
 from personatune.persona import CHECKPOINTS, HELDOUT, MANIFEST, SPEC, TRAIN_LOG
 from personatune.train.callbacks import JsonlLogCallback, RichProgressCallback, trim_log
+from personatune.train.guard import GateFailed, Guard, GuardCallback
 from personatune.train.output import (
     check_output,
     check_runnable,
@@ -54,6 +57,8 @@ from personatune.train.output import (
     latest_checkpoint,
     prepare_output,
 )
+from personatune.train.search import search
+from personatune.train.threads import ThreadProbe
 
 
 def lora_model(spec: PersonaSpec, model, autocast_lora_inputs: bool = True):
@@ -65,8 +70,6 @@ def lora_model(spec: PersonaSpec, model, autocast_lora_inputs: bool = True):
     Raises:
         PersonatuneError: a target module name matches no layer of the model.
     """
-    from peft import LoraConfig, get_peft_model
-
     # No KV cache in training: with a cache, transformers skips the block-diagonal mask
     # that keeps packed examples from attending to each other.
     model.config.use_cache = False
@@ -206,8 +209,6 @@ def build_trainer(
     if device.type == "cpu" and spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     elif device.type == "cpu":
-        from personatune.train.threads import ThreadProbe
-
         dtype = torch.bfloat16 if use_bf16(device) else torch.float32
         probe = [ThreadProbe(model.config.hidden_size, dtype)]
     if spec.train.packing and varlen:
@@ -235,8 +236,6 @@ def build_trainer(
 
 def manifest(spec: PersonaSpec, ref: ModelRef, data: PreparedData, stats: dict) -> dict:
     """The ``persona.json`` manifest: who the persona is and how it was made."""
-    import peft
-
     return {
         "name": spec.name,
         "description": spec.description,
@@ -353,14 +352,10 @@ def _setup_data(spec: PersonaSpec):
 def _setup_work(spec: PersonaSpec, state, overwrite: bool, resume: bool) -> Path:
     """The partial work folder (see :mod:`personatune.train.output`), made by the main
     process once the data is known to be good."""
-    output = spec.output_path
-    work = (
-        prepare_output(output, overwrite, resume, spec.input_paths)
-        if state.is_main_process
-        else None
-    )
+    if state.is_main_process:
+        prepare_output(spec.output_path, overwrite, resume, spec.input_paths)
     state.wait_for_everyone()
-    return work or partial_dir(output)
+    return partial_dir(spec.output_path)
 
 
 def _setup_guard(spec, state, ref, tokenizer, base, data: PreparedData, work, console):
@@ -369,8 +364,6 @@ def _setup_guard(spec, state, ref, tokenizer, base, data: PreparedData, work, co
     the main process, both None with ``guard.enabled`` off."""
     if not spec.guard.enabled:
         return None, None
-    from personatune.train.guard import Guard, GuardCallback
-
     device = next(base.parameters()).device
     if device.type == "cpu" and spec.train.threads:  # the guard generates before training
         torch.set_num_threads(spec.train.threads)
@@ -454,8 +447,6 @@ def _write_persona(spec, ref, data, run: _Run, stats: dict, work: Path, console)
     write_json(work / MANIFEST, info)
     write_jsonl(work / HELDOUT, heldout_rows(spec, data.split))
     if gate and gate["published"] is None:
-        from personatune.train.guard import GateFailed
-
         raise GateFailed(
             f"retention gate: {gate['verdict']}. Nothing was published; the "
             f"run and its gate.json are in {work}. To publish the last "
@@ -468,8 +459,6 @@ def _search_or_raise(spec, state, work: Path, refused: PersonatuneError, console
     (:mod:`personatune.train.search`) within ``guard.search_budget_s``, making ``work``
     its persona directory; re-raise when the refusal is not the gate's, the budget is 0,
     or several processes train (a round is a single-process run)."""
-    from personatune.train.guard import GateFailed
-
     if not isinstance(refused, GateFailed) or spec.guard.search_budget_s <= 0:
         raise refused
     if state.num_processes > 1:
@@ -477,6 +466,4 @@ def _search_or_raise(spec, state, work: Path, refused: PersonatuneError, console
             f"{refused}. The guard's search runs in one process: run "
             "'personatune train SPEC --resume' without accelerate launch to search"
         ) from None
-    from personatune.train.search import search
-
     search(spec, work, refused, console)
