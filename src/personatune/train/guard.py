@@ -8,10 +8,9 @@ checkpoint, and the retention gate that picks the checkpoint to publish.
 2. At every checkpoint, :class:`GuardCallback` measures on small fixed subsets the persona
    adoption rate and score (classifier), factual-probe accuracy and self-distillation
    drift, and logs them to ``train_log.jsonl`` (step 0 is the base model).
-3. After training, :func:`select_checkpoint` takes checkpoints in order of persona score
-   and confirms each on the whole probe and drift set until one is within tolerance of
-   the base model (probe drop <= ``guard.probe_tolerance`` points, drift ratio <=
-   ``guard.max_drift_ratio``). None within tolerance fails the run unless ``--no-gate``.
+3. After training, :func:`select_checkpoint` confirms checkpoints on the whole probe and
+   drift set, in order of persona adoption, until one is within tolerance of the base
+   model. None within tolerance fails the run unless ``--no-gate``.
 """
 
 from __future__ import annotations
@@ -24,8 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft import set_peft_model_state_dict
 from rich.console import Console
 from rich.table import Table
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from personatune.config import PersonaSpec
@@ -232,11 +233,9 @@ def prompting_advice(spec: PersonaSpec) -> str:
     """What to change when the adapter does not beat the prompted base model: the
     settings that make the adapter learn more of the persona, with values to try."""
     t, lo = spec.train, spec.lora
-    steps = (
-        f"train.epochs={t.epochs * 2:g}"
-        if t.max_steps < 0
-        else f"train.max_steps={2 * t.max_steps}"
-    )
+    steps = f"train.max_steps={2 * t.max_steps}"
+    if t.max_steps < 0:  # the run is measured in epochs
+        steps = f"train.epochs={t.epochs * 2:g}"
     return (
         f"more steps ({steps}), a higher learning rate (train.learning_rate="
         f"{t.learning_rate * 2:g}), a higher rank (lora.r={lo.r * 2}, lora.alpha="
@@ -404,10 +403,9 @@ class Guard:
             "classifier": clf.summary(),
             "probe_subset": len(probe_subset),
             "general_subset": len(general_subset),
-            **{
-                k: timings[name]
-                for k, name in zip(("answers_s", "classifier_s", "base_metrics_s"), phases)
-            },
+            "answers_s": timings[phases[0]],
+            "classifier_s": timings[phases[1]],
+            "base_metrics_s": timings[phases[2]],
             "prepare_s": round(time.time() - start, 1),
             "prepare_cpu_s": round(time.process_time() - start_cpu, 1),
         }
@@ -419,10 +417,9 @@ class Guard:
     ) -> dict:
         """Guard metrics of an inference model (see :func:`inference_copy`) on the fixed
         subsets: ``adoption_rate`` (0..1) and ``persona_score`` (mean P(persona)) on the
-        general prompts under the persona's system prompt; knowledge
-        (:meth:`_knowledge_scores`: ``probe_accuracy`` and ``probe_plain_accuracy`` in percent,
-        ``degeneration``, and ``mc_accuracy`` with ``guard.mc_tolerance``); ``drift_ppl``
-        and ``drift_ratio``. Answers are cached when ``fingerprint`` is given."""
+        general prompts under the persona's system prompt; the knowledge scores
+        (:meth:`_knowledge_scores`); ``drift_ppl`` and ``drift_ratio``. Answers are cached
+        when ``fingerprint`` is given."""
         ev = self.spec.eval
         general = [persona_conv(self.spec, r["prompt"]) for r in self.general_subset]
         sets = [(general, ev.max_new_tokens), *probe_sets(self.spec, self.probe_subset)]
@@ -525,9 +522,6 @@ class Guard:
             The :func:`select_checkpoint` result, plus ``published`` (the step whose
             adapter is in ``work``), ``overridden`` and ``gate_s``.
         """
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         console = console or self.console or Console(stderr=True)
         start, start_cpu = time.time(), time.process_time()
         g = self.spec.guard
@@ -694,11 +688,7 @@ class GuardCallback(TrainerCallback):
             {
                 "step": state.global_step,
                 "epoch": round(state.epoch or 0, 4),
-                "guard": {
-                    **metrics,
-                    "eval_s": round(spent, 1),
-                    "eval_cpu_s": round(spent_cpu, 1),
-                },
+                "guard": {**metrics, "eval_s": round(spent, 1), "eval_cpu_s": round(spent_cpu, 1)},
                 "time_s": round(time.time() - self.start, 2),
             }
         )

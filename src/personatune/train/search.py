@@ -19,6 +19,7 @@ When none passes, the refusal says which lever to change, read from the frontier
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
@@ -90,11 +91,8 @@ def round_spec(spec: PersonaSpec, rnd: Round, output: Path) -> PersonaSpec:
     """``spec`` with the round's settings, written to ``output``, and no nested search."""
     raw = spec.model_dump(mode="json")
     for key, value in {**rnd.settings, "guard.search_budget_s": 0}.items():
-        node = raw
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        functools.reduce(dict.__getitem__, parents, raw)[leaf] = value
     raw["output_dir"] = str(output)
     return PersonaSpec.model_validate({**raw, "base_dir": spec.base_dir})
 
@@ -115,24 +113,17 @@ def frontier_points(run: Path, name: str, settings: dict) -> list[dict]:
     checked = {c["step"]: c for c in gate.get("checked", [])}
     points = []
     for r in rows:
+        p = {"run": name, "settings": settings, "step": r["step"]}
+        p.update(persona_score=r["persona_score"], adoption_rate=r.get("adoption_rate"))
         c = checked.get(r["step"])
         if c:
-            p = {k: c[k] for k in ("probe_accuracy", "probe_drop", "drift_ratio")}
+            p.update({k: c[k] for k in ("probe_accuracy", "probe_drop", "drift_ratio")})
             p.update(measured="whole probe", passed=c["passed"], reasons=c["reasons"])
         else:
             drop = (base or {}).get("probe_accuracy", r["probe_accuracy"]) - r["probe_accuracy"]
-            p = {"probe_accuracy": r["probe_accuracy"], "probe_drop": drop}
+            p.update(probe_accuracy=r["probe_accuracy"], probe_drop=drop)
             p.update(drift_ratio=r["drift_ratio"], measured="subset", passed=None, reasons=[])
-        points.append(
-            {
-                "run": name,
-                "settings": settings,
-                "step": r["step"],
-                "persona_score": r["persona_score"],
-                "adoption_rate": r.get("adoption_rate"),
-                **p,
-            }
-        )
+        points.append(p)
     return points
 
 
@@ -149,8 +140,6 @@ def _run_seconds(run: Path) -> dict:
         "eval_s": guard.get("eval_seconds", 0.0),
         "gate_s": gate.get("gate_s", 0.0),
         "checkpoints": max(n, 1),
-        "rows": (m.get("data") or {}).get("train_examples", 0),
-        "preservation_rows": guard.get("preservation_rows", 0),
         "steps": (m.get("training") or {}).get("steps", 0),
     }
 
@@ -350,7 +339,6 @@ def search(spec: PersonaSpec, work: Path, refused: GateFailed, console: Console)
                     f"[yellow]search: {rnd.name} would take about {est:.0f} s, "
                     f"{budget - spent:.0f} s of the budget left: stopping[/]"
                 )
-                state.setdefault("skipped", []).append({"name": rnd.name, "estimate_s": est})
                 break
             console.print(f"[bold]search {rnd.name}[/]: {rnd.why} (about {est:.0f} s)")
             output = root / rnd.name
