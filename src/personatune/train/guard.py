@@ -34,7 +34,7 @@ from personatune.data.chat import render_chat, render_prompt
 from personatune.data.dataset import Split
 from personatune.engine import Answer, generate_answers
 from personatune.errors import PersonatuneError
-from personatune.evaluate.answers import cached_answer_sets, cached_answers, inference_copy
+from personatune.evaluate.answers import cached_answer_sets, inference_copy
 from personatune.evaluate.classifier import PersonaClassifier
 from personatune.evaluate.metrics import answer_degeneration
 from personatune.evaluate.probe import (
@@ -500,12 +500,8 @@ class Guard:
     def _answer_texts(self, model, fingerprint: str, items, progress=None) -> list[str]:
         """Greedy answers (cached by ``fingerprint``) to the conversations of
         :func:`prompting_items`, ``eval.max_new_tokens`` at most."""
-        ev = self.spec.eval
-        convs = [conv for conv, _ in items]
-        answers = cached_answers(
-            model, self.tokenizer, convs, fingerprint, ev.max_new_tokens, ev.batch_size, progress
-        )
-        return [a.text for a in answers]
+        sets = [([conv for conv, _ in items], self.spec.eval.max_new_tokens)]
+        return [a.text for a in self._answer_sets(model, sets, fingerprint, progress)[0]]
 
     def gate(self, model, work: Path, console: Console | None = None) -> dict:
         """Run the retention gate over the checkpoints in ``work`` and copy the chosen
