@@ -117,8 +117,7 @@ class PackedCollator:
     def __call__(self, features):
         batch = self.flatten(features)
         if self.loss_positions:
-            labels = batch["labels"]
-            shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
             keep = (shifted[0] != -100).nonzero().view(-1)
             batch["logits_to_keep"] = keep
             batch["shift_labels"] = shifted[:, keep]
