@@ -439,15 +439,11 @@ class Guard:
         target (90%) and pass the gate's retention checks
         (:func:`personatune.evaluate.suite.retention_failures`) against the base model's
         on the same subsets: where ``guard.stop_at_target`` stops training."""
+        if metrics["adoption_rate"] < ADOPTION_TARGET:
+            return False
         g = self.spec.guard
-        return metrics["adoption_rate"] >= ADOPTION_TARGET and not retention_failures(
-            self.base_metrics,
-            metrics,
-            g.probe_tolerance,
-            g.max_drift_ratio,
-            g.degeneration_tolerance,
-            g.mc_tolerance,
-        )
+        tol = (g.probe_tolerance, g.max_drift_ratio, g.degeneration_tolerance, g.mc_tolerance)
+        return not retention_failures(self.base_metrics, metrics, *tol)
 
     def _answer_sets(self, model, sets, fingerprint, progress) -> list[list[Answer]]:
         """Answers to ``(conversations, max_new_tokens)`` sets in one engine run, cached
