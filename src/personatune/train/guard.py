@@ -417,9 +417,8 @@ class Guard:
     ) -> dict:
         """Guard metrics of an inference model (see :func:`inference_copy`) on the fixed
         subsets: ``adoption_rate`` (0..1) and ``persona_score`` (mean P(persona)) on the
-        general prompts under the persona's system prompt; the knowledge scores
-        (:meth:`_knowledge_scores`); ``drift_ppl`` and ``drift_ratio``. Answers are cached
-        when ``fingerprint`` is given."""
+        general prompts under the persona's system prompt, :meth:`_knowledge_scores`,
+        ``drift_ppl`` and ``drift_ratio``. Answers are cached when ``fingerprint`` is given."""
         ev = self.spec.eval
         general = [persona_conv(self.spec, r["prompt"]) for r in self.general_subset]
         sets = [(general, ev.max_new_tokens), *probe_sets(self.spec, self.probe_subset)]

@@ -161,8 +161,7 @@ def _prune(run: Path) -> None:
 
 
 def _run_folder(output: Path) -> Path:
-    """Where a round's files are: its persona directory if published, else its work
-    folder."""
+    """Where a round's files are: its persona directory if published, else its work folder."""
     return output if (output / ADAPTER_WEIGHTS).exists() else partial_dir(output)
 
 
