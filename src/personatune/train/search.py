@@ -223,12 +223,10 @@ def advice(spec: PersonaSpec, points: list[dict], prompting: dict | None) -> lis
             f"{prompting['tuned_rouge_l']:.3f} against {prompting['base_rouge_l']:.3f}): "
             f"{prompting['advice']}"
         )
-    if not out:
-        out.append(
-            "no round finished within guard.search_budget_s: raise it (seconds), or train "
-            "on a faster machine"
-        )
-    return out
+    return out or [
+        "no round finished within guard.search_budget_s: raise it (seconds), or train "
+        "on a faster machine"
+    ]
 
 
 def plot_frontier(points: list[dict], base_probe: float | None, spec: PersonaSpec, path: Path):
