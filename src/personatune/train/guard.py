@@ -542,7 +542,6 @@ class Guard:
                 drift, _, _, prompted = self._answer_sets(base, sets, self.fingerprint, adv)
                 drift_convs = drift_conversations(self.data.general, drift)
                 base_full = self.full_metrics(base, self.fingerprint, drift_convs)
-                base_prompted = [a.text for a in prompted]
             del base
 
             def load(step: int) -> tuple[object, str]:
@@ -570,7 +569,7 @@ class Guard:
                     answers = self._answer_texts(tuned, fp, items, adv)
                 del tuned
                 cmp = compare_with_prompting(
-                    base_prompted, answers, [r for _, r in items], self.spec
+                    [a.text for a in prompted], answers, [r for _, r in items], self.spec
                 )
                 result["prompting"] = {"step": step, **cmp}
                 if result["chosen"] is not None and not cmp["beats"]:

@@ -238,9 +238,8 @@ def plot_frontier(points: list[dict], base_probe: float | None, spec: PersonaSpe
     plt = pyplot()
     g = spec.guard
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    runs = list(dict.fromkeys(p["run"] for p in points))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, run in enumerate(runs):
+    for i, run in enumerate(dict.fromkeys(p["run"] for p in points)):
         ps = [p for p in points if p["run"] == run]
         c = colours[i % len(colours)]
         for ax, x in ((axes[0], lambda p: -p["probe_drop"]), (axes[1], lambda p: p["drift_ratio"])):
