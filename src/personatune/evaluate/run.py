@@ -57,15 +57,15 @@ def check_report_target(out_dir: Path, overwrite: bool, protect: Iterable[Path] 
         PersonatuneError: one line naming the file and the fix.
     """
     report = out_dir / REPORT_FILES[0]
-    for path in (out_dir / name for name in REPORT_FILES):
-        if not path.exists():
-            continue
+    existing = [out_dir / name for name in REPORT_FILES if (out_dir / name).exists()]
+    if existing:
         if not overwrite:
-            raise PersonatuneError(f"{path} already exists; pass --overwrite to replace it")
-        check_replaceable_file(path, "report", protect)  # ours only if the report's JSON is
-        if not report.exists():
+            raise PersonatuneError(f"{existing[0]} already exists; pass --overwrite to replace it")
+        for path in existing:
+            check_replaceable_file(path, "report", protect)
+        if not report.exists():  # the other files are ours only if the report's JSON is
             raise PersonatuneError(
-                f"{path}: not a report that personatune wrote (no {report.name} "
+                f"{existing[0]}: not a report that personatune wrote (no {report.name} "
                 "beside it); choose another --out folder"
             )
         check_replaceable_file(report, "report", protect, ("persona", "metrics"))
