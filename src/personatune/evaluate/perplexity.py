@@ -15,6 +15,9 @@ from personatune.data.dataset import persona_system_prompt
 from personatune.errors import PersonatuneError
 from personatune.models import use_bf16
 
+#: The provenance key of ``Example.meta`` that held-out results are broken down by.
+GROUP_BY = "book"
+
 
 @dataclass
 class Perplexity:
@@ -135,7 +138,7 @@ def heldout_perplexity(
 ) -> dict:
     """Conditional perplexity of a persona and of its base model (adapter disabled) on
     held-out examples, both under the persona's system prompt, as rendered for training,
-    overall and per ``book`` (the provenance key of ``Example.meta``).
+    overall and per :data:`GROUP_BY` (``book``).
 
     Args:
         persona: a :class:`personatune.engine.Persona`.
@@ -171,9 +174,9 @@ def heldout_perplexity(
         base = conditional_perplexity(persona.model, persona.tokenizer, convs, **args)
     groups: dict[str, dict] = {}
     for value in dict.fromkeys(
-        str(ex.meta.get("book")) for ex in examples if ex.meta.get("book") is not None
+        str(ex.meta.get(GROUP_BY)) for ex in examples if ex.meta.get(GROUP_BY) is not None
     ):
-        rows = [i for i, ex in enumerate(examples) if str(ex.meta.get("book")) == value]
+        rows = [i for i, ex in enumerate(examples) if str(ex.meta.get(GROUP_BY)) == value]
         b, n = pooled([base.per_example[i] for i in rows])
         t, _ = pooled([tuned.per_example[i] for i in rows])
         groups[value] = {
@@ -191,7 +194,7 @@ def heldout_perplexity(
         "base": {"perplexity": base.perplexity, "nll": base.nll},
         "tuned": {"perplexity": tuned.perplexity, "nll": tuned.nll},
         "reduction": 1 - tuned.perplexity / base.perplexity,
-        "group_by": "book",
+        "group_by": GROUP_BY,
         "groups": groups,
     }
 
